@@ -1,0 +1,31 @@
+# Two commands for a fresh machine: `make demo` (the whole pipeline on synthetic data) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN ?= outputs/demo
+
+.PHONY: install demo test lint bench clean-demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch==2.13.0 first, when missing: a bare `torch` would pull a multi-GB CUDA build on a CPU machine.
+install: $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+
+demo: install
+	$(BIN)/brats-synth --out data/synthetic --cases 16 --seed 0
+	$(BIN)/brats-preprocess data=synthetic preprocess=modern
+	$(BIN)/brats-train experiment=quickstart hydra.run.dir=$(RUN)/train
+	$(BIN)/brats-predict ckpt_path=$(RUN)/train/checkpoints/best.ckpt input=$(RUN)/train/split.json:test output=$(RUN)/predictions overwrite=true
+	$(BIN)/brats-evaluate pred=$(RUN)/predictions truth=data/synthetic output=$(RUN)/evaluation overwrite=true
+	$(BIN)/brats-report run=$(RUN)/train overwrite=true
+	@echo "TensorBoard: $(BIN)/tensorboard --logdir $(RUN)/train/tensorboard"
+
+test: install
+	$(BIN)/ruff check brats_unet tests benchmarks
+	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/python -m benchmarks.run_all
