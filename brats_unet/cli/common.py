@@ -1,0 +1,33 @@
+"""What every entry point shares: turning user-input errors into one clear paragraph and a non-zero exit."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+
+from brats_unet.utils import BratsError
+
+log = logging.getLogger("brats_unet")
+
+# Hydra entry points read their YAML from the package, so installed scripts work from any directory.
+CONFIG_PATH = "pkg://brats_unet.conf"
+EXIT_USER_ERROR = 2
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Print a BratsError (and friends) as `error: <message>` without a traceback, then exit 2.
+
+    Set HYDRA_FULL_ERROR=1 or BRATS_DEBUG=1 to get the full traceback instead.
+    """
+    try:
+        yield
+    except (BratsError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("BRATS_DEBUG") == "1":
+            raise
+        message = str(e) if isinstance(e, BratsError) else f"{e.strerror or e}: {e.filename or ''}".strip(": ")
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
