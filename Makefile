@@ -18,9 +18,11 @@ demo: install
 	$(BIN)/brats-synth --out data/synthetic --cases 16 --seed 0
 	$(BIN)/brats-preprocess data=synthetic preprocess=modern
 	$(BIN)/brats-train experiment=quickstart hydra.run.dir=$(RUN)/train
-	$(BIN)/brats-predict ckpt_path=$(RUN)/train/checkpoints/best.ckpt input=$(RUN)/train/split.json:test output=$(RUN)/predictions overwrite=true
-	$(BIN)/brats-evaluate pred=$(RUN)/predictions truth=data/synthetic output=$(RUN)/evaluation overwrite=true
-	$(BIN)/brats-report run=$(RUN)/train overwrite=true
+	$(BIN)/brats-predict ckpt_path=$(RUN)/train/checkpoints/best.ckpt input=data/synthetic \
+	  split_file=$(RUN)/train/split.json split_subset=test output=$(RUN)/predictions overwrite=true
+	$(BIN)/brats-evaluate pred=$(RUN)/predictions truth=data/synthetic \
+	  split_file=$(RUN)/train/split.json split_subset=test output=$(RUN)/evaluation overwrite=true
+	$(BIN)/brats-report run=$(RUN)/train predictions=$(RUN)/predictions data_root=data/synthetic overwrite=true
 	@echo "TensorBoard: $(BIN)/tensorboard --logdir $(RUN)/train/tensorboard"
 
 test: install

@@ -1,0 +1,149 @@
+"""Segmentation losses on logits: the paper's Dice (eqs 1-2), categorical CE, their mix (eq 3), and NVIDIA's
+BraTS region loss (sigmoid WT/TC/ET, soft Dice + BCE per region).
+
+Every loss takes `logits (B, K, *S)` and `target (B, *S)` (long, internal classes 0..3) and returns a scalar. It also
+says how its logits become probabilities and classes (`probabilities`, `to_classes`), so callers never branch on the
+loss type. All math runs in float32 with autocast off: Dice sums over ~10^7 voxels overflow or lose precision in half.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from brats_unet.data.labels import NUM_CLASSES, REGION_NAMES, REGIONS
+
+
+def _fp32(device: torch.device) -> torch.autocast:
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _check(logits: torch.Tensor, target: torch.Tensor) -> None:
+    if logits.ndim < 3 or target.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(f"loss: logits {tuple(logits.shape)} (B, K, *S) and target {tuple(target.shape)} (B, *S) "
+                         "do not match")
+
+
+def _check_smooth(smooth: float) -> float:
+    if smooth < 0:
+        raise ValueError(f"loss.smooth must be >= 0, got {smooth}")
+    return float(smooth)
+
+
+def soft_dice(probs: torch.Tensor, onehot: torch.Tensor, smooth: float) -> torch.Tensor:
+    """Eq. 1 per channel: sums over the batch and all voxels (the Keras way), `smooth` on both sides -> (K,)."""
+    dims = (0, *range(2, probs.ndim))
+    intersection = (probs * onehot).sum(dims)
+    denominator = probs.sum(dims) + onehot.sum(dims)
+    return (2.0 * intersection + smooth) / (denominator + smooth)
+
+
+class _SoftmaxHead(nn.Module):
+    """Mutually exclusive classes: softmax probabilities, argmax decoding."""
+
+    num_outputs = NUM_CLASSES
+    activation = "softmax"
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        with _fp32(logits.device):
+            return torch.softmax(logits.float(), dim=1)
+
+    def to_classes(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(dim=1)
+
+
+class DiceLoss(_SoftmaxHead):
+    """Eq. 2: mean over classes of 1 - DiceCoef (eq. 1) of softmax probabilities vs one-hot targets."""
+
+    def __init__(self, smooth: float = 1.0, include_background: bool = True) -> None:
+        super().__init__()
+        self.smooth = _check_smooth(smooth)
+        self.include_background = include_background
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        _check(logits, target)
+        with _fp32(logits.device):
+            probs = torch.softmax(logits.float(), dim=1)
+            onehot = torch.zeros_like(probs).scatter_(1, target.long().unsqueeze(1), 1.0)
+            dice = soft_dice(probs, onehot, self.smooth)
+            if not self.include_background:
+                dice = dice[1:]
+            return (1.0 - dice).mean()
+
+
+class CrossEntropyLoss(_SoftmaxHead):
+    """Categorical cross-entropy on logits, mean over all voxels (Keras `categorical_crossentropy` on softmax)."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        _check(logits, target)
+        with _fp32(logits.device):
+            return F.cross_entropy(logits.float(), target.long())
+
+
+class CombinedLoss(_SoftmaxHead):
+    """Eq. 3: alpha * Dice + (1 - alpha) * CE."""
+
+    def __init__(self, alpha: float = 0.5, smooth: float = 1.0) -> None:
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"loss.alpha must be in [0, 1] (weight of Dice vs cross-entropy), got {alpha}")
+        self.alpha = float(alpha)
+        self.dice = DiceLoss(smooth=smooth)
+        self.ce = CrossEntropyLoss()
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.alpha * self.dice(logits, target) + (1.0 - self.alpha) * self.ce(logits, target)
+
+
+def region_targets(target: torch.Tensor) -> torch.Tensor:
+    """Float masks (B, 3, *S) for the regions in REGION_NAMES order (wt, tc, et) from internal classes (B, *S)."""
+    masks = [torch.isin(target, torch.tensor(REGIONS[name], device=target.device)) for name in REGION_NAMES]
+    return torch.stack(masks, dim=1).float()
+
+
+def classes_from_region_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Internal classes (B, *S) from region logits (B, 3, *S); like labels.classes_from_regions: ET over TC over WT.
+
+    sigmoid(l) > 0.5 is tested as l > 0, which is exact (no rounding of the sigmoid near 0.5).
+    """
+    on = logits > 0
+    wt, tc, et = (on[:, REGION_NAMES.index(name)] for name in ("wt", "tc", "et"))
+    out = torch.zeros(wt.shape, dtype=torch.long, device=logits.device)
+    out[wt] = 2
+    out[tc] = 1
+    out[et] = 3
+    return out
+
+
+class RegionDiceBCELoss(nn.Module):
+    """NVIDIA nnU-Net (BraTS21) loss: channel i is region REGION_NAMES[i] (wt, tc, et) with a sigmoid; per region
+    soft Dice (batch-summed, as eq. 1) + BCE-with-logits, SUMMED over the three regions like NVIDIA's `LossBraTS`
+    (so its scale is about 3x a single-region loss; the paper's losses are means)."""
+
+    num_outputs = len(REGION_NAMES)
+    activation = "sigmoid"
+
+    def __init__(self, smooth: float = 1.0) -> None:
+        super().__init__()
+        self.smooth = _check_smooth(smooth)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        _check(logits, target)
+        if logits.shape[1] != self.num_outputs:
+            raise ValueError(f"RegionDiceBCELoss: logits need {self.num_outputs} channels {REGION_NAMES}, "
+                             f"got {logits.shape[1]}")
+        with _fp32(logits.device):
+            logits = logits.float()
+            regions = region_targets(target)
+            dice = soft_dice(torch.sigmoid(logits), regions, self.smooth)  # (3,)
+            dims = (0, *range(2, logits.ndim))
+            bce = F.binary_cross_entropy_with_logits(logits, regions, reduction="none").mean(dims)  # (3,)
+            return ((1.0 - dice) + bce).sum()
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        with _fp32(logits.device):
+            return torch.sigmoid(logits.float())
+
+    def to_classes(self, logits: torch.Tensor) -> torch.Tensor:
+        return classes_from_region_logits(logits)

@@ -1,0 +1,221 @@
+"""The LightningModule: glue between the U-Net, the loss, the metrics and the optimiser. No maths lives here."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from brats_unet.data.labels import REGION_NAMES, REGIONS
+from brats_unet.inference import sliding_window
+from brats_unet.metrics import BratsMetrics, paper_dice
+from brats_unet.visualize import case_panel
+
+log = logging.getLogger(__name__)
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+def batch_region_dice(pred: Tensor, target: Tensor) -> Tensor:
+    """Hard Dice of WT/TC/ET summed over the batch, averaged over regions: a cheap training-time signal.
+
+    A region absent from both prediction and truth counts as 1 (the BraTS convention).
+    """
+    scores = []
+    for name in REGION_NAMES:
+        classes = torch.tensor(REGIONS[name], device=pred.device)
+        p, t = torch.isin(pred, classes), torch.isin(target, classes)
+        denominator = p.sum() + t.sum()
+        scores.append(2 * (p & t).sum() / denominator if denominator > 0 else torch.ones((), device=pred.device))
+    return torch.stack(scores).float().mean()
+
+
+def batch_spacing(batch: dict[str, Any]) -> tuple[float, ...]:
+    """Voxel spacing of the first case in a collated batch (validation batches hold one case)."""
+    spacing = batch.get("spacing")
+    if spacing is None:
+        return (1.0, 1.0, 1.0)
+    if isinstance(spacing, Tensor):  # collated from a (3,) array per case -> (B, 3)
+        return tuple(float(v) for v in spacing[0])
+    return tuple(float(torch.as_tensor(v).flatten()[0]) for v in spacing)  # collated from a list -> 3 x (B,)
+
+
+class BratsModule(L.LightningModule):
+    """Trains `net` with `loss`; validates on whole volumes with sliding windows and BraTS region metrics.
+
+    `optimizer` and `scheduler` are partials (Hydra `_partial_: true`): `optimizer(params=...)` and
+    `scheduler(optimizer, total_steps=...)`. The scheduler steps every optimiser step, so the LR is a pure function
+    of `global_step` and a resumed run follows the same curve.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        patch_size: Sequence[int] = (128, 128, 128),
+        val_overlap: float = 0.5,
+        val_window_batch: int = 1,
+        val_hd95: bool = True,
+        log_images_every_n_epochs: int = 5,
+        nonfinite_loss: str = "stop",
+        compile: bool = False,
+        channels_last: bool = False,
+        config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if nonfinite_loss not in NONFINITE_POLICIES:
+            raise ValueError(f"module.nonfinite_loss must be one of {NONFINITE_POLICIES}, got {nonfinite_loss!r}")
+        self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler", "config"], logger=False)
+        self.net, self.loss = net, loss
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.config = config  # the run's resolved Hydra config, stored in every checkpoint for brats-predict
+        self.channels_last = channels_last
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last_3d)
+        # Compile a view of the net without registering it as a submodule: state_dict keys stay `net.*`, so a
+        # checkpoint loads whether or not the run that wrote it was compiled.
+        object.__setattr__(self, "_forward_net", torch.compile(self.net) if compile else self.net)
+        self.val_metrics = BratsMetrics(hd95=val_hd95)
+        self.test_metrics = BratsMetrics(hd95=val_hd95)
+        self.register_buffer("best_val_dice", torch.tensor(float("-inf")))
+        self.register_buffer("skipped_batches", torch.tensor(0))
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return self._forward_net(x)
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def supervised_loss(self, outputs: Tensor | list[Tensor], target: Tensor) -> Tensor:
+        """Loss on the full-resolution output, or the 0.5^i-weighted sum over deep-supervision heads (nnU-Net)."""
+        if isinstance(outputs, Tensor):
+            return self.loss(outputs, target)
+        weights = [0.5**i for i in range(len(outputs))]
+        total = 0.0
+        for w, logits in zip(weights, outputs, strict=True):
+            t = target
+            if logits.shape[2:] != target.shape[1:]:
+                t = F.interpolate(target[:, None].float(), size=logits.shape[2:], mode="nearest")[:, 0].long()
+            total = total + w * self.loss(logits, t)
+        return total / sum(weights)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        image, target = batch["image"], batch["label"]
+        outputs = self(image)
+        loss = self.supervised_loss(outputs, target)
+        if not torch.isfinite(loss):
+            cases = ", ".join(batch.get("case", []))
+            if self.hparams.nonfinite_loss == "skip":
+                self.skipped_batches += 1
+                log.warning("non-finite loss at step %d (cases %s): batch skipped", self.global_step, cases)
+                return None
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at step {self.global_step} on cases [{cases}]; "
+                "training stopped and the last checkpoint (checkpoints/last.ckpt) is untouched. "
+                "Check these cases, lower optimizer.lr, or set module.nonfinite_loss=skip to skip such batches."
+            )
+        logits = outputs if isinstance(outputs, Tensor) else outputs[0]
+        n = image.shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        with torch.no_grad():
+            self.log("train/dice", batch_region_dice(self.loss.to_classes(logits), target), prog_bar=True, batch_size=n)
+            if self.loss.activation == "softmax":
+                self.log("train/dice_paper", paper_dice(self.loss.probabilities(logits), target), batch_size=n)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self.skipped_batches > 0:
+            self.log("train/skipped_batches", self.skipped_batches.float())
+
+    # ---- validation and test: whole volumes, sliding window ---------------------------------------------------
+    def predict_logits(self, image: Tensor) -> Tensor:
+        return sliding_window(
+            image, self, self.patch_size, overlap=self.hparams.val_overlap, window_batch=self.hparams.val_window_batch
+        )
+
+    def _evaluate(self, batch: dict[str, Any], stage: str, metrics: BratsMetrics) -> Tensor:
+        image, target = batch["image"], batch["label"]
+        logits = self.predict_logits(image)
+        loss = self.loss(logits, target)
+        pred = self.loss.to_classes(logits)
+        metrics.update(pred, target, spacing=batch_spacing(batch))
+        self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=1, sync_dist=True)
+        if self.loss.activation == "softmax":
+            dice = paper_dice(self.loss.probabilities(logits), target)
+            self.log(f"{stage}/dice_paper", dice, on_epoch=True, batch_size=1, sync_dist=True)
+        return pred
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        pred = self._evaluate(batch, "val", self.val_metrics)
+        every = self.hparams.log_images_every_n_epochs
+        if batch_idx == 0 and every and self.current_epoch % every == 0:
+            self._log_overlay(batch, pred)
+
+    def on_validation_epoch_end(self) -> None:
+        results = self.val_metrics.compute()
+        self.val_metrics.reset()
+        for name, value in results.items():
+            self.log(f"val/{name}", value, prog_bar=name == "dice_mean")
+        if not self.trainer.sanity_checking:
+            self.best_val_dice = torch.maximum(self.best_val_dice, results["dice_mean"].to(self.best_val_dice))
+            self.log("val/dice_mean_best", self.best_val_dice)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        for name, value in self.test_metrics.compute().items():
+            self.log(f"test/{name}", value)
+        self.test_metrics.reset()
+
+    def _log_overlay(self, batch: dict[str, Any], pred: Tensor) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_image"):
+            return
+        image = batch["image"][0].float().cpu().numpy()
+        panel = case_panel(image, batch["label"][0].cpu().numpy(), pred[0].cpu().numpy())
+        case = batch.get("case", ["case"])[0]
+        experiment.add_image(f"val/overlay/{case}", panel, self.global_step, dataformats="HWC")
+
+    # ---- optimisation -----------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.net.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        # scheduler.total_steps in the config pins the schedule length (e.g. a run planned in two legs); by default
+        # it spans the whole fit.
+        total_steps = getattr(self.scheduler_factory, "keywords", {}).get("total_steps")
+        total_steps = total_steps or int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, total_steps=total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["brats_config"] = self.config
+        # Lightning does not keep RNG states; dropout (torch) and any global numpy/python draws need them for a
+        # resumed run to end bit-identical to an uninterrupted one.
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if not states:
+            return
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states["cuda"])
+        np.random.set_state(states["numpy"])
+        random.setstate(states["python"])

@@ -1,0 +1,42 @@
+"""Pure array -> RGB helpers for slice overlays (TensorBoard images during training, report figures after)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Internal classes 0..3 -> RGB; the usual BraTS viewer colours: NCR red, ED green, ET yellow.
+CLASS_COLORS = np.array([[0, 0, 0], [1.0, 0.1, 0.1], [0.1, 0.8, 0.1], [1.0, 0.9, 0.0]], dtype=np.float32)
+
+
+def to_unit(image: np.ndarray) -> np.ndarray:
+    """Scale a 2D slice to [0, 1] by its 1st and 99th percentiles (robust to a few hot voxels)."""
+    lo, hi = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
+    return np.clip((image - lo) / (hi - lo), 0, 1).astype(np.float32) if hi > lo else np.zeros_like(image, np.float32)
+
+
+def overlay(image: np.ndarray, classes: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Grey slice (H, W) with class colours blended on top -> RGB (H, W, 3) in [0, 1]."""
+    grey = np.repeat(to_unit(image)[..., None], 3, axis=-1)
+    colours = CLASS_COLORS[np.asarray(classes, dtype=np.int64)]
+    mask = (np.asarray(classes) > 0)[..., None]
+    return np.where(mask, (1 - alpha) * grey + alpha * colours, grey)
+
+
+def tumour_slice(classes: np.ndarray, axis: int = 2) -> int:
+    """Index along `axis` of the slice with the most tumour (the middle slice if there is none)."""
+    other = tuple(a for a in range(classes.ndim) if a != axis)
+    counts = (classes > 0).sum(axis=other)
+    return int(counts.argmax()) if counts.any() else classes.shape[axis] // 2
+
+
+def case_panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, axis: int = 2) -> np.ndarray:
+    """One row: every channel of `image` (C, X, Y, Z) in grey, then truth and prediction overlaid on the last channel.
+
+    The slice is the one with the most true tumour along `axis` (2 = axial). Returns RGB (H, W * (C + 2), 3).
+    """
+    index = tumour_slice(truth, axis)
+    take = lambda a: np.take(a, index, axis=axis).T[::-1]  # noqa: E731 - radiological view: rows = y, flipped up
+    channels = [np.repeat(to_unit(take(c))[..., None], 3, axis=-1) for c in image]
+    base = take(image[-1])  # last channel: FLAIR in both presets, where the whole tumour shows best
+    tiles = [*channels, overlay(base, take(truth)), overlay(base, take(pred))]
+    return np.concatenate(tiles, axis=1)

@@ -1,0 +1,114 @@
+"""The training entry point end to end on tiny synthetic cases: configs, overrides, fast_dev_run, resume, sweeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_train, tiny_overrides
+from torch import nn
+
+from brats_unet.cli.train import build_module, train
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
+
+
+def test_every_paper_experiment_composes_with_the_papers_settings() -> None:
+    cfg = compose_train(["experiment=paper_final"])
+    assert cfg.data.train_cases == 100 and cfg.data.val_cases == 20
+    assert cfg.data.batch_size == 2 and cfg.data.steps_per_epoch == 50
+    assert list(cfg.data.patch_size) == [128, 128, 128]
+    assert cfg.preprocess.name == "seed" and list(cfg.preprocess.modalities) == ["t1ce", "t2", "flair"]
+    assert list(cfg.model.filters) == [32, 64, 128, 256, 512]
+    assert list(cfg.model.dropout) == [0.3, 0.3, 0.4, 0.4, 0.5]
+    assert cfg.loss._target_.endswith("CombinedLoss") and cfg.loss.alpha == 0.5
+    assert cfg.scheduler._target_.endswith("warmup_cosine")
+    assert cfg.trainer.max_epochs == 40
+
+    baseline = compose_train(["experiment=paper_baseline"])
+    assert baseline.loss._target_.endswith("DiceLoss") and baseline.scheduler._target_.endswith("constant")
+    assert list(baseline.model.dropout) == [0.1, 0.1, 0.2, 0.2, 0.2]
+    table1 = compose_train(["experiment=paper_augment", "data.train_cases=50", "augment=brightness"])
+    assert table1.trainer.max_epochs == 79 and table1.data.train_cases == 50
+    assert table1.augment.brightness.p == 1.0 and list(table1.augment.brightness.alpha) == [0.8, 1.2]
+    assert table1.loss._target_.endswith("CrossEntropyLoss")
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes(experiment: str) -> None:
+    cfg = compose_train([f"experiment={experiment}"])
+    assert cfg.task_name == experiment
+
+
+def test_cli_overrides_reach_the_model_and_loss() -> None:
+    cfg = compose_train([*tiny_overrides(Path("r"), Path("c"), Path("o")), "model.filters=[2,4,8,16]",
+                         "model.dropout=[0.0,0.1,0.2,0.3]", "loss=combined", "loss.alpha=0.25"])
+    module = build_module(cfg, in_channels=4)
+    convs = [m for m in module.net.modules() if isinstance(m, nn.Conv3d)]
+    assert convs[0].in_channels == 4 and convs[0].out_channels == 2
+    assert max(c.out_channels for c in convs) == 16
+    assert sorted({m.p for m in module.net.modules() if isinstance(m, nn.Dropout)}) == [0.0, 0.1, 0.2, 0.3]
+    assert module.loss.alpha == 0.25
+
+
+def test_fast_dev_run_trains_and_validates(train_cfg) -> None:
+    cfg = compose_train([*tiny_overrides(Path(train_cfg.data.root), Path(train_cfg.paths.cache_dir),
+                                         Path(train_cfg.paths.output_dir)), "debug=fast_dev_run"])
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss_step"]))
+    assert 0.0 <= metrics["val/dice_mean"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_fast_dev_run_every_experiment(experiment: str, synthetic_root: Path, cache_dir: Path, tmp_path: Path) -> None:
+    base = compose_train([f"experiment={experiment}"])
+    overrides = tiny_overrides(synthetic_root, cache_dir, tmp_path, preprocess=base.preprocess.name)
+    # The experiment's own data/preprocess/model choices stay; only sizes shrink to a CPU test.
+    overrides = [o for o in overrides if not o.startswith(("data=", "preprocess=", "model="))]
+    cfg = compose_train([f"experiment={experiment}", "data=synthetic", *overrides, "debug=fast_dev_run",
+                         "data.train_cases=null", "data.val_cases=null"])
+    metrics = train(cfg)
+    assert "val/dice_mean" in metrics
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_ends_bit_identical(synthetic_root: Path, cache_dir: Path, tmp_path: Path) -> None:
+    """Two legs (1 epoch, then resume to 2) give exactly the weights of one 2-epoch run: LR, data, dropout."""
+    common = ["scheduler=warmup_cosine", "scheduler.warmup_steps=1", "scheduler.total_steps=4", "logger=none",
+              "model.dropout=0.3", "augment=modern"]
+    straight = tmp_path / "straight"
+    train(compose_train([*tiny_overrides(synthetic_root, cache_dir, straight), *common, "trainer.max_epochs=2"]))
+    legs = tmp_path / "legs"
+    train(compose_train([*tiny_overrides(synthetic_root, cache_dir, legs), *common, "trainer.max_epochs=1"]))
+    train(compose_train([*tiny_overrides(synthetic_root, cache_dir, legs), *common, "trainer.max_epochs=2",
+                         "ckpt_path=last"]))
+    a, b = final_weights(straight), final_weights(legs)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    metrics = json.loads((legs / "metrics.json").read_text())
+    assert metrics["global_step"] == 4 and metrics["epochs"] == 2
+
+
+@pytest.mark.slow
+def test_multirun_sweep_gives_one_directory_per_job(synthetic_root: Path, cache_dir: Path, tmp_path: Path) -> None:
+    overrides = [o for o in tiny_overrides(synthetic_root, cache_dir, tmp_path) if not o.startswith("paths.output")]
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "brats_unet.train", "-m", *overrides, "loss=combined", "loss.alpha=0.25,0.75",
+           "debug=fast_dev_run", f"hydra.sweep.dir={sweep}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env={**os.environ}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]
+    for job, alpha in zip(jobs, ("0.25", "0.75"), strict=True):
+        assert f"loss.alpha={alpha}" in (sweep / job / ".hydra" / "overrides.yaml").read_text()
