@@ -187,3 +187,18 @@ def test_paper_dice_sums_over_the_batch():
     assert paper_dice(probs, target).item() == pytest.approx(0.625)
     with pytest.raises(ValueError, match="expected probs"):
         paper_dice(probs, target[0])
+
+
+def test_brats_metrics_states_concatenate_across_processes():
+    # merge_state applies the same dist_reduce_fx ("cat") that a DDP sync uses: cases are pooled, not averaged twice.
+    empty = torch.zeros(1, 4, 4, 4, dtype=torch.uint8)
+    one_et = empty.clone()
+    one_et[0, 1, 1, 1] = 3
+    rank0, rank1 = BratsMetrics(), BratsMetrics()
+    rank0.update(empty, empty)  # perfect: Dice 1, HD95 0
+    rank1.update(torch.cat([empty, empty]), torch.cat([one_et, one_et]))  # two misses: Dice 0, HD95 373.13
+    rank0.merge_state(rank1)
+    result = rank0.compute()
+    assert result["dice_et"].item() == pytest.approx(1 / 3)
+    assert result["hd95_et"].item() == pytest.approx(2 * HD95_EMPTY / 3)
+    assert sorted(rank0.per_case()["dice_wt"].tolist()) == [0.0, 0.0, 1.0]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 from brats_unet.models.unet2d import UNet2D
@@ -146,6 +147,8 @@ def test_model_configs_instantiate() -> None:
         flat = compose(overrides=["+model=unet2d"]).model
     assert list(paper.filters) == PAPER_FILTERS and list(paper.dropout) == [0.1, 0.1, 0.2, 0.2, 0.2]
     assert paper.norm == "none" and "in_channels" not in paper
+    assert paper.compile is False  # popped by the trainer (cli/train.build_module), not a network argument
+    small, flat = (OmegaConf.masked_copy(c, [k for k in c if k != "compile"]) for c in (small, flat))
     model = instantiate(small, in_channels=3, out_channels=4)
     assert isinstance(model, UNet3D) and model.filters == [8, 16, 32, 64, 128] and model.dropout[2] == 0.2
     assert isinstance(instantiate(flat, in_channels=3, out_channels=3), UNet2D)

@@ -1,0 +1,233 @@
+"""brats_unet.data.cache and the brats-preprocess / brats-stats entry points, on small real NIfTI cases."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from brats_unet.cli.preprocess import preprocess
+from brats_unet.cli.stats import dataset_stats, stats
+from brats_unet.data.cache import build_cache, cache_key, cache_path, cached_cases, load_cached
+from brats_unet.data.io import case_files, load_case
+from brats_unet.data.preprocess import preprocess_case
+from brats_unet.utils import BratsError
+
+SHAPE = (20, 18, 16)
+MODERN = {"name": "modern", "modalities": ["t1", "t1ce", "t2", "flair"], "normalize": "zscore", "crop": "nonzero",
+          "crop_box": None, "foreground_channel": False, "dtype": "float16"}
+SEED = {"name": "seed", "modalities": ["t1ce", "t2", "flair"], "normalize": "minmax", "crop": "fixed",
+        "crop_box": [[2, 18], [2, 18], [0, 16]], "foreground_channel": False, "dtype": "float32"}
+
+
+def write_case(root: Path, i: int, seg: np.ndarray | None = None) -> str:
+    """BraTS 2021 case i: brain block [3:17, 4:15, 2:14], 40 NCR + 20 ED + 1 ET voxels (unless `seg` given)."""
+    case = f"BraTS2021_{i:05d}"
+    rng = np.random.default_rng(i)
+    folder = root / case
+    folder.mkdir(parents=True)
+    for k, mod in enumerate(("t1", "t1ce", "t2", "flair")):
+        img = np.zeros(SHAPE, np.int16)
+        img[3:17, 4:15, 2:14] = rng.integers(100, 900, size=(14, 11, 12)) + 50 * k
+        nib.save(nib.Nifti1Image(img, np.eye(4)), folder / f"{case}_{mod}.nii.gz")
+    if seg is None:
+        seg = np.zeros(SHAPE, np.uint8)
+        seg[5:9, 5:10, 4:6] = 1
+        seg[5:9, 5:10, 6] = 2
+        seg[10, 10, 10] = 4
+    nib.save(nib.Nifti1Image(seg, np.eye(4)), folder / f"{case}_seg.nii.gz")
+    return case
+
+
+@pytest.fixture
+def root(tmp_path):
+    for i in range(3):
+        write_case(tmp_path / "raw", i)
+    return tmp_path / "raw"
+
+
+def test_cache_key_stable_and_sensitive(tmp_path, monkeypatch):
+    key = cache_key("brats2021", tmp_path, MODERN)
+    assert len(key) == 12 and int(key, 16) >= 0
+    monkeypatch.chdir(tmp_path)
+    assert cache_key("brats2021", ".", dict(reversed(list(MODERN.items())))) == key  # resolved root, sorted keys
+    assert cache_key("brats2021", ".", OmegaConf.create(MODERN)) == key
+    assert cache_key("brats2023", tmp_path, MODERN) != key
+    assert cache_key("brats2021", tmp_path / "x", MODERN) != key
+    assert cache_key("brats2021", tmp_path, {**MODERN, "foreground_channel": True}) != key
+    assert cache_path("c", "brats2021", tmp_path, MODERN) == Path("c") / f"modern-{key}"
+
+
+def test_build_cache_files_match_preprocessing(root, tmp_path):
+    out = build_cache(root, "brats2021", tmp_path / "cache", MODERN, num_workers=0, progress=False)
+    assert out == cache_path(tmp_path / "cache", "brats2021", root, MODERN)
+    assert cached_cases(out) == ["BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002"]
+    x, y, meta = load_cached(out, "BraTS2021_00001")
+    assert isinstance(x, np.memmap) and x.dtype == np.float16 and y.dtype == np.uint8
+    files = case_files(root / "BraTS2021_00001", "brats2021")
+    images, seg, _ = load_case(files, MODERN["modalities"])
+    ex, ey, _ = preprocess_case(images, seg, modalities=MODERN["modalities"], normalize="zscore", crop="nonzero",
+                                crop_box=None, foreground_channel=False, et_label=4)
+    assert x.shape == (4, 14, 11, 12) == ex.shape
+    np.testing.assert_array_equal(x, ex.astype(np.float16))
+    np.testing.assert_array_equal(y, ey)
+    assert meta["crop_box"] == [[3, 17], [4, 15], [2, 14]] and meta["original_shape"] == list(SHAPE)
+    assert meta["class_voxels"] == {"background": 20 * 18 * 16 - 61, "ncr": 40, "ed": 20, "et": 1}
+    coords = np.array(meta["foreground_coords_sample"])
+    assert coords.shape == (61, 3) and (y[tuple(coords.T)] > 0).all()
+    assert meta["source_files"]["seg"] == str(files.seg) and meta["spacing"] == [1.0, 1.0, 1.0]
+    config = json.loads((out / "config.json").read_text())
+    assert config["preprocess"] == MODERN and config["cases"] == cached_cases(out)
+    assert config["root"] == str(root.resolve())
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_foreground_sample_capped_and_deterministic(tmp_path):
+    seg = np.zeros(SHAPE, np.uint8)
+    seg[2:18, 2:18, 0:16] = 2  # 4096 tumour voxels, more than the cap below
+    write_case(tmp_path / "raw", 7, seg=seg)
+    from brats_unet.data.cache import foreground_sample
+    y = seg[2:18, 2:18, :]
+    a = foreground_sample(y, "BraTS2021_00007", limit=1000)
+    assert len(a) == 1000 and len(set(map(tuple, a))) == 1000
+    assert a == foreground_sample(y, "BraTS2021_00007", limit=1000)
+    assert a != foreground_sample(y, "BraTS2021_00008", limit=1000)
+    out = build_cache(tmp_path / "raw", "brats2021", tmp_path / "cache", SEED, num_workers=0, progress=False)
+    _, y2, meta = load_cached(out, "BraTS2021_00007", mmap=False)
+    assert y2.shape == (16, 16, 16) and len(meta["foreground_coords_sample"]) == 4096
+
+
+def test_finished_cases_skipped_partial_case_completed(root, tmp_path):
+    out = build_cache(root, "brats2021", tmp_path / "cache", SEED, num_workers=0, progress=False)
+    done_x = out / "BraTS2021_00000_x.npy"
+    done_x.write_bytes(b"corrupt but marked done")  # a finished case is never re-read or rebuilt
+    mtime = done_x.stat().st_mtime_ns
+    (out / "BraTS2021_00002.json").unlink()  # x.npy and y.npy present, json missing: an interrupted case
+    (out / "BraTS2021_00002_x.npy").write_bytes(b"half written")
+    build_cache(root, "brats2021", tmp_path / "cache", SEED, num_workers=0, progress=False)
+    assert done_x.read_bytes() == b"corrupt but marked done" and done_x.stat().st_mtime_ns == mtime
+    x, y, meta = load_cached(out, "BraTS2021_00002")
+    assert x.shape == (3, 16, 16, 16) and x.dtype == np.float32 and meta["case"] == "BraTS2021_00002"
+    assert cached_cases(out) == ["BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002"]
+
+
+def test_worker_pool(root, tmp_path):
+    serial = build_cache(root, "brats2021", tmp_path / "a", SEED, num_workers=0, progress=False)
+    pooled = build_cache(root, "brats2021", tmp_path / "b", SEED, num_workers=2, progress=False)
+    for case in cached_cases(serial):
+        np.testing.assert_array_equal(load_cached(serial, case)[0], load_cached(pooled, case)[0])
+    assert cached_cases(pooled) == cached_cases(serial)
+
+
+def _break_case(root: Path) -> None:
+    seg = np.zeros(SHAPE, np.uint8)
+    seg[1, 1, 1] = 3  # not a BraTS 2021 label
+    nib.save(nib.Nifti1Image(seg, np.eye(4)), root / "BraTS2021_00001" / "BraTS2021_00001_seg.nii.gz")
+    (root / "BraTS2021_00002" / "BraTS2021_00002_flair.nii.gz").unlink()
+
+
+def test_bad_case_raises_without_skip(root, tmp_path):
+    _break_case(root)
+    with pytest.raises(BratsError, match=r"^BraTS2021_0000[12]: BraTS2021_0000[12]_(seg|flair)\.nii\.gz: "):
+        build_cache(root, "brats2021", tmp_path / "cache", SEED, num_workers=0, progress=False)
+
+
+def test_skip_bad_cases_writes_report(root, tmp_path, caplog):
+    _break_case(root)
+    with caplog.at_level(logging.WARNING):
+        out = build_cache(root, "brats2021", tmp_path / "cache", SEED, num_workers=2, skip_bad_cases=True,
+                          progress=False)
+    assert cached_cases(out) == ["BraTS2021_00000"]
+    bad = json.loads((out / "bad_cases.json").read_text())
+    assert [b["case"] for b in bad] == ["BraTS2021_00001", "BraTS2021_00002"]
+    assert bad[0]["reason"] == ("BraTS2021_00001: BraTS2021_00001_seg.nii.gz: label values [3] are not brats2021 "
+                                "labels (allowed [0, 1, 2, 4])")
+    assert bad[1]["reason"].startswith("BraTS2021_00002: BraTS2021_00002_flair.nii.gz: missing flair file")
+    assert "skipped 2 bad cases" in caplog.text
+    assert json.loads((out / "config.json").read_text())["cases"] == ["BraTS2021_00000"]
+
+
+def test_check_only_writes_nothing(root, tmp_path):
+    out = build_cache(root, "brats2021", tmp_path / "cache", MODERN, check_only=True, num_workers=0, progress=False)
+    assert not out.exists() and not (tmp_path / "cache").exists()
+    _break_case(root)
+    with pytest.raises(BratsError, match=r"2 of 3 cases in .* failed validation:\nBraTS2021_00001: .*seg.*\n"
+                                         r"BraTS2021_00002: .*flair"):
+        build_cache(root, "brats2021", tmp_path / "cache", MODERN, check_only=True, num_workers=2, progress=False)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_load_cached_missing_case(tmp_path):
+    with pytest.raises(BratsError, match=r"BraTS2021_00009\.json: case BraTS2021_00009 is not in the cache"):
+        load_cached(tmp_path, "BraTS2021_00009")
+
+
+# ---- entry points ----
+
+def _compose(name: str, overrides: list[str]):
+    with initialize_config_module(config_module="brats_unet.conf", version_base="1.3"):
+        return compose(config_name=name, overrides=overrides, return_hydra_config=True)
+
+
+def test_preprocess_cli_function(root, tmp_path, capsys):
+    cfg = _compose("preprocess", [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "preprocess=modern",
+                                  "num_workers=0"])
+    assert cfg.data.layout == "brats2021" and cfg.check_only is False and cfg.task_name == "preprocess"
+    out = preprocess(cfg)
+    assert out.parent == tmp_path / "cache" and out.name.startswith("modern-")
+    assert f"cache: {out}\ncases: 3" in capsys.readouterr().out
+    assert load_cached(out, "BraTS2021_00000")[0].dtype == np.float16
+
+
+def test_dataset_stats_hand_computed(root, tmp_path):
+    seg = np.zeros(SHAPE, np.uint8)
+    seg[0:10, :, :] = 2  # half the volume oedema
+    write_case(root, 3, seg=seg)
+    result = dataset_stats(root, "brats2021")
+    n = 20 * 18 * 16
+    assert result["cases"] == 4
+    assert result["per_case"][0] == pytest.approx({"case": "BraTS2021_00000", "voxels": n, "background":
+                                                   100 * (n - 61) / n, "ncr": 100 * 40 / n, "ed": 100 * 20 / n,
+                                                   "et": 100 / n})
+    assert result["mean_percent"]["ed"] == pytest.approx((3 * 100 * 20 / n + 50.0) / 4)
+    assert sum(result["mean_percent"].values()) == pytest.approx(100.0)
+    cfg = _compose("stats", [f"data.root={root}", f"paths.output_dir={tmp_path / 'run'}"])
+    stats(cfg)
+    assert json.loads((tmp_path / "run" / "stats.json").read_text())["mean_percent"] == result["mean_percent"]
+
+
+def _script(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def test_preprocess_script_missing_root_is_a_clean_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "BRATS_DEBUG")}
+    proc = subprocess.run([_script("brats-preprocess"), f"data.root={tmp_path / 'nope'}"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert f"error: data root {tmp_path / 'nope'} does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_preprocess_and_stats_scripts_end_to_end(root, tmp_path):
+    def run(script: str, *overrides: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([_script(script), f"data.root={root}", *overrides], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    proc = run("brats-preprocess", "data.cache_dir=cache", "preprocess=modern", "check_only=true")
+    assert "checked 3 cases" in proc.stdout and not (tmp_path / "cache").exists()
+    proc = run("brats-preprocess", "data.cache_dir=cache", "preprocess=modern")
+    assert "cases: 3" in proc.stdout and len(cached_cases(next((tmp_path / "cache").iterdir()))) == 3
+    run("brats-stats", "hydra.run.dir=run")
+    assert json.loads((tmp_path / "run" / "stats.json").read_text())["cases"] == 3

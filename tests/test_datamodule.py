@@ -1,0 +1,225 @@
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from brats_unet.data import cache
+from brats_unet.data.datamodule import BratsDataModule, make_split
+from brats_unet.utils import BratsError
+
+PRE = {"name": "modern", "modalities": ["t1ce", "t2", "flair"], "normalize": "zscore", "crop": "nonzero",
+       "crop_box": None, "foreground_channel": False, "dtype": "float16"}
+MODERN_AUG = {"brightness": {"p": 0.3}, "flip": {"p": 0.5}, "intensity": {"p": 0.5}, "noise": {"p": 0.15}}
+SHAPE = (12, 10, 8)
+
+
+def _names(n):
+    return [f"BraTS2021_{i:05d}" for i in range(n)]
+
+
+# ---- make_split: pure -------------------------------------------------------------------------------------------
+
+
+def test_split_by_fractions_of_all_cases():
+    split = make_split(_names(10), seed=0, val_fraction=0.2, test_fraction=0.1)
+    assert [len(split[k]) for k in ("train", "val", "test")] == [7, 2, 1]
+    assert sorted(split["train"] + split["val"] + split["test"]) == _names(10)
+    assert split["seed"] == 0 and split["fold"] == 0
+
+
+def test_split_is_seeded():
+    assert make_split(_names(20), seed=1) == make_split(_names(20), seed=1)
+    assert make_split(_names(20), seed=1)["val"] != make_split(_names(20), seed=2)["val"]
+
+
+def test_split_by_counts_as_in_the_paper():
+    split = make_split(_names(130), seed=0, train_cases=100, val_cases=20)
+    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (100, 20, 0)
+    assert not set(split["train"]) & set(split["val"])
+
+
+def test_split_by_counts_says_which_key_asks_too_much():
+    with pytest.raises(BratsError, match=r"data\.train_cases=100 and data\.val_cases=20 .* only 50 cached cases"):
+        make_split(_names(50), seed=0, train_cases=100, val_cases=20)
+
+
+def test_kfold_folds_are_disjoint_and_cover_the_non_test_cases():
+    splits = [make_split(_names(11), seed=3, test_fraction=0.1, num_folds=5, fold=k) for k in range(5)]
+    test = splits[0]["test"]
+    assert len(test) == 1 and all(s["test"] == test for s in splits)
+    vals = [set(s["val"]) for s in splits]
+    assert sum(len(v) for v in vals) == 10 and set().union(*vals) == set(_names(11)) - set(test)
+    for s in splits:
+        assert not set(s["train"]) & set(s["val"]) and len(s["train"]) + len(s["val"]) == 10
+    with pytest.raises(BratsError, match=r"data\.fold must be in \[0, 5\)"):
+        make_split(_names(11), seed=3, num_folds=5, fold=5)
+
+
+def test_split_rejects_fractions_that_leave_nothing():
+    with pytest.raises(BratsError, match=r"data\.val_fraction \(0\.6\) and data\.test_fraction \(0\.5\)"):
+        make_split(_names(10), seed=0, val_fraction=0.6, test_fraction=0.5)
+
+
+# ---- DataModule on a tiny cache ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_cache(tmp_path):
+    """Six cases in the cache format, at the folder the DataModule computes; no raw data (root is absent)."""
+    root, cache_dir = tmp_path / "raw", tmp_path / "cache"
+    folder = cache.cache_path(cache_dir, "brats2021", root, PRE)
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for case in _names(6):
+        x = rng.standard_normal((3, *SHAPE)).astype(np.float16)
+        y = np.zeros(SHAPE, dtype=np.uint8)
+        y[2:5, 3:6, 1:4] = rng.integers(1, 4, size=(3, 3, 3))
+        np.save(folder / f"{case}_x.npy", x)
+        np.save(folder / f"{case}_y.npy", y)
+        meta = {"foreground_coords_sample": np.argwhere(y > 0).tolist(), "spacing": [1.0, 1.0, 2.0]}
+        (folder / f"{case}.json").write_text(json.dumps(meta))
+    return {"root": root, "cache_dir": cache_dir, "folder": folder, "out": tmp_path / "run"}
+
+
+def _dm(tiny_cache, **kw):
+    args = dict(root=tiny_cache["root"], layout="brats2021", cache_dir=tiny_cache["cache_dir"], preprocess=PRE,
+                augment=MODERN_AUG, patch_size=(8, 8, 8), batch_size=2, num_workers=0, val_fraction=0.2,
+                test_fraction=0.2, output_dir=tiny_cache["out"], seed=0)
+    args.update(kw)
+    dm = BratsDataModule(**args)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_split_json_is_written_and_reused_on_resume(tiny_cache):
+    dm = _dm(tiny_cache)
+    written = json.loads((tiny_cache["out"] / "split.json").read_text())
+    assert [len(written[k]) for k in ("train", "val", "test")] == [4, 1, 1]
+    assert written == dm.split
+    resumed = _dm(tiny_cache, split_seed=99)  # a resumed run keeps its own split whatever the seed says
+    assert resumed.split == written
+
+
+def test_split_from_counts_and_a_clear_error_when_short(tiny_cache):
+    dm = _dm(tiny_cache, output_dir=None, test_fraction=0.0, train_cases=3, val_cases=2)
+    assert (len(dm.split["train"]), len(dm.split["val"])) == (3, 2)
+    with pytest.raises(BratsError, match=r"data\.train_cases=5"):
+        _dm(tiny_cache, output_dir=None, train_cases=5, val_cases=2)
+
+
+def test_split_file_naming_unknown_cases_is_refused(tiny_cache, tmp_path):
+    bad = tmp_path / "other_split.json"
+    bad.write_text(json.dumps({"train": ["BraTS2021_00000", "BraTS2021_99999"], "val": [], "test": []}))
+    with pytest.raises(BratsError, match=r"other_split\.json: names 1 cases missing from the cache .*BraTS2021_99999"):
+        _dm(tiny_cache, split_file=bad)
+
+
+def test_train_batches_have_patch_shapes_and_dtypes(tiny_cache):
+    dm = _dm(tiny_cache, steps_per_epoch=3)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 3
+    b = batches[0]
+    assert b["image"].shape == (2, 3, 8, 8, 8) and b["image"].dtype == torch.float32
+    assert b["label"].shape == (2, 8, 8, 8) and b["label"].dtype == torch.int64
+    assert len(b["case"]) == 2 and set(b["case"]) <= set(dm.split["train"])
+    assert set(torch.unique(b["label"]).tolist()) <= {0, 1, 2, 3}
+
+
+def test_samples_per_epoch_defaults_to_one_patch_per_training_case(tiny_cache):
+    dm = _dm(tiny_cache, batch_size=3)
+    assert dm.samples_per_epoch == 4 and len(dm.train_dataloader()) == 1  # drop_last: 4 patches -> 1 batch of 3
+
+
+def test_patch_larger_than_the_volume_is_zero_padded(tiny_cache):
+    dm = _dm(tiny_cache, patch_size=(16, 8, 8), augment=None, foreground_fraction=0.0, steps_per_epoch=4)
+    for b in dm.train_dataloader():
+        assert b["image"].shape == (2, 3, 16, 8, 8)
+        for image, label in zip(b["image"], b["label"], strict=True):
+            empty = (image == 0).all(dim=(0, 2, 3)).tolist()  # per x-plane
+            lead = empty.index(False)
+            # The 12 data planes sit in one block; the 4 padding planes are split between the two ends.
+            assert empty == [True] * lead + [False] * 12 + [True] * (4 - lead)
+            assert not label[:lead].any() and not label[lead + 12 :].any()
+
+
+def test_split_file_from_another_run_is_reused_and_copied(tiny_cache, tmp_path):
+    first = _dm(tiny_cache)
+    second = _dm(tiny_cache, split_seed=7, split_file=tiny_cache["out"] / "split.json", output_dir=tmp_path / "run2")
+    assert second.split == first.split
+    assert json.loads((tmp_path / "run2" / "split.json").read_text()) == first.split
+
+
+def test_same_seed_same_batches_and_workers_do_not_matter(tiny_cache):
+    def batches(**kw):
+        return [(b["image"], b["label"], b["case"]) for b in _dm(tiny_cache, output_dir=None, **kw).train_dataloader()]
+
+    a, b, c = batches(), batches(), batches(num_workers=2)
+    for (xa, ya, ca), (xb, yb, cb), (xc, yc, cc) in zip(a, b, c, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and ca == cb
+        assert torch.equal(xa, xc) and torch.equal(ya, yc) and ca == cc
+    other = batches(seed=1)
+    assert any(not torch.equal(x, o[0]) for (x, _, _), o in zip(a, other, strict=True))
+
+
+def test_val_loader_returns_whole_volumes_with_spacing(tiny_cache):
+    dm = _dm(tiny_cache)
+    (b,) = list(dm.val_dataloader())
+    case = dm.split["val"][0]
+    x, y, _ = cache.load_cached(tiny_cache["folder"], case)
+    assert b["case"] == [case]
+    assert b["image"].shape == (1, 3, *SHAPE) and b["image"].dtype == torch.float32
+    assert torch.equal(b["image"][0], torch.from_numpy(x.astype(np.float32)))
+    assert torch.equal(b["label"][0], torch.from_numpy(y.astype(np.int64)))
+    assert b["spacing"].tolist() == [[1.0, 1.0, 2.0]]
+    assert len(list(dm.test_dataloader())) == 1
+
+
+def test_bad_arguments_name_their_config_key(tiny_cache):
+    with pytest.raises(BratsError, match=r"data\.patch_size must be 3 positive integers .*\[128, 128\]"):
+        _dm(tiny_cache, patch_size=[128, 128])
+    with pytest.raises(BratsError, match=r"data\.patch_size"):
+        _dm(tiny_cache, patch_size=[8, 0, 8])
+    with pytest.raises(BratsError, match=r"data\.batch_size must be positive, got 0"):
+        _dm(tiny_cache, batch_size=0)
+
+
+def test_num_channels_needs_no_setup(tmp_path):
+    dm = BratsDataModule(root=tmp_path, layout="brats2021", cache_dir=tmp_path, preprocess=PRE)
+    assert dm.num_channels == 3
+    with_mask = BratsDataModule(root=tmp_path, layout="brats2021", cache_dir=tmp_path,
+                                preprocess={**PRE, "modalities": ["t1", "t1ce", "t2", "flair"],
+                                            "foreground_channel": True})
+    assert with_mask.num_channels == 5
+
+
+def _write_raw_case(root, case, rng):
+    folder = root / case
+    folder.mkdir(parents=True)
+    shape = (20, 18, 14)
+    brain = np.zeros(shape, dtype=bool)
+    brain[3:17, 2:16, 2:12] = True
+    seg = np.zeros(shape, dtype=np.int16)
+    seg[6:10, 6:10, 5:8] = 2
+    seg[7:9, 7:9, 6:7] = 4
+    for mod in ("t1", "t1ce", "t2", "flair", "seg"):
+        data = seg if mod == "seg" else (brain * rng.integers(100, 1000, size=shape)).astype(np.int16)
+        nib.save(nib.Nifti1Image(data, np.eye(4)), folder / f"{case}_{mod}.nii.gz")
+
+
+def test_prepare_data_builds_the_cache_from_raw_nifti(tmp_path):
+    root = tmp_path / "raw"
+    rng = np.random.default_rng(0)
+    for case in _names(3):
+        _write_raw_case(root, case, rng)
+    dm = BratsDataModule(root=root, layout="brats2021", cache_dir=tmp_path / "cache", preprocess=PRE,
+                         patch_size=(8, 8, 8), batch_size=2, num_workers=0, val_fraction=0.34, seed=0)
+    dm.prepare_data()
+    assert cache.cached_cases(dm.cache_path) == _names(3)
+    dm.setup("fit")
+    b = next(iter(dm.train_dataloader()))
+    assert b["image"].shape == (2, 3, 8, 8, 8)
+    (v,) = list(dm.val_dataloader())
+    assert v["image"].shape == (1, 3, 14, 14, 10)  # cropped to the non-zero brain box
