@@ -40,6 +40,9 @@ def test_gaussian_importance_shape_max_symmetry():
     expected = math.exp(-0.5 * ((2 / 0.625) ** 2 + (3 / 0.875) ** 2 + (4 / 1.125) ** 2))
     assert g[0, 0, 0].item() == pytest.approx(expected, rel=1e-5)
     assert (g > 0).all()
+    even = gaussian_importance(PATCH)  # centred between voxels 3 and 4: still mirror-symmetric, max 1
+    torch.testing.assert_close(even, even.flip(0).flip(1).flip(2))
+    assert even.max().item() == pytest.approx(1.0)
 
 
 def test_gaussian_importance_replaces_underflow_zeros():
