@@ -193,6 +193,11 @@ def ablation_table(sweep: Path, metric: str = "val/dice_mean") -> tuple[list[str
     return columns, [{c: row.get(c) for c in columns} for row in rows]
 
 
+def override_columns(columns: Sequence[str], metric: str) -> list[str]:
+    """The override keys among ablation_table's columns: between `status` and `best <metric>`."""
+    return list(columns[2 : columns.index(f"best {metric}")])
+
+
 def varying_keys(columns: Sequence[str], rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[str]:
     return [k for k in keys if k in columns and len({r.get(k) for r in rows}) > 1]
 

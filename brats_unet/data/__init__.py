@@ -1,0 +1,1 @@
+"""Data: BraTS IO, labels, preprocessing, cache, patch sampling, augmentation, DataModule, synthetic cases."""

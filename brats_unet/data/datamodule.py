@@ -1,0 +1,336 @@
+"""LightningDataModule: cache → split → patch datasets (train) and whole-volume datasets (val/test).
+
+`prepare_data` fills the preprocessing cache (rank 0 only); `setup` splits the cached cases with a seed, writes
+`<output_dir>/split.json` and re-uses it on resume. Training samples come from `PatchSampler` as
+(case_index, sample_seed): every random choice of a sample derives from its seed, so batches do not depend on
+`num_workers` or on which worker loads them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from brats_unet.data import cache, io
+from brats_unet.data.sampling import PatchSampler, choose_patch_start, crop_or_pad
+from brats_unet.data.transforms import Augment, build_augment
+from brats_unet.utils import BratsError, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+def _plain(cfg: Mapping | DictConfig | None) -> dict:
+    if cfg is None:
+        return {}
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return dict(cfg)
+
+
+def _count(fraction: float, n: int) -> int:
+    """round(fraction * n), but at least one case for any positive fraction."""
+    return max(1, round(fraction * n)) if fraction > 0 and n > 0 else 0
+
+
+def make_split(
+    cases: Sequence[str],
+    *,
+    seed: int,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.0,
+    train_cases: int | None = None,
+    val_cases: int | None = None,
+    num_folds: int = 1,
+    fold: int = 0,
+) -> dict[str, Any]:
+    """Seeded split of case names. Test cases are held out first; the rest is split by fractions, by absolute
+    counts (train_cases/val_cases win over val_fraction), or into `num_folds` folds with `fold` as validation."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise BratsError(
+            f"data.val_fraction ({val_fraction}) and data.test_fraction ({test_fraction}) must be in [0, 1) "
+            "and sum to less than 1"
+        )
+    order = [str(c) for c in np.random.default_rng(seed).permutation(sorted(cases))]
+    n_test = _count(test_fraction, len(order))
+    test, rest = order[:n_test], order[n_test:]
+    if num_folds > 1:
+        if train_cases is not None or val_cases is not None:
+            raise BratsError("data.train_cases/data.val_cases cannot be combined with data.num_folds > 1")
+        if not 0 <= fold < num_folds:
+            raise BratsError(f"data.fold must be in [0, {num_folds}) for data.num_folds={num_folds}, got {fold}")
+        if len(rest) < num_folds:
+            raise BratsError(f"data.num_folds={num_folds} needs at least {num_folds} non-test cases, have {len(rest)}")
+        folds = np.array_split(np.arange(len(rest)), num_folds)
+        held = set(folds[fold].tolist())
+        val = [c for i, c in enumerate(rest) if i in held]
+        train = [c for i, c in enumerate(rest) if i not in held]
+    elif train_cases is not None or val_cases is not None:
+        n_val = val_cases if val_cases is not None else _count(val_fraction, len(order))
+        n_train = train_cases if train_cases is not None else len(rest) - n_val
+        if n_train < 1 or n_val < 0 or n_train + n_val > len(rest):
+            raise BratsError(
+                f"data.train_cases={train_cases} and data.val_cases={val_cases} ask for {n_train} training and "
+                f"{n_val} validation cases, but only {len(rest)} cached cases are left after holding out "
+                f"{len(test)} test cases"
+            )
+        val, train = rest[:n_val], rest[n_val : n_val + n_train]
+    else:
+        n_val = _count(val_fraction, len(order))
+        val, train = rest[:n_val], rest[n_val:]
+    if not train:
+        raise BratsError(f"no training cases left: {len(order)} cached cases, check data.val_fraction/test_fraction")
+    return {"train": sorted(train), "val": sorted(val), "test": sorted(test), "seed": seed, "fold": fold}
+
+
+class _CachedCases:
+    """Per-process memory-mapped handles to cached cases, opened lazily (each DataLoader worker opens its own)."""
+
+    def __init__(self, cache_dir: Path, cases: Sequence[str]) -> None:
+        self.cache_dir = cache_dir
+        self.cases = list(cases)
+        self._open: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, list[float]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getstate__(self) -> dict:  # workers start with no handles instead of pickling memmaps
+        return {**self.__dict__, "_open": {}}
+
+    def get(self, index: int) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, list[float]]:
+        case = self.cases[index]
+        if case not in self._open:
+            x, y, meta = cache.load_cached(self.cache_dir, case, mmap=True)
+            # int16 array instead of the json list: ~60 KB per case instead of MBs of Python ints per worker.
+            coords = np.asarray(meta.get("foreground_coords_sample", []), dtype=np.int16).reshape(-1, 3)
+            spacing = [float(s) for s in meta.get("spacing", (1.0, 1.0, 1.0))]
+            self._open[case] = (x, y, coords, spacing)
+        return (case, *self._open[case])
+
+
+class PatchDataset(Dataset):
+    """Training item (case_index, sample_seed) → {"image": (C,*patch) float32, "label": (*patch) int64, "case"}."""
+
+    def __init__(
+        self, cases: _CachedCases, patch_size: Sequence[int], foreground_fraction: float, augment: Augment
+    ) -> None:
+        self.cases, self.patch_size = cases, tuple(patch_size)
+        self.foreground_fraction, self.augment = foreground_fraction, augment
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, sample_seed = key
+        case, x, y, coords, _ = self.cases.get(index)
+        rng = np.random.default_rng(sample_seed)  # one stream: patch position, then augmentation
+        start = choose_patch_start(y.shape, self.patch_size, rng, coords, self.foreground_fraction)
+        xp, yp = crop_or_pad(x, y, start, self.patch_size)
+        xp, yp = self.augment(xp.astype(np.float32, copy=False), yp, rng)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(xp, dtype=np.float32)),
+            "label": torch.from_numpy(np.ascontiguousarray(yp, dtype=np.int64)),
+            "case": case,
+        }
+
+
+class VolumeDataset(Dataset):
+    """Whole cached volumes: {"image": (C,*S) float32, "label": (*S) int64, "spacing": (3,) float64, "case"}."""
+
+    def __init__(self, cases: _CachedCases) -> None:
+        self.cases = cases
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        case, x, y, _, spacing = self.cases.get(index)
+        return {
+            "image": torch.from_numpy(np.array(x, dtype=np.float32)),
+            "label": torch.from_numpy(np.array(y, dtype=np.int64)),
+            "spacing": torch.tensor(spacing, dtype=torch.float64),
+            "case": case,
+        }
+
+
+class BratsDataModule(L.LightningDataModule):
+    """BraTS cases from a preprocessing cache. Arguments are the keys of conf/data/brats2021.yaml, plus the run
+    directory (`output_dir`, where split.json goes) and the run `seed` (patch order and augmentation)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        layout: str,
+        cache_dir: str | Path,
+        preprocess: Mapping | DictConfig,
+        augment: Mapping | DictConfig | None = None,
+        patch_size: Sequence[int] = (128, 128, 128),
+        batch_size: int = 2,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.0,
+        train_cases: int | None = None,
+        val_cases: int | None = None,
+        num_folds: int = 1,
+        fold: int = 0,
+        split_seed: int = 0,
+        split_file: str | Path | None = None,
+        foreground_fraction: float = 0.33,
+        steps_per_epoch: int | None = None,
+        skip_bad_cases: bool = False,
+        output_dir: str | Path | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        patch = list(patch_size) if isinstance(patch_size, Sequence | np.ndarray) else []
+        if len(patch) != 3 or not all(
+            isinstance(p, int | np.integer) and not isinstance(p, bool) and p > 0 for p in patch
+        ):
+            raise BratsError(f"data.patch_size must be 3 positive integers (x, y, z), got {patch_size!r}")
+        if batch_size <= 0:
+            raise BratsError(f"data.batch_size must be positive, got {batch_size}")
+        if not 0.0 <= foreground_fraction <= 1.0:
+            raise BratsError(f"data.foreground_fraction must be in [0, 1], got {foreground_fraction}")
+        if steps_per_epoch is not None and steps_per_epoch <= 0:
+            raise BratsError(f"data.steps_per_epoch must be positive or null, got {steps_per_epoch}")
+        self.root, self.layout, self.cache_dir = Path(root), layout, Path(cache_dir)
+        self.preprocess, self.augment_cfg = _plain(preprocess), _plain(augment)
+        if not self.preprocess.get("modalities") or "name" not in self.preprocess:
+            raise BratsError(f"preprocess config needs 'name' and a non-empty 'modalities' list, got {preprocess!r}")
+        self.patch_size = tuple(int(p) for p in patch)
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
+        self.split_args = {
+            "val_fraction": val_fraction,
+            "test_fraction": test_fraction,
+            "train_cases": train_cases,
+            "val_cases": val_cases,
+            "num_folds": num_folds,
+            "fold": fold,
+            "seed": split_seed,
+        }
+        self.split_file = Path(split_file) if split_file else None
+        self.foreground_fraction, self.steps_per_epoch = foreground_fraction, steps_per_epoch
+        self.skip_bad_cases = skip_bad_cases
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.seed = int(seed)
+        self.augment = build_augment(self.augment_cfg, intensity_channels=len(self.preprocess["modalities"]))
+        self.split: dict[str, Any] | None = None
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.preprocess["modalities"]) + int(bool(self.preprocess.get("foreground_channel", False)))
+
+    @property
+    def cache_path(self) -> Path:
+        return cache.cache_path(self.cache_dir, self.layout, self.root, self.preprocess)
+
+    def prepare_data(self) -> None:
+        path = self.cache_path
+        done = set(cache.cached_cases(path))
+        if not self.root.is_dir() and done:  # e.g. only the cache was copied to a compute node
+            log.warning("data root %s not found; using the %d cases already in %s", self.root, len(done), path)
+            return
+        bad_file = path / "bad_cases.json"
+        if self.skip_bad_cases and bad_file.is_file():  # known-bad cases are not "missing": don't re-check each run
+            done |= {b["case"] for b in json.loads(bad_file.read_text())}
+        if {d.name for d in io.list_case_dirs(self.root, self.layout)} - done:
+            cache.build_cache(
+                self.root,
+                self.layout,
+                self.cache_dir,
+                self.preprocess,
+                num_workers=max(1, self.num_workers),
+                skip_bad_cases=self.skip_bad_cases,
+            )
+
+    def _load_split(self, path: Path, cached: set[str]) -> dict[str, Any]:
+        try:
+            split = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise BratsError(f"{path}: cannot read the split file: {e}") from e
+        if not isinstance(split, dict) or not isinstance(split.get("train"), list) or not split["train"]:
+            raise BratsError(f"{path}: a split file needs a non-empty list under 'train' (and 'val', 'test')")
+        unknown = sorted(set().union(*(split.get(k, []) for k in ("train", "val", "test"))) - cached)
+        if unknown:
+            raise BratsError(
+                f"{path}: names {len(unknown)} cases missing from the cache {self.cache_path}: "
+                f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
+            )
+        return {
+            "train": split["train"],
+            "val": split.get("val", []),
+            "test": split.get("test", []),
+            "seed": split.get("seed"),
+            "fold": split.get("fold"),
+        }
+
+    def _make_or_load_split(self) -> dict[str, Any]:
+        cached = cache.cached_cases(self.cache_path)
+        if not cached:
+            raise BratsError(
+                f"the cache {self.cache_path} holds no cases; check data.root ({self.root}) or run "
+                "brats-preprocess first"
+            )
+        own = self.output_dir / "split.json" if self.output_dir else None
+        if own is not None and own.is_file():  # resume: the run's own split wins
+            split = self._load_split(own, set(cached))
+            if self.split_file and self._load_split(self.split_file, set(cached))["train"] != split["train"]:
+                raise BratsError(f"data.split_file {self.split_file} differs from this run's {own}")
+            return split
+        if self.split_file:
+            split = self._load_split(self.split_file, set(cached))
+        else:
+            split = make_split(cached, **self.split_args)
+        if own is not None:
+            atomic_write_json(own, split)
+        return split
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.split is None:
+            self.split = self._make_or_load_split()
+            log.info("split: %d train, %d val, %d test cases", *(len(self.split[k]) for k in ("train", "val", "test")))
+        path = self.cache_path
+        self.train_set = PatchDataset(
+            _CachedCases(path, self.split["train"]), self.patch_size, self.foreground_fraction, self.augment
+        )
+        self.val_set = VolumeDataset(_CachedCases(path, self.split["val"]))
+        self.test_set = VolumeDataset(_CachedCases(path, self.split["test"]))
+
+    @property
+    def samples_per_epoch(self) -> int:
+        if self.steps_per_epoch:
+            return self.steps_per_epoch * self.batch_size
+        return max(len(self.train_set), self.batch_size)
+
+    def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = PatchSampler(len(self.train_set), self.samples_per_epoch, seed=self.seed)
+        return self._loader(self.train_set, self.batch_size, sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, 1, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if len(self.test_set) == 0:
+            raise BratsError("the split has no test cases; set data.test_fraction > 0 (or a split_file with 'test')")
+        return self._loader(self.test_set, 1, shuffle=False)

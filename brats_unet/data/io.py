@@ -1,0 +1,270 @@
+"""Finding, checking and reading BraTS cases on disk (NIfTI via nibabel), and writing NIfTI atomically.
+
+Every user-facing problem is a BratsError that names the case, the file and what is wrong, so a bad case in a
+folder of 1,250 can be found and fixed without a debugger.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from brats_unet.data.labels import LAYOUTS, MODALITIES, Layout, allowed_labels
+from brats_unet.utils import BratsError, atomic_path
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = (".nii.gz", ".nii")  # preferred first: when both exist the compressed file is read
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """One case on disk."""
+
+    case: str  # folder name, e.g. "BraTS2021_00000"
+    images: dict[str, Path]  # canonical modality -> file
+    seg: Path | None  # None for unlabelled (prediction-only) cases
+
+
+class _Problem(Exception):
+    """What is wrong with one file; callers add the case and file name to make a BratsError."""
+
+
+def resolve_layout(layout: Layout | str) -> Layout:
+    if isinstance(layout, Layout):
+        return layout
+    if layout not in LAYOUTS:
+        raise BratsError(f"unknown data layout {layout!r}; choose one of {sorted(LAYOUTS)} (config key data.layout)")
+    return LAYOUTS[layout]
+
+
+def expected_pattern(layout: Layout) -> str:
+    keys = ",".join(layout.suffixes[k] for k in (*MODALITIES, "seg"))
+    return f"<root>/<case>/<case>{layout.separator}{{{keys}}}.nii.gz (layout {layout.name})"
+
+
+def list_case_dirs(root: str | Path, layout: Layout | str) -> list[Path]:
+    """Case folders under `root`, sorted by name. BratsError naming root and the expected pattern if there are none."""
+    layout = resolve_layout(layout)
+    root = Path(root).expanduser()
+    pattern = expected_pattern(layout)
+    if not root.exists():
+        raise BratsError(f"data root {root} does not exist; expected {pattern} (config key data.root)")
+    if not root.is_dir():
+        raise BratsError(f"data root {root} is not a folder; expected {pattern} (config key data.root)")
+    # Hidden and underscore folders are tool leftovers (.ipynb_checkpoints, __MACOSX), never cases.
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+    if not dirs:
+        raise BratsError(f"data root {root} holds no case folders; expected {pattern} (config key data.root)")
+    return dirs
+
+
+def _find_file(case_dir: Path, layout: Layout, key: str) -> Path | None:
+    for ext in EXTENSIONS:
+        path = case_dir / layout.filename(case_dir.name, key, ext)
+        if path.is_file():
+            return path
+    return None
+
+
+def _missing_message(case_dir: Path, layout: Layout, key: str) -> str:
+    case = case_dir.name
+    expected = layout.filename(case, key)
+    tail = f"{layout.separator}{layout.suffixes[key]}"
+    # A file for this modality under another case's name: the folder was renamed or files were copied wrongly.
+    others = sorted(p.name for p in case_dir.iterdir() if p.name.endswith(tuple(tail + e for e in EXTENSIONS)))
+    if others:
+        return f"{case}: {others[0]}: file name does not match the case folder name (expected {expected})"
+    return f"{case}: {expected}: missing {key} file (expected {case_dir / expected})"
+
+
+def case_files(case_dir: str | Path, layout: Layout | str, require_seg: bool = True) -> CaseFiles:
+    """The files of one case folder; BratsError naming the case and the missing file."""
+    layout, case_dir = resolve_layout(layout), Path(case_dir)
+    images: dict[str, Path] = {}
+    for mod in MODALITIES:
+        path = _find_file(case_dir, layout, mod)
+        if path is None:
+            raise BratsError(_missing_message(case_dir, layout, mod))
+        images[mod] = path
+    seg = _find_file(case_dir, layout, "seg")
+    if seg is None and require_seg:
+        raise BratsError(_missing_message(case_dir, layout, "seg"))
+    return CaseFiles(case_dir.name, images, seg)
+
+
+def find_cases(root: str | Path, layout: Layout | str, require_seg: bool = True) -> list[CaseFiles]:
+    """All cases under `root`, sorted by case name. Unknown extra files are ignored (logged once)."""
+    layout = resolve_layout(layout)
+    cases = [case_files(d, layout, require_seg) for d in list_case_dirs(root, layout)]
+    known = {p.name for c in cases for p in (*c.images.values(), c.seg) if p is not None}
+    extras = sorted(p.name for c in cases for p in (Path(root) / c.case).iterdir() if p.name not in known)
+    if extras:
+        log.info("ignoring %d extra files under %s (e.g. %s)", len(extras), root, ", ".join(extras[:3]))
+    return cases
+
+
+def _why(e: BaseException, path: Path) -> str:
+    """nibabel's message without the path (the caller names the file) and on one line."""
+    text = " ".join(str(e).replace(f'"{path}"', "it").replace(str(path), "it").split())
+    return f"{type(e).__name__}: {text}"
+
+
+_READ_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError)
+
+
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
+    """Read one 3D NIfTI fully (no mmap, so truncation shows up here); raises _Problem."""
+    if not path.is_file():
+        raise _Problem("file does not exist")
+    gz = path.name.endswith(".gz")
+    try:
+        img = nib.load(path, mmap=False)
+    except nib.filebasedimages.ImageFileError as e:
+        if gz and "gzip" in str(e):
+            raise _Problem("not a gzip file (corrupt, or an uncompressed file named .gz)") from e
+        raise _Problem(f"not a NIfTI file ({_why(e, path)})") from e
+    except _READ_ERRORS as e:
+        raise _Problem(f"cannot read the header: truncated or corrupt file ({_why(e, path)})") from e
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise _Problem(f"not a NIfTI file (nibabel read it as {type(img).__name__})")
+    try:
+        data = np.asarray(img.dataobj)
+    except _READ_ERRORS as e:
+        kind = "truncated or corrupt gzip" if gz else "truncated or corrupt file"
+        raise _Problem(f"cannot read the voxels: {kind} ({_why(e, path)})") from e
+    # Some tools write 3D volumes as (x, y, z, 1); that is still one volume.
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise _Problem(f"{data.ndim}D image of shape {tuple(data.shape)} where a 3D volume was expected")
+    return data, np.asarray(img.affine, dtype=np.float64), img.header
+
+
+def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
+    """(data as stored, 4x4 affine, header). BratsError naming the file if it cannot be read as a 3D NIfTI."""
+    path = Path(path)
+    try:
+        return _read(path)
+    except _Problem as e:
+        raise BratsError(f"{path}: {e}") from e
+
+
+def save_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None = None) -> None:
+    """Write a NIfTI atomically (temp file with the same suffix, then rename)."""
+    img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64), header=header)
+    if header is not None:
+        img.set_data_dtype(np.asarray(data).dtype)
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+
+
+def _as_labels(seg: np.ndarray) -> np.ndarray:
+    """Integer label map; raises _Problem for non-integer values (a float mask, a probability map)."""
+    if np.issubdtype(seg.dtype, np.integer):
+        return seg
+    if not np.all(np.isfinite(seg)):
+        raise _Problem("label map holds NaN or Inf voxels")
+    frac = seg != np.round(seg)
+    if frac.any():
+        example = float(seg[frac].flat[0])
+        raise _Problem(f"label map holds non-integer values (e.g. {example}); expected integer BraTS labels")
+    return seg.astype(np.int16)
+
+
+def _check_case(files: CaseFiles, layout: Layout, atol: float, keep: Sequence[str]) -> tuple[dict, np.ndarray | None,
+                                                                                             dict]:
+    """Read every file of a case once, check all of it, keep the images in `keep` (float32)."""
+    case = files.case
+    entries = [*files.images.items(), *([("seg", files.seg)] if files.seg is not None else [])]
+    ref_key, ref_shape, ref_affine, ref_header = None, None, None, None
+    images: dict[str, np.ndarray] = {}
+    seg = None
+    for key, path in entries:
+        path = Path(path)
+        try:
+            ext = next((e for e in EXTENSIONS if path.name.endswith(e)), "")
+            expected = layout.filename(case, key, ext)
+            if path.name != expected:
+                raise _Problem(f"file name does not match the case folder name (expected {expected})")
+            data, affine, header = _read(path)
+            if ref_shape is None:
+                ref_key, ref_shape, ref_affine, ref_header = key, data.shape, affine, header
+            elif data.shape != ref_shape:
+                raise _Problem(f"shape {tuple(data.shape)} differs from {ref_key} {tuple(ref_shape)}")
+            elif not np.allclose(affine, ref_affine, atol=atol):
+                raise _Problem(f"affine differs from {ref_key} by up to {np.abs(affine - ref_affine).max():.4g} "
+                               f"(tolerance {atol})")
+            if key == "seg":
+                seg = _as_labels(data)
+                bad = sorted(set(np.unique(seg).tolist()) - set(allowed_labels(layout.et_label)))
+                if bad:
+                    raise _Problem(f"label values {bad} are not {layout.name} labels "
+                                   f"(allowed {list(allowed_labels(layout.et_label))})")
+                continue
+            if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
+                raise _Problem(f"{int((~np.isfinite(data)).sum())} NaN or Inf voxels")
+            if not np.any(data):
+                raise _Problem(f"{key} image is all zero")
+            if key in keep:
+                images[key] = data.astype(np.float32, copy=False)
+        except _Problem as e:
+            raise BratsError(f"{case}: {path.name}: {e}") from e
+    meta = {
+        "affine": ref_affine.tolist(),
+        "shape": [int(s) for s in ref_shape],
+        "spacing": [float(z) for z in ref_header.get_zooms()[:3]],
+        "files": {k: str(p) for k, p in entries},
+    }
+    return images, seg, meta
+
+
+def validate_case(files: CaseFiles, layout: Layout | str, atol: float = 1e-3) -> None:
+    """Every modality present, same shape and affine (within atol), 3D, finite, not all-zero; seg integer-valued and
+    within the layout's labels. BratsError: f"{case}: {file}: {problem}"."""
+    _check_case(files, resolve_layout(layout), atol, keep=())
+
+
+def load_validated_case(files: CaseFiles, layout: Layout | str, modalities: Sequence[str], atol: float = 1e-3
+                        ) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict]:
+    """validate_case + load_case reading each file once (what the cache builder uses)."""
+    return _check_case(files, resolve_layout(layout), atol, keep=tuple(modalities))
+
+
+def load_case(files: CaseFiles, modalities: Sequence[str]) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict]:
+    """Images per modality (float32), seg as stored (integer), meta {affine, shape, spacing, files}. No deep checks."""
+    images: dict[str, np.ndarray] = {}
+    affine, header = None, None
+    for mod in modalities:
+        if mod not in files.images:
+            raise BratsError(f"{files.case}: no {mod} image (have {sorted(files.images)})")
+        data, aff, hdr = load_nifti(files.images[mod])
+        images[mod] = data.astype(np.float32, copy=False)
+        if affine is None:
+            affine, header = aff, hdr
+    seg = None
+    if files.seg is not None:
+        data, aff, hdr = load_nifti(files.seg)
+        try:
+            seg = _as_labels(data)
+        except _Problem as e:
+            raise BratsError(f"{files.case}: {files.seg.name}: {e}") from e
+        if affine is None:
+            affine, header = aff, hdr
+    if affine is None:
+        raise BratsError(f"{files.case}: nothing to load (no modalities requested and no seg)")
+    shape = next(iter(images.values())).shape if images else seg.shape
+    meta = {
+        "affine": affine.tolist(),
+        "shape": [int(s) for s in shape],
+        "spacing": [float(z) for z in header.get_zooms()[:3]],
+        "files": {m: str(files.images[m]) for m in modalities} | ({"seg": str(files.seg)} if files.seg else {}),
+    }
+    return images, seg, meta
