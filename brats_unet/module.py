@@ -206,7 +206,8 @@ class BratsModule(L.LightningModule):
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(),
+            # Plain ints and tensors only: Lightning loads checkpoints with torch.load(weights_only=True).
+            "numpy": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
             "python": random.getstate(),
         }
 
@@ -217,5 +218,6 @@ class BratsModule(L.LightningModule):
         torch.set_rng_state(states["torch"])
         if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states["cuda"])
-        np.random.set_state(states["numpy"])
-        random.setstate(states["python"])
+        name, keys, pos, has_gauss, cached = states["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        random.setstate((states["python"][0], tuple(states["python"][1]), states["python"][2]))

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from brats_unet.data.labels import CLASS_NAMES  # noqa: E402
 from brats_unet.utils import BratsError, atomic_path  # noqa: E402
@@ -61,7 +62,9 @@ def read_scalars(logdir: str | Path) -> dict[str, Series]:
         return {}
     acc = EventAccumulator(str(logdir), size_guidance={SCALARS: 0})  # 0: keep every point, not a sample
     acc.Reload()
-    return {tag: clean_series([(e.step, e.value) for e in acc.Scalars(tag)]) for tag in acc.Tags()["scalars"]}
+    # Values are stored as float32: keep their shortest decimal (0.2, not 0.20000000298023224) for tables.
+    return {tag: clean_series([(e.step, float(str(np.float32(e.value)))) for e in acc.Scalars(tag)])
+            for tag in acc.Tags()["scalars"]}
 
 
 def resolve_tag(scalars: Mapping[str, Series], name: str) -> str | None:
@@ -258,6 +261,7 @@ def plot_curves(scalars: Mapping[str, Series], title: str = "") -> Figure | None
         for name, label, color, style in lines:
             _plot_epochs(ax, series[name], label=label, color=color, linestyle=style)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if ax.lines:

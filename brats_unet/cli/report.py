@@ -84,6 +84,10 @@ def load_overlay_cases(predictions: str | Path, data_root: str | Path, layout: s
     return cases
 
 
+def _num(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def summary_markdown(run: Path, metrics: dict[str, Any] | None, overrides: dict[str, str], metric: str,
                      figures: list[str]) -> str:
     lines = [f"# Run report: {run}", ""]
@@ -92,13 +96,13 @@ def summary_markdown(run: Path, metrics: dict[str, Any] | None, overrides: dict[
     else:
         best = (metrics.get("best") or {})
         lines += [f"- epochs: {metrics.get('epochs')}, optimiser steps: {metrics.get('global_step')}",
-                  f"- best {metric}: {best.get(metric)} (checkpoint: {best.get('checkpoint')})", ""]
+                  f"- best {metric}: {_num(best.get(metric))} (checkpoint: {best.get('checkpoint')})", ""]
     if overrides:
         lines += ["## Overrides", "", *(f"- `{k}={v}`" for k, v in overrides.items()), ""]
     final = (metrics or {}).get("final") or {}
     if final:
         lines += ["## Final metrics", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(final.items())]
+        lines += [f"| {k} | {_num(v)} |" for k, v in sorted(final.items())]
         lines.append("")
     if figures:
         lines += ["## Figures", "", *(f"![{Path(f).stem}]({f})" for f in figures), ""]
@@ -112,7 +116,7 @@ def run_report(run: Path, output: Path, metric: str, extra: dict[str, Path] | No
     if not scalars:
         log.warning("no TensorBoard scalars under %s: no curves (was the run started with logger=none?)", run)
     for name, plot in (("curves", plot_curves), ("lr", plot_lr)):
-        fig = plot(scalars, title=run.name)
+        fig = plot(scalars, title=f"{run.parent.name}/{run.name}")
         if fig is not None:
             written[name] = save_figure(fig, output / "figures" / f"{name}.png")
         elif scalars:

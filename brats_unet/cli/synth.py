@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Sequence
 
@@ -26,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=int, nargs=3, default=list(FULL_SHAPE), metavar=("X", "Y", "Z"),
                    help="volume size in voxels (default: 240 240 155, BraTS size)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files in the case folders")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="parallel processes (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress line per case")
     return p
 
@@ -35,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     with user_errors():
         start = time.perf_counter()
         folders = write_dataset(args.out, args.cases, args.seed, layout=LAYOUT_NAMES[args.layout],
-                                shape=args.shape, overwrite=args.overwrite, progress=not args.quiet)
+                                shape=args.shape, overwrite=args.overwrite, progress=not args.quiet,
+                                workers=args.workers)
         root = folders[0].parent.resolve()
         print(f"{len(folders)} synthetic cases in {root} ({time.perf_counter() - start:.1f} s)")
 

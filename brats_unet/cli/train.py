@@ -10,6 +10,7 @@ import hydra
 import lightning.pytorch as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from brats_unet.cli.common import CONFIG_PATH, user_errors
@@ -85,10 +86,10 @@ def build_module(cfg: DictConfig, in_channels: int, config: dict[str, Any] | Non
         loss=loss,
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
-        patch_size=cfg.data.patch_size,
+        patch_size=[int(p) for p in cfg.data.patch_size],
         compile=compile_net,
         config=config,
-        **cfg.module,
+        **OmegaConf.to_container(cfg.module, resolve=True),
     )
 
 
@@ -109,6 +110,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data, output_dir=str(output_dir), seed=cfg.seed, _recursive_=False)
     module = build_module(cfg, datamodule.num_channels, config)
     callbacks, loggers = instantiate_all(cfg.get("callbacks")), instantiate_all(cfg.get("logger"))
+    if not loggers:  # logger=none: the LR monitor has nowhere to write and Lightning refuses it
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     log.info("run dir: %s", output_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
@@ -28,8 +29,8 @@ CONTRAST = np.array(
         [1.00, 1.00, 1.00, 1.00],  # wm
         [0.80, 0.84, 1.30, 1.12],  # gm
         [0.35, 0.38, 3.00, 0.45],  # csf
-        [0.70, 0.74, 2.30, 2.10],  # ed
-        [0.62, 1.70, 2.00, 1.85],  # et
+        [0.70, 0.74, 2.30, 1.10],  # ed
+        [0.62, 1.70, 2.00, 2.85],  # et
         [0.45, 0.48, 2.70, 1.30],  # ncr
     ],
     dtype=np.float32,
@@ -248,9 +249,23 @@ def _case_done(folder: Path, files: dict[str, Path], tag: bytes, shape: tuple[in
         elif entry.name not in ours or not _is_ours(entry, tag, shape):
             raise BratsError(
                 f"case folder {folder} already holds {entry.name}, which is not this synthetic case "
-                f"({tag.decode()}, shape {list(shape)}); pass overwrite (brats-synth --overwrite) to replace it, or choose another output folder"
+                f"({tag.decode()}, shape {list(shape)}); pass overwrite (brats-synth --overwrite) to replace it, "
+                "or choose another output folder"
             )
     return files["seg"].exists()
+
+
+def _write_case(out: Path, layout: str, seed: int, index: int, shape: tuple[int, ...]) -> float:
+    """Generate and save case `index` (images first, seg last: the seg file marks a complete case); returns seconds."""
+    start = time.perf_counter()
+    lay = get_layout(layout)
+    name = case_name(layout, index)
+    images, seg, affine = make_case(case_rng(seed, index), shape)
+    for modality in MODALITIES:
+        _save(out / name / lay.filename(name, modality), images[modality], affine, _tag(seed, index))
+    seg = np.where(seg == 4, lay.et_label, seg).astype(np.uint8)
+    _save(out / name / lay.filename(name, "seg"), seg, affine, _tag(seed, index))
+    return time.perf_counter() - start
 
 
 def write_dataset(
@@ -261,8 +276,9 @@ def write_dataset(
     shape: Sequence[int] = FULL_SHAPE,
     overwrite: bool = False,
     progress: bool = False,
+    workers: int = 1,
 ) -> list[Path]:
-    """Write `cases` synthetic cases in a BraTS layout under `out`; returns the case folders.
+    """Write `cases` synthetic cases in a BraTS layout under `out` (`workers` processes); returns the case folders.
 
     Re-running the same command skips finished cases (resumes after a kill); a folder holding anything else is
     refused unless `overwrite`.
@@ -280,23 +296,28 @@ def write_dataset(
         raise BratsError(f"cannot create output folder {out}: {e.strerror}") from e
     if not out.is_dir() or not os.access(out, os.W_OK):
         raise BratsError(f"output folder {out} is not a writable folder")
-    folders = []
+
+    def report(i: int, status: str) -> None:
+        if progress:
+            print(f"[{i + 1}/{cases}] {case_name(lay.name, i)}: {status}", flush=True)
+
+    pending = []  # check every folder before writing anything, so a refusal comes first
     for i in range(int(cases)):
         name = case_name(lay.name, i)
         folder = out / name
         files = {key: folder / lay.filename(name, key) for key in (*MODALITIES, "seg")}
-        tag = _tag(seed, i)
         if folder.exists() and not folder.is_dir():
             raise BratsError(f"{folder} exists and is not a case folder")
-        start = time.perf_counter()
-        done = folder.is_dir() and not overwrite and _case_done(folder, files, tag, shape)
-        if not done:
-            images, seg, affine = make_case(case_rng(seed, i), shape)
-            for modality in MODALITIES:
-                _save(files[modality], images[modality], affine, tag)
-            _save(files["seg"], np.where(seg == 4, lay.et_label, seg).astype(np.uint8), affine, tag)  # last: done
-        if progress:
-            status = "complete, skipped" if done else f"written in {time.perf_counter() - start:.1f} s"
-            print(f"[{i + 1}/{cases}] {folder.name}: {status}", flush=True)
-        folders.append(folder)
-    return folders
+        if folder.is_dir() and not overwrite and _case_done(folder, files, _tag(seed, i), shape):
+            report(i, "complete, skipped")
+        else:
+            pending.append(i)
+    jobs = [(out, lay.name, seed, i, shape) for i in pending]
+    if workers > 1 and len(pending) > 1:
+        with ProcessPoolExecutor(min(workers, len(pending))) as pool:
+            for i, seconds in zip(pending, pool.map(_write_case, *zip(*jobs, strict=True)), strict=True):
+                report(i, f"written in {seconds:.1f} s")
+    else:
+        for job in jobs:
+            report(job[3], f"written in {_write_case(*job):.1f} s")
+    return [out / case_name(lay.name, i) for i in range(int(cases))]

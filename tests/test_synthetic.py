@@ -1,0 +1,238 @@
+"""Synthetic BraTS-like cases: determinism, files on disk, labels, anatomy of the tumour, contrasts, resuming."""
+
+from __future__ import annotations
+
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from brats_unet.cli.synth import main
+from brats_unet.data import synthetic as S
+from brats_unet.data.labels import MODALITIES
+from brats_unet.utils import BratsError
+
+SMALL = (64, 64, 48)
+FILES_2021 = ["BraTS2021_00001_flair.nii.gz", "BraTS2021_00001_seg.nii.gz", "BraTS2021_00001_t1.nii.gz",
+              "BraTS2021_00001_t1ce.nii.gz", "BraTS2021_00001_t2.nii.gz"]
+FILES_2023 = ["BraTS-GLI-00001-000-seg.nii.gz", "BraTS-GLI-00001-000-t1c.nii.gz", "BraTS-GLI-00001-000-t1n.nii.gz",
+              "BraTS-GLI-00001-000-t2f.nii.gz", "BraTS-GLI-00001-000-t2w.nii.gz"]
+
+
+@pytest.fixture(scope="module")
+def small_cases():
+    """(tissue, images, seg) of cases 0..2 of seed 0 at SMALL, built like make_case does."""
+    out = []
+    for i in range(3):
+        rng = S.case_rng(0, i)
+        tissue = S.make_tissue(rng, SMALL)
+        out.append((tissue, S.render_images(rng, tissue), S.tissue_to_seg(tissue)))
+    return out
+
+
+def best_threshold_accuracy(a: np.ndarray, b: np.ndarray) -> float:
+    """Best balanced accuracy of any single intensity threshold separating samples a from samples b (1.0: perfect)."""
+    values = np.concatenate([a, b])
+    is_b = np.concatenate([np.zeros(len(a), bool), np.ones(len(b), bool)])[np.argsort(values, kind="stable")]
+    below_a = np.concatenate([[0], np.cumsum(~is_b)]) / len(a)  # share of a below each cut
+    below_b = np.concatenate([[0], np.cumsum(is_b)]) / len(b)
+    acc = 0.5 * (below_a + 1 - below_b)  # "a below the cut"
+    return float(max(acc.max(), (1 - acc).max()))
+
+
+def test_best_threshold_accuracy_by_hand():
+    assert best_threshold_accuracy(np.array([1, 2]), np.array([3, 4])) == 1.0
+    assert best_threshold_accuracy(np.array([5, 6]), np.array([3, 4])) == 1.0
+    # a = {1, 3}, b = {2, 4}: the best cut (below 2) gets 1 of 2 a's and 2 of 2 b's right -> 0.75
+    assert best_threshold_accuracy(np.array([1, 3]), np.array([2, 4])) == 0.75
+
+
+def test_make_case_deterministic_types_and_composition(small_cases):
+    images, seg, affine = S.make_case(S.case_rng(0, 0), SMALL)
+    again, seg_again, _ = S.make_case(S.case_rng(0, 0), SMALL)
+    other, seg_other, _ = S.make_case(S.case_rng(1, 0), SMALL)
+    tissue, rendered, seg0 = small_cases[0]
+    assert list(images) == list(MODALITIES)
+    for m in MODALITIES:
+        assert images[m].dtype == np.int16 and images[m].shape == SMALL
+        np.testing.assert_array_equal(images[m], again[m])
+        np.testing.assert_array_equal(images[m], rendered[m])  # make_case = make_tissue + render_images
+        assert not np.array_equal(images[m], other[m])
+        # skull-stripped: zero outside the brain, positive inside (bar a few noisy edge voxels)
+        assert (images[m][tissue == 0] == 0).all()
+        assert (images[m][tissue > 0] > 0).mean() > 0.99
+    assert seg.dtype == np.uint8
+    np.testing.assert_array_equal(seg, seg_again)
+    np.testing.assert_array_equal(seg, seg0)
+    assert not np.array_equal(seg, seg_other)
+    assert set(np.unique(seg).tolist()) == {0, 1, 2, 4}
+    assert (tissue[seg > 0] > 0).all()  # the tumour lies in the brain
+    np.testing.assert_array_equal(affine, S.brats_affine(SMALL))
+
+
+def test_brats_affine_by_hand():
+    expected = [[-1, 0, 0, 0], [0, -1, 0, 239], [0, 0, 1, 0], [0, 0, 0, 1]]  # the BraTS 2021 affine
+    np.testing.assert_array_equal(S.brats_affine(), expected)
+    expected = [[-2, 0, 0, 0], [0, -2, 0, 38], [0, 0, 3, 0], [0, 0, 0, 1]]
+    np.testing.assert_array_equal(S.brats_affine((10, 20, 30), (2, 2, 3)), expected)
+
+
+def test_tumour_is_nested(small_cases):
+    for _, _, seg in small_cases:
+        ncr, et, tc, wt = seg == 1, seg == 4, np.isin(seg, (1, 4)), seg > 0
+        assert ncr.any() and et.any() and (seg == 2).any()
+        # necrosis is enclosed by the enhancing rim: every face neighbour of an NCR voxel is tumour core
+        assert not (ndi.binary_dilation(ncr) & ~tc).any()
+        assert not (ndi.binary_dilation(ncr) & (seg == 2)).any()
+        # the core lies within the whole tumour's bounding box and is smaller than it
+        lo_wt, hi_wt = np.argwhere(wt).min(0), np.argwhere(wt).max(0)
+        lo_tc, hi_tc = np.argwhere(tc).min(0), np.argwhere(tc).max(0)
+        assert (lo_wt <= lo_tc).all() and (hi_tc <= hi_wt).all()
+        assert 0.1 < tc.sum() / wt.sum() < 0.7
+        assert 0.0002 < wt.mean() < 0.03  # class shares scale with the volume
+
+
+def test_contrasts_follow_the_table(small_cases):
+    for tissue, images, _ in small_cases:
+        def mean(modality, t, images=images, tissue=tissue):
+            return images[modality][tissue == S.TISSUES.index(t)].mean()
+
+        assert mean("flair", "ed") > 1.4 * mean("flair", "wm")
+        assert mean("t1ce", "et") > 1.25 * mean("t1ce", "ed")
+        assert mean("t2", "csf") > 1.3 * mean("t2", "wm") and mean("t2", "csf") > 1.1 * mean("t2", "gm")
+        assert mean("t1", "ncr") < 0.7 * mean("t1", "wm")
+        assert mean("t1", "gm") < mean("t1", "wm") and mean("t1", "csf") < mean("t1", "gm")
+
+
+def test_no_single_modality_separates_all_classes(small_cases):
+    for tissue, images, seg in small_cases:
+        classes = {"healthy": (tissue > 0) & (seg == 0), "ncr": seg == 1, "ed": seg == 2, "et": seg == 4}
+        for m in MODALITIES:
+            x = images[m]
+            worst = min(best_threshold_accuracy(x[classes[a]], x[classes[b]])
+                        for i, a in enumerate(classes) for b in list(classes)[i + 1:])
+            assert worst < 0.9, f"{m} separates every pair of classes (worst pair {worst:.3f})"
+        t1ce = images["t1ce"]
+        ncr_vs_csf = best_threshold_accuracy(t1ce[tissue == S.NCR], t1ce[tissue == S.CSF])
+        assert ncr_vs_csf < 0.85
+        # positive control: the statistic does see an easy contrast (ET is bright on T1ce, oedema is not)
+        assert best_threshold_accuracy(t1ce[seg == 4], t1ce[seg == 2]) > 0.95
+
+
+@pytest.mark.parametrize(("layout", "cases", "names", "labels"), [
+    ("brats2021", ["BraTS2021_00000", "BraTS2021_00001"], FILES_2021, {0, 1, 2, 4}),
+    ("brats2023", ["BraTS-GLI-00000-000", "BraTS-GLI-00001-000"], FILES_2023, {0, 1, 2, 3}),
+])
+def test_write_dataset_files(tmp_path, small_cases, layout, cases, names, labels):
+    folders = S.write_dataset(tmp_path, cases=2, seed=0, layout=layout, shape=SMALL)
+    assert folders == [tmp_path / c for c in cases]
+    assert sorted(p.name for p in tmp_path.iterdir()) == cases
+    assert sorted(os.listdir(folders[1])) == names
+    _, images, seg = small_cases[1]  # written case 1 == generated case 1
+    by_modality = dict(zip(["flair", "seg", "t1", "t1ce", "t2"] if layout == "brats2021"
+                           else ["seg", "t1ce", "t1", "flair", "t2"], names, strict=True))
+    for key, name in by_modality.items():
+        img = nib.load(folders[1] / name)
+        data = np.asarray(img.dataobj)
+        np.testing.assert_array_equal(img.affine, S.brats_affine(SMALL))
+        assert int(img.header["qform_code"]) == 1 and int(img.header["sform_code"]) == 1
+        np.testing.assert_allclose(img.header.get_qform(), S.brats_affine(SMALL))
+        if key == "seg":
+            assert img.get_data_dtype() == np.uint8
+            assert set(np.unique(data).tolist()) == labels
+            np.testing.assert_array_equal(data == max(labels), seg == 4)
+            np.testing.assert_array_equal(data[seg != 4], seg[seg != 4])
+        else:
+            assert img.get_data_dtype() == np.int16
+            np.testing.assert_array_equal(data, images[key])
+
+
+def test_case_does_not_depend_on_case_count(tmp_path):
+    one = S.write_dataset(tmp_path / "a", cases=1, seed=3, shape=SMALL)[0]
+    three = S.write_dataset(tmp_path / "b", cases=3, seed=3, shape=SMALL, workers=2)[0]
+    for name in os.listdir(one):
+        np.testing.assert_array_equal(np.asarray(nib.load(one / name).dataobj),
+                                      np.asarray(nib.load(three / name).dataobj))
+
+
+def test_rerun_skips_complete_cases_and_resumes(tmp_path, capsys):
+    folders = S.write_dataset(tmp_path, cases=2, seed=0, shape=SMALL)
+    seg0 = folders[0] / "BraTS2021_00000_seg.nii.gz"
+    seg1 = folders[1] / "BraTS2021_00001_seg.nii.gz"
+    before = seg0.stat().st_mtime_ns
+    # simulate a kill while writing case 1: seg missing, a stale temp file left behind
+    seg1.unlink()
+    (folders[1] / ".tmp-BraTS2021_00001_seg.nii-abc.nii.gz").write_bytes(b"partial")
+    S.write_dataset(tmp_path, cases=2, seed=0, shape=SMALL, progress=True)
+    out = capsys.readouterr().out
+    assert "[1/2] BraTS2021_00000: complete, skipped" in out
+    assert "[2/2] BraTS2021_00001: written" in out
+    assert seg0.stat().st_mtime_ns == before and seg1.exists()
+    assert sorted(os.listdir(folders[1])) == FILES_2021  # stale temp file removed
+
+
+def test_refuses_foreign_or_other_seed_folders(tmp_path):
+    S.write_dataset(tmp_path, cases=1, seed=0, shape=SMALL)
+    with pytest.raises(BratsError, match=r"BraTS2021_00000 already holds BraTS2021_00000_flair.nii.gz, which is "
+                                         r"not this synthetic case \(brats-synth v1 seed=1 case=0"):
+        S.write_dataset(tmp_path, cases=1, seed=1, shape=SMALL)
+    with pytest.raises(BratsError, match=r"shape \[32, 32, 24\]"):  # same seed, other shape: not complete
+        S.write_dataset(tmp_path, cases=1, seed=0, shape=(32, 32, 24))
+    (tmp_path / "BraTS2021_00000" / "notes.txt").write_text("real data")
+    with pytest.raises(BratsError, match=r"BraTS2021_00000 already holds notes.txt.*pass overwrite"):
+        S.write_dataset(tmp_path, cases=1, seed=0, shape=SMALL)
+    S.write_dataset(tmp_path, cases=1, seed=1, shape=SMALL, overwrite=True)
+    header = nib.load(tmp_path / "BraTS2021_00000" / "BraTS2021_00000_seg.nii.gz").header
+    assert bytes(header["descrip"]).rstrip(b"\0") == b"brats-synth v1 seed=1 case=0"
+
+
+def test_input_errors(tmp_path):
+    with pytest.raises(BratsError, match="cases must be at least 1, got 0"):
+        S.write_dataset(tmp_path, cases=0, seed=0)
+    with pytest.raises(BratsError, match=r"shape must be three sizes of at least 16 voxels, got \[64, -1, 48\]"):
+        S.write_dataset(tmp_path, cases=1, seed=0, shape=(64, -1, 48))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BratsError, match=r"cannot create output folder .*file/sub"):
+        S.write_dataset(tmp_path / "file" / "sub", cases=1, seed=0, shape=SMALL)
+    with pytest.raises(ValueError, match="unknown data layout 'brats2019'"):
+        S.write_dataset(tmp_path, cases=1, seed=0, layout="brats2019", shape=SMALL)
+
+
+def test_cli_writes_2023_layout_and_reports_folder(tmp_path, capsys):
+    main(["--out", str(tmp_path / "syn"), "--cases", "1", "--seed", "0", "--layout", "2023", "--shape", "32", "32",
+          "24", "--workers", "1"])
+    out = capsys.readouterr().out
+    assert "[1/1] BraTS-GLI-00000-000: written" in out
+    assert f"1 synthetic cases in {(tmp_path / 'syn').resolve()}" in out
+    assert (tmp_path / "syn" / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-seg.nii.gz").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--cases", "0"], "error: cases must be at least 1, got 0"),
+    (["--shape", "64", "-2", "48"], "error: shape must be three sizes of at least 16 voxels"),
+    (["--out", "{tmp}/file/sub"], "error: cannot create output folder"),
+])
+def test_cli_errors_exit_2_without_traceback(tmp_path, capsys, args, message):
+    (tmp_path / "file").write_text("x")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_full_size_case_is_plausible():
+    images, seg, affine = S.make_case(S.case_rng(0, 0))
+    assert seg.shape == (240, 240, 155) and all(im.shape == seg.shape for im in images.values())
+    brain_ml = (images["t1"] > 0).sum() / 1000  # 1 mm voxels
+    wt_ml, tc_ml = (seg > 0).sum() / 1000, np.isin(seg, (1, 4)).sum() / 1000
+    assert 1000 < brain_ml < 1800
+    assert 20 < wt_ml < 200 and 0.1 < tc_ml / wt_ml < 0.7
+    for m in MODALITIES:  # WM around 400-1000 units (times bias and per-case contrast), far below int16 limits
+        assert 300 < np.median(images[m][images[m] > 0]) < 3000 and images[m].max() < 10_000
