@@ -134,7 +134,8 @@ def sweep_report(sweep: Path, output: Path, metric: str) -> dict[str, Path]:
     keys = override_columns(columns, metric)
     written = {"ablation_csv": output / "ablation.csv", "ablation_md": output / "ablation.md"}
     atomic_write_text(written["ablation_csv"], format_csv(columns, rows))
-    header = f"# Ablation: {sweep}\n\n{len(rows)} jobs, sorted by best {metric}.\n\n"
+    header = (f"# Ablation: {sweep}\n\n{len(rows)} jobs, sorted by best {metric} (the best epoch); the other metric "
+              "columns are final values.\n\n")
     atomic_write_text(written["ablation_md"], header + format_markdown(columns, rows, keys))
     fig = plot_ablation(rows, metric, varying_keys(columns, rows, keys))
     if fig is not None:
