@@ -59,6 +59,7 @@ def tiny_overrides(root: Path, cache: Path, out: Path, preprocess: str = "modern
         "~callbacks.progress_bar",
         "~callbacks.model_summary",
         "module.val_hd95=false",
+        "scheduler.warmup_steps=0",
     ]
     if preprocess == "seed":
         overrides.append(f"preprocess.crop_box={TINY_SEED_CROP}".replace(" ", ""))

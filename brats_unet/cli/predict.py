@@ -97,6 +97,9 @@ def load_model(ckpt_path: str | Path) -> tuple[BratsModule, dict[str, Any]]:
     if not config or "state_dict" not in checkpoint:
         raise BratsError(f"{path} is not a brats-unet checkpoint: it lacks the 'brats_config' or 'state_dict' that "
                          "brats-train writes")
+    absent = [k for k in ("data", "preprocess", "model", "loss", "optimizer") if k not in config]
+    if absent:
+        raise BratsError(f"checkpoint {path}: its stored config lacks {absent}; was it written by another version?")
     cfg = OmegaConf.create(config)
     cfg.model.compile = False  # a one-off inference pass does not repay compilation
     pre = cfg.preprocess
