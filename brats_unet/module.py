@@ -111,13 +111,21 @@ class BratsModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         image, target = batch["image"], batch["label"]
+        skip = self.hparams.nonfinite_loss == "skip"
+        # A NaN batch also poisons norm running statistics in the forward pass: keep a copy to put back if skipped.
+        saved = [b.detach().clone() for b in self.net.buffers()] if skip else []
         outputs = self(image)
         loss = self.supervised_loss(outputs, target)
         if not torch.isfinite(loss):
             cases = ", ".join(batch.get("case", []))
-            if self.hparams.nonfinite_loss == "skip":
+            if skip:
+                with torch.no_grad():
+                    for buffer, old in zip(self.net.buffers(), saved, strict=True):
+                        buffer.copy_(old)
                 self.skipped_batches += 1
-                log.warning("non-finite loss at step %d (cases %s): batch skipped", self.global_step, cases)
+                # Returning None makes Lightning skip backward; the optimiser sees no gradients, so no weight moves.
+                log.warning("non-finite loss (%s) at step %d (cases %s): batch skipped (%d so far)", loss.item(),
+                            self.global_step, cases, int(self.skipped_batches))
                 return None
             raise FloatingPointError(
                 f"non-finite training loss ({loss.item()}) at step {self.global_step} on cases [{cases}]; "

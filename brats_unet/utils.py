@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -12,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-
+# Write failures a user fixes outside the program: disk full, quota exceeded, read-only file system.
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -42,8 +44,10 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the result the usual permissions
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in _DISK_ERRORS:  # the user's to fix (free space): no traceback
+            raise BratsError(f"cannot write {path}: {e.strerror or e} (the file was left unchanged)") from e
         raise
 
 

@@ -69,7 +69,7 @@ def test_make_case_deterministic_types_and_composition(small_cases):
     assert not np.array_equal(seg, seg_other)
     assert set(np.unique(seg).tolist()) == {0, 1, 2, 4}
     assert (tissue[seg > 0] > 0).all()  # the tumour lies in the brain
-    np.testing.assert_array_equal(affine, S.brats_affine(SMALL))
+    np.testing.assert_array_equal(affine, S.brats_affine(SMALL, S.physical_spacing(SMALL)))
 
 
 def test_brats_affine_by_hand():
@@ -136,9 +136,9 @@ def test_write_dataset_files(tmp_path, small_cases, layout, cases, names, labels
     for key, name in by_modality.items():
         img = nib.load(folders[1] / name)
         data = np.asarray(img.dataobj)
-        np.testing.assert_array_equal(img.affine, S.brats_affine(SMALL))
+        np.testing.assert_allclose(img.affine, S.brats_affine(SMALL, S.physical_spacing(SMALL)), rtol=1e-6)
         assert int(img.header["qform_code"]) == 1 and int(img.header["sform_code"]) == 1
-        np.testing.assert_allclose(img.header.get_qform(), S.brats_affine(SMALL))
+        np.testing.assert_allclose(img.header.get_qform(), S.brats_affine(SMALL, S.physical_spacing(SMALL)))
         if key == "seg":
             assert img.get_data_dtype() == np.uint8
             assert set(np.unique(data).tolist()) == labels

@@ -227,7 +227,7 @@ def save_probabilities(path: Path, probs: np.ndarray, affine: np.ndarray, refere
 def predict_case(module: BratsModule, files: io.CaseFiles, layout: Layout, out_dir: Path, pre: dict[str, Any],
                  patch_size: Sequence[int], *, postprocess: bool, probabilities: bool, **window: Any) -> Path:
     """Read, preprocess, predict, undo the crop and write `<out_dir>/<case>.nii.gz` (written last: the done marker)."""
-    images, _, meta = io.load_case(files, pre["modalities"])
+    images, _, meta = io.load_validated_case(files, layout, pre["modalities"])  # NaN/shape/affine checks
     x, _, pmeta = preprocess_case(images, None, modalities=pre["modalities"], normalize=pre["normalize"],
                                   crop=pre["crop"], crop_box=pre.get("crop_box"),
                                   foreground_channel=bool(pre.get("foreground_channel", False)),

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
@@ -16,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from brats_unet.cli.common import CONFIG_PATH, user_errors
 from brats_unet.module import BratsModule
 from brats_unet.utils import BratsError, atomic_write_json
+from brats_unet.validation import check_patch_fits, validate_train_config
 
 log = logging.getLogger("brats_unet.train")
 
@@ -37,27 +41,45 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """`last` -> <run dir>/checkpoints/last.ckpt when it exists (else start fresh); a path must exist."""
-    if ckpt_path is None:
-        return None
-    if str(ckpt_path) == "last":
-        last = output_dir / "checkpoints" / "last.ckpt"
-        if last.exists():
-            return str(last)
-        log.info("ckpt_path=last but %s does not exist yet: starting a fresh run", last)
-        return None
-    if not Path(ckpt_path).is_file():
-        raise BratsError(f"ckpt_path {ckpt_path} does not exist (pass ckpt_path=last to resume this run dir)")
-    return str(ckpt_path)
-
-
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """torch.load with a clear message for truncated or foreign files."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for a damaged file
         raise BratsError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); is it truncated?") from e
+
+
+def resume_candidates(output_dir: Path) -> list[Path]:
+    """last.ckpt (end of each epoch) and the periodic step checkpoints of a run dir, newest first."""
+    folder = output_dir / "checkpoints"
+    found = [p for p in (folder / "last.ckpt", *(folder / "periodic").glob("*.ckpt")) if p.is_file()]
+    return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> tuple[str | None, dict[str, Any] | None]:
+    """(path, loaded checkpoint) to resume from, or (None, None) for a fresh run.
+
+    `last` -> the newest readable checkpoint of the run dir (last.ckpt, or a newer periodic one from inside a long
+    epoch); a damaged newest file (a kill during torch.save) falls back to the one before it. A path must exist.
+    """
+    if ckpt_path is None:
+        return None, None
+    if str(ckpt_path) != "last":
+        if not Path(ckpt_path).is_file():
+            raise BratsError(f"ckpt_path {ckpt_path} does not exist (pass ckpt_path=last to resume this run dir)")
+        return str(ckpt_path), load_checkpoint(ckpt_path)
+    candidates = resume_candidates(output_dir)
+    if not candidates:
+        log.info("ckpt_path=last but %s holds no checkpoint yet: starting a fresh run", output_dir / "checkpoints")
+        return None, None
+    first_error = None
+    for path in candidates:
+        try:
+            return str(path), load_checkpoint(path)
+        except BratsError as e:
+            log.warning("skipping %s", e)
+            first_error = first_error or e
+    raise BratsError(f"ckpt_path=last: no checkpoint in {output_dir / 'checkpoints'} can be read: {first_error}")
 
 
 def warn_config_changes(checkpoint: dict[str, Any], current: dict[str, Any], path: str) -> list[str]:
@@ -72,6 +94,26 @@ def warn_config_changes(checkpoint: dict[str, Any], current: dict[str, Any], pat
     for key in changed:
         log.warning("resuming %s with a changed config: %s: %r -> %r", path, key, old.get(key), new.get(key))
     return changed
+
+
+def check_weights_fit(checkpoint: dict[str, Any], module: BratsModule, path: str, changed: list[str]) -> None:
+    """BratsError when a checkpoint's weights do not fit the module this config builds (a different model config)."""
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict):
+        raise BratsError(f"checkpoint {path} has no 'state_dict': it was not written by brats-train")
+    state = {k.replace("._orig_mod.", "."): v for k, v in state.items()}
+    own = module.state_dict()
+    problems = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    problems += [f"missing {k}" for k in own if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in own]
+    if problems:
+        keys = [k for k in changed if k.startswith(("model.", "loss.", "preprocess.", "data."))]
+        hint = f" (changed config keys: {', '.join(keys)})" if keys else ""
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise BratsError(f"checkpoint {path} was written by a different model config{hint}; its weights do not fit "
+                         f"this model: {'; '.join(problems[:3])}{more}. Resume with the run's own config, or start a "
+                         "new run dir")
 
 
 def build_module(cfg: DictConfig, in_channels: int, config: dict[str, Any] | None = None) -> BratsModule:
@@ -97,26 +139,75 @@ def instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in (group or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
+def user_instantiate(key: str, build: Callable[[], Any]) -> Any:
+    """Run `build` (Hydra instantiation); a bad config value becomes a BratsError naming the config group.
+
+    Hydra wraps whatever the constructor raised in an InstantiationException; a BratsError inside is passed on as is.
+    """
+    try:
+        return build()
+    except InstantiationException as e:
+        if isinstance(e.__cause__, BratsError):
+            raise e.__cause__ from None
+        cause = e.__cause__ or e
+        raise BratsError(f"config {key}: {type(cause).__name__}: {cause}") from e
+    except (ValueError, TypeError) as e:
+        raise BratsError(f"config {key}: {type(e).__name__}: {e}") from e
+
+
+def existing_metrics(output_dir: Path) -> dict[str, Any] | None:
+    path = output_dir / "metrics.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (and optionally test) as the config says; write metrics.json; return the final metrics."""
+    validate_train_config(cfg)  # seconds, not minutes: before the cache, the model or a worker exists
+    check_patch_fits(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     config = run_config(cfg)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
-    if ckpt_path:
-        warn_config_changes(load_checkpoint(ckpt_path), config, ckpt_path)
+    ckpt_path, checkpoint = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    changed: list[str] = []
+    if checkpoint is not None:
+        log.info("resuming from %s (epoch %s, step %s)", ckpt_path, checkpoint.get("epoch"),
+                 checkpoint.get("global_step"))
+        changed = warn_config_changes(checkpoint, config, ckpt_path)
 
-    datamodule = instantiate(cfg.data, output_dir=str(output_dir), seed=cfg.seed, _recursive_=False)
-    module = build_module(cfg, datamodule.num_channels, config)
-    callbacks, loggers = instantiate_all(cfg.get("callbacks")), instantiate_all(cfg.get("logger"))
+    datamodule = user_instantiate("data", lambda: instantiate(cfg.data, output_dir=str(output_dir), seed=cfg.seed,
+                                                              _recursive_=False))
+    module = user_instantiate("model/loss/optimizer/scheduler",
+                              lambda: build_module(cfg, datamodule.num_channels, config))
+    if checkpoint is not None:
+        check_weights_fit(checkpoint, module, ckpt_path, changed)
+        del checkpoint  # Lightning loads it again; don't hold two copies of the weights and optimiser state
+    try:  # only now, so a config or checkpoint problem leaves no empty run dir behind
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BratsError(f"cannot create the run dir {output_dir} (paths.output_dir): {e.strerror}") from e
+    callbacks = user_instantiate("callbacks", lambda: instantiate_all(cfg.get("callbacks")))
+    loggers = user_instantiate("logger", lambda: instantiate_all(cfg.get("logger")))
     if not loggers:  # logger=none: the LR monitor has nowhere to write and Lightning refuses it
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = user_instantiate("trainer", lambda: instantiate(cfg.trainer, callbacks=callbacks,
+                                                                         logger=loggers or False))
 
     log.info("run dir: %s", output_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except FloatingPointError as e:  # module.nonfinite_loss=stop: a user-facing stop, not a crash
+        raise BratsError(str(e)) from e
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    previous = existing_metrics(output_dir)
+    if ckpt_path and not metrics and previous is not None:
+        # Resuming a run that had already finished: fit did nothing, so keep its metrics.json rather than
+        # overwriting it with empty metrics.
+        log.info("%s: the run was already complete (epoch %d, step %d); kept its metrics.json", ckpt_path,
+                 trainer.current_epoch, trainer.global_step)
+        return dict(previous.get("final") or {})
 
     checkpoint_cb = trainer.checkpoint_callback
     best_path = getattr(checkpoint_cb, "best_model_path", "") or None

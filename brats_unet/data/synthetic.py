@@ -195,10 +195,20 @@ def _nonzero_box(mask: np.ndarray) -> tuple[slice, ...]:
     return tuple(out)
 
 
+def physical_spacing(shape: Sequence[int]) -> list[float]:
+    """Voxel size (mm) at which `shape` covers the 240 x 240 x 155 mm BraTS field of view."""
+    return [full / n for full, n in zip(FULL_SHAPE, shape, strict=True)]
+
+
 def make_case(
-    rng: np.random.Generator, shape: Sequence[int] = FULL_SHAPE, spacing: Sequence[float] = (1.0, 1.0, 1.0)
+    rng: np.random.Generator, shape: Sequence[int] = FULL_SHAPE, spacing: Sequence[float] | None = None
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """One synthetic case: images (int16) per canonical modality, seg (uint8, BraTS 2021 labels {0,1,2,4}), affine."""
+    """One synthetic case: images (int16) per canonical modality, seg (uint8, BraTS 2021 labels {0,1,2,4}), affine.
+
+    The head has the same physical size whatever `shape`; by default the affine's voxel size says so
+    (240 / shape[0] mm ...), so a 120 x 120 x 78 case is the same head at 2 mm and HD95 stays in mm.
+    """
+    spacing = physical_spacing(shape) if spacing is None else spacing
     tissue = make_tissue(rng, shape)
     return render_images(rng, tissue), tissue_to_seg(tissue, 4), brats_affine(shape, spacing)
 

@@ -1,0 +1,140 @@
+"""Whole-case inference: seconds per 240x240x155 volume for Gaussian sliding-window prediction, with and without flip
+TTA (8 flips), for the quickstart model at patch 64^3 and 128^3.
+
+    python -m benchmarks.inference [--quick] [--device auto|cpu|cuda] [--out DIR]
+
+CPU runs in float32; CUDA in fp16 autocast as brats-predict does (and float32 for comparison). A setting whose
+estimated time (TTA = 8 x the plain pass) exceeds --max-case-seconds is skipped and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    parse_ints,
+    parse_words,
+    peak_memory_mb,
+    print_table,
+    reset_peak_memory,
+    resolve_device,
+    synchronize,
+    write_result,
+)
+from benchmarks.training import MODELS, build_net, preset
+from brats_unet.inference import _window_starts, flip_tta, sliding_window  # the same window grid as predict
+
+
+def window_count(shape: Sequence[int], patch: int, overlap: float) -> int:
+    n = 1
+    for s in shape:
+        n *= len(_window_starts(max(s, patch), patch, overlap))
+    return n
+
+
+def time_case(net: torch.nn.Module, image: torch.Tensor, patch: int, overlap: float, tta: bool, precision: str,
+              window_batch: int) -> float:
+    device = image.device
+    autocast = (torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+                if precision != "fp32" else contextlib.nullcontext())
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            return torch.sigmoid(net(x).float())
+
+    run = flip_tta if tta else sliding_window
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        run(image, predictor, (patch,) * 3, overlap=overlap, window_batch=window_batch)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    precisions = args.precisions or (["fp16", "fp32"] if device.type == "cuda" else ["fp32"])
+    spec = MODELS[args.model]
+    torch.manual_seed(0)
+    image = torch.randn(1, spec["in"], *args.shape, device=device)
+    rows = []
+    for patch in args.patches:
+        net = build_net(preset("ours", args.model, patch, 1))[0].to(device).eval()
+        with torch.inference_mode():  # warm-up: allocator, oneDNN/cuDNN kernel choice for this patch size
+            for _ in range(2):
+                net(torch.zeros(1, spec["in"], patch, patch, patch, device=device))
+        for precision in precisions:
+            plain_s = None
+            for tta in args.tta:
+                row: dict[str, Any] = {"model": args.model, "patch": patch, "overlap": args.overlap, "tta": tta,
+                                       "precision": precision, "window_batch": args.window_batch,
+                                       "windows": window_count(args.shape, patch, args.overlap) * (8 if tta else 1)}
+                if tta and plain_s is not None and 8 * plain_s > args.max_case_seconds:
+                    row["status"] = f"skipped: ~{8 * plain_s:.0f} s (8 x plain) > --max-case-seconds " \
+                                    f"{args.max_case_seconds:g}"
+                    rows.append(row)
+                    continue
+                print(f"[inference] patch {patch} tta {tta} {precision}", flush=True)
+                reset_peak_memory(device)
+                try:
+                    seconds = time_case(net, image, patch, args.overlap, tta, precision, args.window_batch)
+                except Exception as e:  # e.g. no fp16/bf16 kernels: record and go on
+                    rows.append({**row, "status": f"error: {type(e).__name__}: {str(e)[:200]}"})
+                    continue
+                mem, kind = peak_memory_mb(device)
+                if not tta:
+                    plain_s = seconds
+                rows.append({**row, "status": "ok", "s_per_case": seconds, "peak_mem_mb": round(mem, 1),
+                             "mem_kind": kind})
+    return {"device": str(device), "case_shape": list(args.shape),
+            "settings": {k: v for k, v in vars(args).items() if k != "out"}, "rows": rows}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.inference", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quick", action="store_true", help="patch 128^3 only, TTA skipped on CPU")
+    p.add_argument("--model", default="quickstart", choices=sorted(MODELS))
+    p.add_argument("--shape", type=parse_ints, default=[240, 240, 155])
+    p.add_argument("--patches", type=parse_ints)
+    p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--tta", type=lambda s: [w.lower() in ("1", "on", "true", "yes") for w in parse_words(s)],
+                   default=[False, True], help="off,on")
+    p.add_argument("--precisions", type=parse_words, help="fp32,bf16,fp16 (default fp32 on CPU, fp16,fp32 on CUDA)")
+    p.add_argument("--window-batch", type=int, help="sliding windows per forward pass (default 1 CPU, 4 CUDA)")
+    p.add_argument("--max-case-seconds", type=float, help="skip TTA when 8 x the plain pass exceeds this")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = p.parse_args(argv)
+    cuda = resolve_device(args.device).type == "cuda"
+    if args.patches is None:
+        args.patches = [128] if args.quick else [64, 128]
+    if args.window_batch is None:
+        args.window_batch = 4 if cuda else 1
+    if args.max_case_seconds is None:
+        args.max_case_seconds = 600.0 if cuda or not args.quick else 0.0
+    return args
+
+
+COLUMNS = ["model", "patch", "overlap", "tta", "precision", "window_batch", "windows", "s_per_case", "peak_mem_mb",
+           "status"]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    result = run(args)
+    device = torch.device(result["device"])
+    path = write_result("inference", result, device, args.out)
+    print_table(result["rows"], COLUMNS, title=f"sliding-window inference per {result['case_shape']} case on {device}")
+    print(f"wrote {path}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,131 @@
+"""Config checks that run before anything heavy: a bad value stops brats-train in a second with a message naming the
+config key, instead of minutes later (or never) inside a worker process or a Lightning hook."""
+
+from __future__ import annotations
+
+import logging
+import numbers
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from omegaconf import DictConfig, ListConfig
+
+from brats_unet.data import cache, io
+from brats_unet.utils import BratsError
+
+log = logging.getLogger(__name__)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _as_list(v: Any) -> list | None:
+    return list(v) if isinstance(v, Sequence | ListConfig) and not isinstance(v, str) else None
+
+
+def check_positive_ints(key: str, value: Any, length: int | None = None, min_length: int = 1) -> list[int]:
+    """A list of positive integers (of `length` items, or at least `min_length`); BratsError naming `key`."""
+    items = _as_list(value)
+    if items is None or not all(_is_int(v) for v in items):
+        raise BratsError(f"{key} must be a list of positive integers, got {value!r}")
+    if (length is not None and len(items) != length) or len(items) < min_length:
+        want = f"{length}" if length is not None else f"at least {min_length}"
+        raise BratsError(f"{key} must hold {want} positive integers, got {len(items)}: {list(items)}")
+    bad = [v for v in items if v <= 0]
+    if bad:
+        raise BratsError(f"{key} must be positive (sizes in voxels/channels), got {list(items)}: {bad} <= 0")
+    return [int(v) for v in items]
+
+
+def check_positive_int(key: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not _is_int(value) or value <= 0:
+        raise BratsError(f"{key} must be a positive integer{' or null' if allow_none else ''}, got {value!r}")
+
+
+def check_unit_interval(key: str, value: Any) -> None:
+    if not _is_number(value) or not 0.0 <= float(value) <= 1.0:
+        raise BratsError(f"{key} must be a number in [0, 1], got {value!r}")
+
+
+def validate_train_config(cfg: DictConfig) -> None:
+    """Sizes, weights and divisibility of a brats-train config; no file access."""
+    data, model, loss = cfg.data, cfg.model, cfg.get("loss") or {}
+    patch = check_positive_ints("data.patch_size", data.get("patch_size"), length=3)
+    check_positive_int("data.batch_size", data.get("batch_size"))
+    check_positive_int("data.steps_per_epoch", data.get("steps_per_epoch"), allow_none=True)
+    if not _is_int(data.get("num_workers", 0)) or data.get("num_workers", 0) < 0:
+        raise BratsError(f"data.num_workers must be an integer >= 0, got {data.get('num_workers')!r}")
+    filters = check_positive_ints("model.filters", model.get("filters"), min_length=2)
+    if "alpha" in loss:
+        check_unit_interval("loss.alpha", loss.alpha)
+    smooth = loss.get("smooth")
+    if smooth is not None and (not _is_number(smooth) or smooth <= 0):
+        # smooth is what keeps Dice finite for a class absent from a batch whose probabilities underflow to 0.
+        raise BratsError(f"loss.smooth must be > 0 (it keeps the Dice of an empty class from dividing by zero), "
+                         f"got {smooth!r}")
+    lr = (cfg.get("optimizer") or {}).get("lr")
+    if lr is not None and (not _is_number(lr) or lr <= 0):
+        raise BratsError(f"optimizer.lr must be a positive number, got {lr!r}")
+    # Each U-Net level halves the patch; UNet2D never pools z (it works on axial slices).
+    divisor = 2 ** (len(filters) - 1)
+    axes = 2 if str(model.get("_target_", "")).endswith("UNet2D") else 3
+    if any(p % divisor for p in patch[:axes]):
+        raise BratsError(f"data.patch_size {patch} must be a multiple of {divisor} on the pooled axes: "
+                         f"model.filters has {len(filters)} levels, so the U-Net halves the patch {len(filters) - 1} "
+                         "times (use e.g. data.patch_size=[" + ",".join(str(max(divisor, p // divisor * divisor))
+                                                                       for p in patch) + "])")
+
+
+def _volume_shapes(cfg: DictConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(case, spatial shape the network sees) from the cache if it holds cases, else from the NIfTI headers."""
+    data, pre = cfg.data, cfg.preprocess
+    if pre.get("crop") == "fixed" and pre.get("crop_box") is not None:
+        box = [list(b) for b in pre.crop_box]
+        yield "every case (preprocess.crop_box)", tuple(int(b) - int(a) for a, b in box)
+        return
+    folder = cache.cache_path(data.cache_dir, data.layout, data.root, pre)
+    cases = cache.cached_cases(folder)
+    for case in cases:
+        x = np.load(folder / f"{case}_x.npy", mmap_mode="r")  # reads the header only
+        yield case, tuple(int(s) for s in x.shape[1:])
+    if cases:
+        return
+    try:
+        dirs = io.list_case_dirs(data.root, data.layout)
+    except BratsError:
+        return  # the datamodule reports a missing or empty root with its own message
+    layout = io.resolve_layout(data.layout)
+    for case_dir in dirs:
+        try:
+            path = io.case_files(case_dir, layout, require_seg=False).images[pre.modalities[0]]
+            yield case_dir.name, tuple(int(s) for s in nib.load(path).shape[:3])  # header only
+        except (BratsError, OSError, ValueError, nib.filebasedimages.ImageFileError):
+            continue  # preprocessing names the broken case
+
+
+def check_patch_fits(cfg: DictConfig) -> None:
+    """BratsError when data.patch_size is larger than every (preprocessed) volume: training would see only padding.
+
+    Stops at the first volume the patch fits in, so it usually reads one header.
+    """
+    patch = tuple(int(p) for p in cfg.data.patch_size)
+    first = None
+    for case, shape in _volume_shapes(cfg):
+        if all(p <= s for p, s in zip(patch, shape, strict=False)):
+            return
+        first = first or (case, shape)
+    if first is not None:
+        case, shape = first
+        raise BratsError(f"data.patch_size {list(patch)} is larger than every volume it would be cut from: e.g. "
+                         f"{case} is {list(shape)} after preprocess={cfg.preprocess.name} (data.root "
+                         f"{Path(str(cfg.data.root))}); use a data.patch_size no larger than the volumes")
