@@ -19,8 +19,7 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from brats_unet.cli.common import CONFIG_PATH, user_errors
-from brats_unet.cli.predict import case_dirs, find_file, layout_order, read_split, require
+from brats_unet.cli.common import CONFIG_PATH, read_split, require, user_errors
 from brats_unet.data import io
 from brats_unet.data.labels import Layout, brats_to_classes
 from brats_unet.metrics import case_metrics
@@ -50,11 +49,11 @@ def find_predictions(pred_dir: str | Path) -> dict[str, Path]:
 
 def find_truth(root: str | Path, layout: str | None) -> dict[str, tuple[Path, Layout]]:
     """Case -> (seg file, layout) under a BraTS root; the layout is detected per case unless `layout` is given."""
-    layouts = [io.resolve_layout(layout)] if layout else layout_order(None)
+    layouts = [io.resolve_layout(layout)] if layout else io.layout_order(None)
     truth: dict[str, tuple[Path, Layout]] = {}
     unlabelled = []
-    for case_dir in case_dirs(Path(root).expanduser(), "truth"):
-        hit = next(((seg, lay) for lay in layouts if (seg := find_file(case_dir, lay, "seg"))), None)
+    for case_dir in io.subfolders(Path(root).expanduser(), "truth"):
+        hit = next(((seg, lay) for lay in layouts if (seg := io.find_file(case_dir, lay, "seg"))), None)
         if hit:
             truth[case_dir.name] = hit
         else:

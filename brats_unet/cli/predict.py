@@ -9,7 +9,6 @@ so a prediction always matches what the model was trained on.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from brats_unet.cli.common import CONFIG_PATH, user_errors
+from brats_unet.cli.common import CONFIG_PATH, read_split, require, user_errors
 from brats_unet.cli.train import build_module, load_checkpoint
 from brats_unet.data import io
 from brats_unet.data.labels import LAYOUTS, REGION_NAMES, Layout, classes_from_regions, classes_to_brats
@@ -36,54 +35,6 @@ from brats_unet.utils import BratsError, atomic_path, check_writable_output
 log = logging.getLogger("brats_unet.predict")
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-SPLIT_SUBSETS = ("train", "val", "test")
-
-
-# ---- shared with brats-evaluate ------------------------------------------------------------------------------------
-def require(cfg: DictConfig, *keys: str, usage: str) -> None:
-    """BratsError for mandatory keys left at `???` (OmegaConf would otherwise raise with a traceback)."""
-    missing = [k for k in keys if OmegaConf.is_missing(cfg, k) or cfg.get(k) in (None, "")]
-    if missing:
-        raise BratsError(f"missing required key(s) {', '.join(missing)}; usage: {usage}")
-
-
-def read_split(path: str | Path, subset: str) -> list[str]:
-    """Case names of one subset (train | val | test) of a run's split.json."""
-    if subset not in SPLIT_SUBSETS:
-        raise BratsError(f"split_subset must be one of {list(SPLIT_SUBSETS)}, got {subset!r}")
-    path = Path(path).expanduser()
-    try:
-        split = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BratsError(f"split_file {path} cannot be read as a split.json: {e}") from e
-    cases = split.get(subset) if isinstance(split, dict) else None
-    if not isinstance(cases, list):
-        raise BratsError(f"split_file {path} has no list of cases under {subset!r}")
-    return [str(c) for c in cases]
-
-
-def find_file(case_dir: Path, layout: Layout, key: str) -> Path | None:
-    """`<case_dir>/<case><sep><suffix>.nii.gz` (or `.nii`) for one modality or "seg", if present."""
-    for ext in io.EXTENSIONS:
-        path = case_dir / layout.filename(case_dir.name, key, ext)
-        if path.is_file():
-            return path
-    return None
-
-
-def layout_order(preferred: str | None) -> list[Layout]:
-    """The preferred layout first, then the others: case files may use either release's naming."""
-    first = [io.resolve_layout(preferred)] if preferred else []
-    return first + [layout for layout in LAYOUTS.values() if layout not in first]
-
-
-def case_dirs(root: Path, key: str) -> list[Path]:
-    """Case folders under a root (hidden and underscore folders are tool leftovers, never cases)."""
-    if not root.exists():
-        raise BratsError(f"{key} {root} does not exist")
-    if not root.is_dir():
-        raise BratsError(f"{key} {root} is not a folder")
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
 
 
 # ---- model ---------------------------------------------------------------------------------------------------------
@@ -151,8 +102,8 @@ def autocast_for(device: torch.device, precision: str) -> Callable[[], contextli
 # ---- cases ---------------------------------------------------------------------------------------------------------
 def _case_in(case_dir: Path, modalities: Sequence[str], preferred: str) -> tuple[io.CaseFiles, Layout]:
     """The case's images in whichever layout names them all (the preferred one first)."""
-    for layout in layout_order(preferred):
-        images = {m: find_file(case_dir, layout, m) for m in modalities}
+    for layout in io.layout_order(preferred):
+        images = {m: io.find_file(case_dir, layout, m) for m in modalities}
         if all(images.values()):
             return io.CaseFiles(case_dir.name, images, None), layout  # type: ignore[arg-type]
     want = ", ".join(LAYOUTS[preferred].filename(case_dir.name, m) for m in modalities)
@@ -169,7 +120,7 @@ def find_input_cases(input_path: str | Path, modalities: Sequence[str], preferre
                      only: Sequence[str] | None = None) -> list[tuple[io.CaseFiles, Layout]]:
     """Cases under a BraTS root (or the one case folder given), optionally restricted to the names in `only`."""
     root = Path(input_path).expanduser()
-    dirs = case_dirs(root, "input")
+    dirs = io.subfolders(root, "input")
     if _is_case_folder(root):
         dirs = [root]
     elif not dirs:

@@ -50,6 +50,24 @@ def expected_pattern(layout: Layout) -> str:
     return f"<root>/<case>/<case>{layout.separator}{{{keys}}}.nii.gz (layout {layout.name})"
 
 
+def layout_order(preferred: Layout | str | None) -> list[Layout]:
+    """The preferred layout first, then the others: case files may use either release's naming."""
+    first = [resolve_layout(preferred)] if preferred else []
+    return first + [layout for layout in LAYOUTS.values() if layout not in first]
+
+
+def subfolders(root: Path, key: str | None = None) -> list[Path]:
+    """Sorted case-folder candidates under `root`; with `key`, a BratsError naming it if root is not a folder.
+
+    Hidden and underscore folders are tool leftovers (.ipynb_checkpoints, __MACOSX), never cases.
+    """
+    if key is not None and not root.exists():
+        raise BratsError(f"{key} {root} does not exist")
+    if key is not None and not root.is_dir():
+        raise BratsError(f"{key} {root} is not a folder")
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+
+
 def list_case_dirs(root: str | Path, layout: Layout | str) -> list[Path]:
     """Case folders under `root`, sorted by name. BratsError naming root and the expected pattern if there are none."""
     layout = resolve_layout(layout)
@@ -59,14 +77,14 @@ def list_case_dirs(root: str | Path, layout: Layout | str) -> list[Path]:
         raise BratsError(f"data root {root} does not exist; expected {pattern} (config key data.root)")
     if not root.is_dir():
         raise BratsError(f"data root {root} is not a folder; expected {pattern} (config key data.root)")
-    # Hidden and underscore folders are tool leftovers (.ipynb_checkpoints, __MACOSX), never cases.
-    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+    dirs = subfolders(root)
     if not dirs:
         raise BratsError(f"data root {root} holds no case folders; expected {pattern} (config key data.root)")
     return dirs
 
 
-def _find_file(case_dir: Path, layout: Layout, key: str) -> Path | None:
+def find_file(case_dir: Path, layout: Layout, key: str) -> Path | None:
+    """`<case_dir>/<case><sep><suffix>.nii.gz` (or `.nii`) for one modality or "seg", if present."""
     for ext in EXTENSIONS:
         path = case_dir / layout.filename(case_dir.name, key, ext)
         if path.is_file():
@@ -90,11 +108,11 @@ def case_files(case_dir: str | Path, layout: Layout | str, require_seg: bool = T
     layout, case_dir = resolve_layout(layout), Path(case_dir)
     images: dict[str, Path] = {}
     for mod in MODALITIES:
-        path = _find_file(case_dir, layout, mod)
+        path = find_file(case_dir, layout, mod)
         if path is None:
             raise BratsError(_missing_message(case_dir, layout, mod))
         images[mod] = path
-    seg = _find_file(case_dir, layout, "seg")
+    seg = find_file(case_dir, layout, "seg")
     if seg is None and require_seg:
         raise BratsError(_missing_message(case_dir, layout, "seg"))
     return CaseFiles(case_dir.name, images, seg)
