@@ -63,6 +63,7 @@ def test_nan_batch_with_stop_policy_raises_a_clear_floating_point_error(real_bat
         module.training_step(poisoned(real_batch), 0)
 
 
+@pytest.mark.slow  # two short Trainer fits
 def test_nan_batch_with_skip_policy_leaves_weights_and_norm_statistics_untouched(real_batch, synthetic_root,
                                                                                  cache_dir) -> None:
     module = tiny_module(synthetic_root, cache_dir, "module.nonfinite_loss=skip")

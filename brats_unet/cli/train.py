@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Callable
@@ -14,11 +15,12 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.plugins import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from brats_unet.cli.common import CONFIG_PATH, user_errors
 from brats_unet.module import BratsModule
-from brats_unet.utils import BratsError, atomic_write_json
+from brats_unet.utils import BratsError, atomic_path, atomic_write_json
 from brats_unet.validation import check_patch_fits, validate_train_config
 
 log = logging.getLogger("brats_unet.train")
@@ -49,10 +51,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise BratsError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); is it truncated?") from e
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch.save, but into a temp file renamed over the target: a kill during a save (preemption)
+    leaves the previous last.ckpt intact instead of a truncated one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # remote filesystems (s3://...) keep Lightning's own write
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
 def resume_candidates(output_dir: Path) -> list[Path]:
     """last.ckpt (end of each epoch) and the periodic step checkpoints of a run dir, newest first."""
     folder = output_dir / "checkpoints"
-    found = [p for p in (folder / "last.ckpt", *(folder / "periodic").glob("*.ckpt")) if p.is_file()]
+    periodic = [p for p in (folder / "periodic").glob("*.ckpt") if not p.name.startswith(".")]  # not temp files
+    found = [p for p in (folder / "last.ckpt", *periodic) if p.is_file()]
     return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
 
 
@@ -192,8 +206,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = user_instantiate("logger", lambda: instantiate_all(cfg.get("logger")))
     if not loggers:  # logger=none: the LR monitor has nowhere to write and Lightning refuses it
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
     trainer: L.Trainer = user_instantiate("trainer", lambda: instantiate(cfg.trainer, callbacks=callbacks,
-                                                                         logger=loggers or False))
+                                                                         logger=loggers or False, **plugins))
 
     log.info("run dir: %s", output_dir)
     try:
@@ -226,7 +241,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         atomic_write_json(output_dir / "metrics.json", summary)
         for logger in trainer.loggers:  # the TensorBoard hparams tab: every config value beside the final metrics
             hparams = {k: str(v) if isinstance(v, list | tuple) else v for k, v in flatten(config).items()}
-            logger.log_hyperparams(hparams, metrics={k: v for k, v in metrics.items() if k.startswith("val/")})
+            if "metrics" in inspect.signature(logger.log_hyperparams).parameters:  # CSVLogger takes no metrics
+                logger.log_hyperparams(hparams, metrics={k: v for k, v in metrics.items() if k.startswith("val/")})
+            else:
+                logger.log_hyperparams(hparams)
     return metrics
 
 
