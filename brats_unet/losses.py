@@ -36,7 +36,10 @@ def soft_dice(probs: torch.Tensor, onehot: torch.Tensor, smooth: float) -> torch
     dims = (0, *range(2, probs.ndim))
     intersection = (probs * onehot).sum(dims)
     denominator = probs.sum(dims) + onehot.sum(dims)
-    return (2.0 * intersection + smooth) / (denominator + smooth)
+    # A class absent from both prediction and truth scores 1 (the BraTS convention) even with smooth=0: no 0/0.
+    empty = denominator + smooth <= 0
+    dice = (2.0 * intersection + smooth) / (denominator + smooth).clamp_min(1e-12)
+    return torch.where(empty, torch.ones_like(dice), dice)
 
 
 class _SoftmaxHead(nn.Module):

@@ -140,3 +140,13 @@ def test_loss_configs_instantiate() -> None:
     assert isinstance(losses["ce"], CrossEntropyLoss)
     assert isinstance(losses["combined"], CombinedLoss) and losses["combined"].alpha == 0.5
     assert isinstance(losses["region"], RegionDiceBCELoss) and losses["region"].num_outputs == 3
+
+
+def test_dice_without_smoothing_scores_an_absent_class_as_perfect() -> None:
+    # Class 3 is in neither the prediction (its softmax underflows to exactly 0) nor the truth: with smooth=0 that
+    # is 0/0 unless handled; it counts as a perfect class, so the loss is 0.
+    target = torch.tensor([[0, 1, 2, 1]])
+    logits = torch.nn.functional.one_hot(target, 4).permute(0, 2, 1).float() * 1000.0
+    assert torch.softmax(logits, 1)[:, 3].sum() == 0
+    loss = DiceLoss(smooth=0.0)(logits, target)
+    assert torch.isfinite(loss) and loss.item() == 0.0

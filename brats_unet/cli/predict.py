@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from brats_unet.cli.common import CONFIG_PATH, read_split, require, user_errors
-from brats_unet.cli.train import build_module, load_checkpoint
+from brats_unet.cli.train import build_module, load_checkpoint, weight_mismatches
 from brats_unet.data import io
 from brats_unet.data.labels import LAYOUTS, REGION_NAMES, Layout, classes_from_regions, classes_to_brats
 from brats_unet.data.preprocess import preprocess_case, undo_crop
@@ -59,13 +59,7 @@ def load_model(ckpt_path: str | Path) -> tuple[BratsModule, dict[str, Any]]:
         module = build_module(cfg, in_channels=in_channels)
     except (InstantiationException, ValueError, TypeError) as e:
         raise BratsError(f"checkpoint {path}: cannot rebuild the model from its stored config: {e}") from e
-    # Weights saved from a compiled net carry `_orig_mod.`; the module's own keys never do.
-    state = {k.replace("._orig_mod.", "."): v for k, v in checkpoint["state_dict"].items()}
-    own = module.state_dict()
-    problems = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    problems += [f"missing {k}" for k in own if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in own]
+    state, problems = weight_mismatches(checkpoint["state_dict"], module)
     if problems:
         more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
         raise BratsError(f"checkpoint {path}: its weights do not fit the model its stored config describes (the model "

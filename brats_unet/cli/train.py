@@ -110,17 +110,23 @@ def warn_config_changes(checkpoint: dict[str, Any], current: dict[str, Any], pat
     return changed
 
 
-def check_weights_fit(checkpoint: dict[str, Any], module: BratsModule, path: str, changed: list[str]) -> None:
-    """BratsError when a checkpoint's weights do not fit the module this config builds (a different model config)."""
-    state = checkpoint.get("state_dict")
-    if not isinstance(state, dict):
-        raise BratsError(f"checkpoint {path} has no 'state_dict': it was not written by brats-train")
+def weight_mismatches(state: dict[str, Any], module: BratsModule) -> tuple[dict[str, Any], list[str]]:
+    """(state with compiled-net `_orig_mod.` prefixes removed, list of keys/shapes that do not fit `module`)."""
     state = {k.replace("._orig_mod.", "."): v for k, v in state.items()}
     own = module.state_dict()
     problems = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
                 for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
     problems += [f"missing {k}" for k in own if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in own]
+    return state, problems
+
+
+def check_weights_fit(checkpoint: dict[str, Any], module: BratsModule, path: str, changed: list[str]) -> None:
+    """BratsError when a checkpoint's weights do not fit the module this config builds (a different model config)."""
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict):
+        raise BratsError(f"checkpoint {path} has no 'state_dict': it was not written by brats-train")
+    _, problems = weight_mismatches(state, module)
     if problems:
         keys = [k for k in changed if k.startswith(("model.", "loss.", "preprocess.", "data."))]
         hint = f" (changed config keys: {', '.join(keys)})" if keys else ""
