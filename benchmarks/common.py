@@ -10,12 +10,13 @@ import re
 import resource
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from brats_unet.perf import configure_runtime
 from brats_unet.utils import atomic_write_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -93,6 +94,16 @@ def write_result(name: str, payload: dict[str, Any], device: torch.device, out_d
     path = Path(out_dir or RESULTS_DIR) / f"{name}-{device_slug(device)}.json"
     atomic_write_json(path, {"benchmark": name, "machine": machine_info(device), **payload})
     return path
+
+
+@contextlib.contextmanager
+def threads(n: int | None) -> Iterator[int]:
+    """Run with `n` intra-op threads (None: unchanged), restoring the previous count afterwards."""
+    before = torch.get_num_threads()
+    try:
+        yield configure_runtime(threads=n)["threads"]
+    finally:
+        torch.set_num_threads(before)
 
 
 def synchronize(device: torch.device) -> None:

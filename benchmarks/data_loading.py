@@ -14,6 +14,7 @@ Without --root, synthetic 240x240x155 cases are generated into a temporary folde
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.resources
 import sys
 import tempfile
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from benchmarks.common import median, parse_ints, print_table, write_result
+from benchmarks.common import median, parse_ints, print_table, threads, write_result
 from benchmarks.training import MODELS, Combo, build_net
 from brats_unet.data import cache, io
 from brats_unet.data.datamodule import BratsDataModule
@@ -166,6 +167,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--num-workers", type=int, default=1, help="DataLoader workers (the quickstart uses 1)")
     p.add_argument("--steps", type=int, help="timed training steps for the loader wait (default 10, quick 4)")
+    p.add_argument("--threads", type=int, help="intra-op CPU threads (default: torch's, one per core)")
     p.add_argument("--work-dir", type=Path, help="keep generated cases and caches here (default: a temp folder)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
@@ -194,13 +196,14 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.work_dir:
-        args.work_dir.mkdir(parents=True, exist_ok=True)
-        result = run(args, args.work_dir)
-    else:
-        with tempfile.TemporaryDirectory(prefix="brats-bench-") as tmp:
-            result = run(args, Path(tmp))
-    path = write_result("data_loading", result, torch.device("cpu"), args.out)
+    with threads(args.threads), contextlib.ExitStack() as stack:
+        if args.work_dir:
+            args.work_dir.mkdir(parents=True, exist_ok=True)
+            work = args.work_dir
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="brats-bench-")))
+        result = run(args, work)
+        path = write_result("data_loading", result, torch.device("cpu"), args.out)
     s, w = result["per_sample"], result["loader"]
     print_table([{"path": "raw .nii.gz + MinMax + crop (seed)", "s_per_sample": s["raw_s"], "ratio": 1.0},
                  {"path": "cache, open per sample", "s_per_sample": s["cached_open_each_s"],

@@ -26,6 +26,7 @@ from benchmarks.common import (
     reset_peak_memory,
     resolve_device,
     synchronize,
+    threads,
     write_result,
 )
 from benchmarks.training import MODELS, build_net, preset
@@ -109,6 +110,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    default=[False, True], help="off,on")
     p.add_argument("--precisions", type=parse_words, help="fp32,bf16,fp16 (default fp32 on CPU, fp16,fp32 on CUDA)")
     p.add_argument("--window-batch", type=int, help="sliding windows per forward pass (default 1 CPU, 4 CUDA)")
+    p.add_argument("--threads", type=int, help="intra-op CPU threads (default: torch's, one per core)")
     p.add_argument("--max-case-seconds", type=float, help="skip TTA when 8 x the plain pass exceeds this")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
@@ -118,7 +120,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.window_batch is None:
         args.window_batch = 4 if cuda else 1
     if args.max_case_seconds is None:
-        args.max_case_seconds = 600.0 if cuda or not args.quick else 0.0
+        args.max_case_seconds = 600.0 if cuda else 0.0 if args.quick else 300.0
     return args
 
 
@@ -128,9 +130,10 @@ COLUMNS = ["model", "patch", "overlap", "tta", "precision", "window_batch", "win
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    result = run(args)
-    device = torch.device(result["device"])
-    path = write_result("inference", result, device, args.out)
+    with threads(args.threads):
+        result = run(args)
+        device = torch.device(result["device"])
+        path = write_result("inference", result, device, args.out)
     print_table(result["rows"], COLUMNS, title=f"sliding-window inference per {result['case_shape']} case on {device}")
     print(f"wrote {path}", flush=True)
     return result

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ from benchmarks.common import (
     reset_peak_memory,
     resolve_device,
     synchronize,
+    threads,
     write_result,
 )
 from brats_unet.losses import CombinedLoss, RegionDiceBCELoss
@@ -64,6 +66,7 @@ class Combo:
     compile: bool = False
     norm: str = "none"
     dropout: bool = False  # the preset's dropout rates, or none (the MONAI comparison)
+    threads: int | None = None  # intra-op CPU threads; None: the process setting (--threads)
 
 
 def preset(impl: str, model: str, patch: int, batch: int) -> Combo:
@@ -137,6 +140,11 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 
 def run_combo(combo: Combo, device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
     """Time `steps` optimiser steps after `warmup`; peak memory over all of them."""
+    with threads(combo.threads):
+        return _run_combo(combo, device, steps, warmup)
+
+
+def _run_combo(combo: Combo, device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
     torch.manual_seed(0)
     net, loss_fn, in_ch = build_net(combo)
     net = net.to(device).train()
@@ -173,7 +181,8 @@ def run_combo(combo: Combo, device: torch.device, steps: int, warmup: int) -> di
     step_s = median(measured)
     return {"status": "ok", "warmup_s": [round(t, 4) for t in times[:warmup]],
             "steps_s": [round(t, 4) for t in measured], "step_s": step_s, "steps_per_s": 1 / step_s,
-            "samples_per_s": combo.batch / step_s, "peak_mem_mb": round(mem, 1), "mem_kind": kind}
+            "samples_per_s": combo.batch / step_s, "peak_mem_mb": round(mem, 1), "mem_kind": kind,
+            "threads_used": torch.get_num_threads() if device.type == "cpu" else None}
 
 
 def _at(text: str) -> tuple[str, int, int]:
@@ -200,6 +209,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, Combo]]:
                       for p in args.precisions if p != "fp32"]
         if args.compile:
             items.append(("option", dataclasses.replace(base, compile=True)))
+        items += [("option", dataclasses.replace(base, threads=n)) for n in args.thread_options]
     for model, patch, batch in args.reference_at:
         ref = Combo("ours", model, patch, batch, norm="instance", dropout=False)
         items += [("reference", dataclasses.replace(ref, norm="none")), ("reference", ref),
@@ -235,7 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append({**row, "status": missing})
             continue
         gflops = combo_gflops(combo)
-        row["gflop_fwd"] = round(gflops, 2)
+        row["gflop_fwd"] = float(f"{gflops:.4g}")
         estimate = sec_per_gflop * gflops if sec_per_gflop else None
         row["est_step_s"] = round(estimate, 2) if estimate else None
         if estimate and estimate * (args.warmup + args.steps) > args.max_combo_seconds:
@@ -250,7 +260,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        if row["status"] == "ok" and combo.precision == "fp32" and not combo.compile and combo.impl == "ours":
+        plain = combo.precision == "fp32" and not combo.compile and combo.threads is None and combo.impl == "ours"
+        if row["status"] == "ok" and plain:
             sec_per_gflop = row["step_s"] / gflops  # the largest so far (sorted): closest to what comes next
         rows.append(row)
 
@@ -258,7 +269,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for model, patch, batch in args.memory_probe:
         combo = preset("ours", model, patch, batch)
         print(f"[training] memory probe: {combo}", flush=True)
-        probe = {**dataclasses.asdict(combo), "gflop_fwd": round(combo_gflops(combo), 2)}
+        probe = {**dataclasses.asdict(combo), "gflop_fwd": float(f"{combo_gflops(combo):.4g}")}
         try:
             probe.update(run_combo(combo, device, steps=1, warmup=0))
         except Exception as e:
@@ -272,7 +283,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def reference_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """ours/MONAI step-time ratio per (model, patch, batch) of the reference section (<= 1.0: ours is faster)."""
     out = []
-    plain = {"precision": "fp32", "channels_last": False, "compile": False, "dropout": False}
+    plain = {"precision": "fp32", "channels_last": False, "compile": False, "dropout": False, "threads": None}
     for monai_row in (r for r in rows if r["impl"] == "monai"):
         key = (monai_row["model"], monai_row["patch"], monai_row["batch"])
         ours = {r["norm"]: r for r in rows if r["impl"] == "ours" and (r["model"], r["patch"], r["batch"]) == key
@@ -321,6 +332,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--memory-probe", type=lambda s: [_at(v) for v in parse_words(s)])
     p.add_argument("--channels-last", type=lambda s: s.lower() in ("1", "on", "true", "yes"))
     p.add_argument("--compile", type=lambda s: s.lower() in ("1", "on", "true", "yes"))
+    p.add_argument("--threads", type=int, help="intra-op CPU threads for the whole run (default: torch's)")
+    p.add_argument("--thread-options", type=parse_ints,
+                   help="extra option rows with these thread counts (CPU default 1: does a second thread pay?)")
     p.add_argument("--steps", type=int)
     p.add_argument("--warmup", type=int)
     p.add_argument("--max-combo-seconds", type=float)
@@ -331,32 +345,39 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         defaults = dict(models=["quickstart", "paper"], patches=[64, 128], batches=[1, 2],
                         precisions=["fp32", "bf16", "fp16"], option_at=[("quickstart", 128, 2), ("paper", 128, 2)],
                         reference_at=[("quickstart", 128, 2), ("paper", 128, 2)], memory_probe=[],
-                        channels_last=True, compile=True, steps=20, warmup=5, max_combo_seconds=300.0)
+                        channels_last=True, compile=True, thread_options=[], steps=20, warmup=5,
+                        max_combo_seconds=300.0)
     elif args.quick:
         defaults = dict(models=["quickstart", "paper"], patches=[64], batches=[1, 2], precisions=["fp32", "bf16"],
                         option_at=[("quickstart", 64, 2)], reference_at=[("quickstart", 64, 2)], memory_probe=[],
-                        channels_last=True, compile=False, steps=2, warmup=1, max_combo_seconds=30.0)
+                        channels_last=True, compile=False, thread_options=[1], steps=2, warmup=1,
+                        max_combo_seconds=30.0)
     else:
         defaults = dict(models=["quickstart", "paper"], patches=[64, 128], batches=[1, 2],
                         precisions=["fp32", "bf16"], option_at=[("quickstart", 64, 2)],
                         reference_at=[("quickstart", 64, 2), ("paper", 64, 1)], memory_probe=[("paper", 128, 2)],
-                        channels_last=True, compile=True, steps=3, warmup=1, max_combo_seconds=60.0)
+                        channels_last=True, compile=True, thread_options=[1], steps=3, warmup=1,
+                        max_combo_seconds=60.0)
+    if not cuda:  # the other thread count as an option row: on a small (shared) CPU one thread can win
+        current = args.threads or torch.get_num_threads()
+        defaults["thread_options"] = sorted({1, os.cpu_count() or 1} - {current})
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
 
 
-COLUMNS = ["section", "impl", "model", "norm", "patch", "batch", "precision", "channels_last", "compile", "step_s",
-           "samples_per_s", "peak_mem_mb", "gflop_fwd", "status"]
+COLUMNS = ["section", "impl", "model", "norm", "patch", "batch", "precision", "channels_last", "compile",
+           "threads_used", "step_s", "samples_per_s", "peak_mem_mb", "gflop_fwd", "status"]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    result = run(args)
-    device = torch.device(result["device"])
-    path = write_result("training", result, device, args.out)
-    print_table(result["rows"], COLUMNS, title=f"training steps on {device} ({torch.get_num_threads()} threads)")
+    with threads(args.threads) as n:
+        result = run(args)
+        device = torch.device(result["device"])
+        path = write_result("training", result, device, args.out)  # inside: the machine info shows the run's threads
+    print_table(result["rows"], COLUMNS, title=f"training steps on {device} ({n} threads unless the row says)")
     if result["reference"]:
         print_table(result["reference"], list(result["reference"][0]), title="ours vs MONAI DynUNet (same widths)")
     if result["memory_probe"]:

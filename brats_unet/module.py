@@ -134,7 +134,7 @@ class BratsModule(L.LightningModule):
             )
         logits = outputs if isinstance(outputs, Tensor) else outputs[0]
         n = image.shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
         with torch.no_grad():
             self.log("train/dice", batch_region_dice(self.loss.to_classes(logits), target), prog_bar=True, batch_size=n)
             if self.loss.activation == "softmax":
@@ -173,10 +173,10 @@ class BratsModule(L.LightningModule):
         results = self.val_metrics.compute()
         self.val_metrics.reset()
         for name, value in results.items():
-            self.log(f"val/{name}", value, prog_bar=name == "dice_mean")
+            self.log(f"val/{name}", value, prog_bar=name == "dice_mean", sync_dist=True)  # already synced: no warning
         if not self.trainer.sanity_checking:
             self.best_val_dice = torch.maximum(self.best_val_dice, results["dice_mean"].to(self.best_val_dice))
-            self.log("val/dice_mean_best", self.best_val_dice)
+            self.log("val/dice_mean_best", self.best_val_dice, sync_dist=True)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_metrics)

@@ -30,6 +30,7 @@ from brats_unet.data.labels import LAYOUTS, REGION_NAMES, Layout, classes_from_r
 from brats_unet.data.preprocess import preprocess_case, undo_crop
 from brats_unet.inference import flip_tta, postprocess_et, sliding_window
 from brats_unet.module import BratsModule
+from brats_unet.perf import configure_runtime
 from brats_unet.utils import BratsError, atomic_path, check_writable_output
 
 log = logging.getLogger("brats_unet.predict")
@@ -201,6 +202,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     require(cfg, "ckpt_path", "input", "output", usage="brats-predict ckpt_path=<ckpt> input=<root|case> output=<dir>")
     if cfg.overwrite and cfg.resume:
         raise BratsError("overwrite=true and resume=true contradict each other: pick one")
+    log.info("runtime: %s", configure_runtime(**(cfg.get("runtime") or {})))
     device = resolve_device(str(cfg.device))
     autocast = autocast_for(device, str(cfg.precision))
     module, config = load_model(cfg.ckpt_path)

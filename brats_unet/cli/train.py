@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from brats_unet.cli.common import CONFIG_PATH, user_errors
 from brats_unet.module import BratsModule
+from brats_unet.perf import configure_runtime
 from brats_unet.utils import BratsError, atomic_path, atomic_write_json
 from brats_unet.validation import check_patch_fits, validate_train_config
 
@@ -188,6 +189,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     validate_train_config(cfg)  # seconds, not minutes: before the cache, the model or a worker exists
     check_patch_fits(cfg)
     L.seed_everything(cfg.seed, workers=True)
+    log.info("runtime: %s", configure_runtime(**(cfg.get("runtime") or {})))
     output_dir = Path(cfg.paths.output_dir)
     config = run_config(cfg)
     ckpt_path, checkpoint = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)

@@ -1,0 +1,106 @@
+"""Each benchmark's main at its tiniest setting: it runs, writes JSON with the machine info, and its numbers are
+positive. No timing thresholds: speed depends on the machine."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+# benchmarks/ sits beside the package, not inside it: make the checkout importable when pytest is run from elsewhere.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import data_loading, inference, run_all, training  # noqa: E402
+from benchmarks.common import format_table  # noqa: E402
+
+# One thread: on a small shared VM, tiny ops with 2 threads can be 100x slower (thread wake-ups dominate).
+FAST = ["--threads", "1"]
+MACHINE_KEYS = {"cpu", "cores", "torch", "threads", "device", "device_name", "timestamp"}
+
+
+def _load(path: Path, name: str) -> dict:
+    result = json.loads(path.read_text())
+    assert result["benchmark"] == name
+    assert set(result["machine"]) >= MACHINE_KEYS
+    assert result["machine"]["cores"] > 0 and result["machine"]["threads"] == 1  # --threads 1 was in effect
+    return result
+
+
+def test_training_benchmark_tiny(tmp_path: Path) -> None:
+    training.main(["--device", "cpu", "--models", "tiny", "--patches", "16", "--batches", "1,2", "--steps", "1",
+                   "--warmup", "1", "--precisions", "fp32,bf16", "--option-at", "tiny:16:1", "--reference-at",
+                   "tiny:16:1", "--channels-last", "on", "--compile", "off", "--memory-probe", "",
+                   "--thread-options", "", *FAST, "--out", str(tmp_path)])
+    result = _load(tmp_path / "training-cpu.json", "training")
+    rows = result["rows"]
+    ours = [r for r in rows if r["impl"] == "ours"]
+    # sizes (batch 1, 2) + options (bf16, channels_last, channels_last+bf16) + reference (no norm); the fp32
+    # instance-norm reference row is the batch-1 size row, run once
+    assert len(ours) == 6
+    for r in ours:
+        assert r["status"] == "ok", r
+        assert r["step_s"] > 0 and r["samples_per_s"] > 0 and r["peak_mem_mb"] > 0 and r["gflop_fwd"] > 0
+        assert r["samples_per_s"] == pytest.approx(r["batch"] / r["step_s"])
+        assert r["threads_used"] == 1
+    by_batch = {r["batch"]: r["gflop_fwd"] for r in ours if r["section"] == "size"}
+    assert by_batch[2] == pytest.approx(2 * by_batch[1], rel=0.01)  # FLOPs scale with the batch
+    monai = [r for r in rows if r["impl"] == "monai"]
+    assert len(monai) == 1 and len(result["reference"]) == 1
+    if monai[0]["status"] == "ok":
+        assert result["reference"][0]["ratio_ours_over_monai"] > 0
+    else:
+        assert monai[0]["status"].startswith("monai not installed")
+
+
+def test_training_benchmark_skips_combinations_over_budget(tmp_path: Path) -> None:
+    training.main(["--device", "cpu", "--models", "tiny", "--patches", "16,32", "--batches", "1", "--steps", "1",
+                   "--warmup", "0", "--precisions", "fp32", "--option-at", "", "--reference-at", "",
+                   "--memory-probe", "", "--thread-options", "", "--max-combo-seconds", "0", *FAST,
+                   "--out", str(tmp_path)])
+    rows = _load(tmp_path / "training-cpu.json", "training")["rows"]
+    assert [r["patch"] for r in rows] == [16, 32]
+    assert rows[0]["status"] == "ok"  # nothing measured yet to estimate from: the cheapest always runs
+    assert rows[1]["status"].startswith("skipped: ~") and "--max-combo-seconds 0" in rows[1]["status"]
+    assert rows[1]["est_step_s"] > 0
+
+
+def test_data_loading_benchmark_tiny(tmp_path: Path) -> None:
+    data_loading.main(["--cases", "2", "--shape", "32,32,24", "--samples", "2", "--cached-samples", "3", "--model",
+                       "tiny", "--patch", "16", "--batch", "1", "--num-workers", "0", "--steps", "2",
+                       *FAST, "--out", str(tmp_path)])
+    result = _load(tmp_path / "data_loading-cpu.json", "data_loading")
+    sample, loader = result["per_sample"], result["loader"]
+    assert sample["crop_box"] == [[0, 32], [0, 32], [0, 24]]  # the seed's 128^3 box shrunk to the tiny volume
+    for key in ("raw_s", "cached_open_each_s", "cached_open_once_s", "ratio_raw_over_cached",
+                "ratio_raw_over_cached_open_once"):
+        assert sample[key] > 0, key
+    assert loader["steps"] == 2 and loader["step_s_mean"] > 0 and 0 < loader["wait_pct"] < 100
+
+
+def test_inference_benchmark_tiny(tmp_path: Path) -> None:
+    inference.main(["--device", "cpu", "--model", "tiny", "--shape", "24,24,20", "--patches", "16", *FAST,
+                    "--out", str(tmp_path)])
+    rows = _load(tmp_path / "inference-cpu.json", "inference")["rows"]
+    assert [(r["tta"], r["status"]) for r in rows] == [(False, "ok"), (True, "ok")]
+    # 2 x 2 x 2 windows of 16 with overlap 0.5 (24 = 16 + 8; 20 -> starts 0, 4); TTA runs them for 8 flips
+    assert [r["windows"] for r in rows] == [8, 64]
+    assert all(r["s_per_case"] > 0 for r in rows)
+
+
+def test_inference_benchmark_skips_tta_over_budget(tmp_path: Path) -> None:
+    inference.main(["--device", "cpu", "--model", "tiny", "--shape", "16,16,16", "--patches", "16",
+                    "--max-case-seconds", "0", *FAST, "--out", str(tmp_path)])
+    rows = _load(tmp_path / "inference-cpu.json", "inference")["rows"]
+    assert rows[0]["status"] == "ok" and rows[1]["status"].startswith("skipped: ~")
+
+
+def test_run_all_rejects_unknown_benchmarks(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        run_all.main(["--only", "training,nope"])
+    assert "unknown benchmarks ['nope']" in capsys.readouterr().err
+
+
+def test_format_table_aligns_columns_and_marks_missing_values() -> None:
+    table = format_table([{"a": 1.23456, "b": "x"}, {"a": 12345.6}], ["a", "b"], title="t")
+    assert table.splitlines() == ["t", "a      b", "-----  -", "1.23   x", "12346  -"]
