@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from brats_unet.data.labels import REGION_NAMES, REGIONS
 from brats_unet.inference import sliding_window
 from brats_unet.metrics import BratsMetrics, paper_dice
+from brats_unet.utils import BratsError
 from brats_unet.visualize import case_panel
 
 log = logging.getLogger(__name__)
@@ -136,9 +137,11 @@ class BratsModule(L.LightningModule):
         n = image.shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
         with torch.no_grad():
-            self.log("train/dice", batch_region_dice(self.loss.to_classes(logits), target), prog_bar=True, batch_size=n)
+            dice = batch_region_dice(self.loss.to_classes(logits), target)
+            self.log("train/dice", dice, prog_bar=True, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
             if self.loss.activation == "softmax":
-                self.log("train/dice_paper", paper_dice(self.loss.probabilities(logits), target), batch_size=n)
+                dice_paper = paper_dice(self.loss.probabilities(logits), target)
+                self.log("train/dice_paper", dice_paper, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         return loss
 
     def on_train_epoch_end(self) -> None:
@@ -204,7 +207,10 @@ class BratsModule(L.LightningModule):
         # it spans the whole fit.
         total_steps = getattr(self.scheduler_factory, "keywords", {}).get("total_steps")
         total_steps = total_steps or int(self.trainer.estimated_stepping_batches)
-        scheduler = self.scheduler_factory(optimizer, total_steps=total_steps)
+        try:
+            scheduler = self.scheduler_factory(optimizer, total_steps=total_steps)
+        except ValueError as e:  # e.g. warm-up longer than the whole fit: a config problem, not a crash
+            raise BratsError(f"{e} (this fit has {total_steps} optimizer steps)") from e
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

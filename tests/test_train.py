@@ -112,3 +112,38 @@ def test_multirun_sweep_gives_one_directory_per_job(synthetic_root: Path, cache_
     assert jobs == ["0", "1"]
     for job, alpha in zip(jobs, ("0.25", "0.75"), strict=True):
         assert f"loss.alpha={alpha}" in (sweep / job / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_optuna_search_space_composes() -> None:
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="brats_unet.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["hparams_search=optuna", "experiment=quickstart"], return_hydra_config=True)
+    assert cfg.optimized_metric == "val/dice_mean_best"
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert sweeper.params["model.dropout"] == "interval(0.0, 0.5)"
+
+
+@pytest.mark.slow
+def test_optuna_sweep_runs_trials_and_returns_the_metric(synthetic_root: Path, cache_dir: Path, tmp_path: Path) -> None:
+    overrides = [o for o in tiny_overrides(synthetic_root, cache_dir, tmp_path)
+                 if not o.startswith(("paths.output", "model.dropout"))]
+    sweep = tmp_path / "optuna"
+    cmd = [sys.executable, "-m", "brats_unet.train", "hparams_search=optuna", *overrides, "hydra.sweeper.n_trials=2",
+           "hydra.sweeper.sampler.n_startup_trials=2", "loss.alpha=interval(0.1,0.9)",
+           "loss=combined", "optimized_metric=val/dice_mean", "logger=none", f"hydra.sweep.dir={sweep}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = (sweep / "optimization_results.yaml").read_text()
+    assert "best_value" in best and "loss.alpha" in best and "model.dropout" in best
+
+
+def test_warmup_longer_than_the_fit_is_a_clean_error(train_cfg) -> None:
+    from brats_unet.utils import BratsError
+
+    train_cfg.scheduler.warmup_steps = 50
+    with pytest.raises(BratsError, match=r"scheduler.warmup_steps must be in \[0, total_steps=2\).*2 optimizer steps"):
+        train(train_cfg)
