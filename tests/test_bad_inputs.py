@@ -157,13 +157,16 @@ def test_extra_unknown_files_are_ignored(tmp_path: Path, caplog: pytest.LogCaptu
     (case_dir / "notes.txt").write_text("scanner: 3T\n")
     (case_dir / f"{CASE}_t1_backup.nii.gz").write_bytes(b"junk")
     (root / "README").write_text("a file beside the case folders\n")
-    out = preprocess(preprocess_cfg(root, tmp_path / "cache"))
+    with caplog.at_level("INFO"):
+        out = preprocess(preprocess_cfg(root, tmp_path / "cache"))
     assert sorted(p.name for p in out.iterdir()) == sorted(["config.json", *(f"{CASE}{s}" for s in (".json", "_x.npy",
                                                                                                 "_y.npy"))])
-    # the dataset tools that list cases say what they ignored
+    assert "ignoring 2 unknown files" in caplog.text and f"{CASE}/notes.txt" in caplog.text
+    # the other dataset tools that list cases say what they ignored too
+    caplog.clear()
     with caplog.at_level("INFO"):
         report(compose_cli("report", [f"run={fake_run(tmp_path)}", f"data_root={root}", f"output={tmp_path / 'r'}"]))
-    assert "ignoring 2 extra files" in caplog.text and "notes.txt" in caplog.text
+    assert "ignoring 2 unknown files" in caplog.text and "notes.txt" in caplog.text
 
 
 def test_output_folder_not_writable(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from brats_unet.data.io import case_files, list_case_dirs, load_validated_case, resolve_layout
+from brats_unet.data.io import case_files, list_case_dirs, load_validated_case, note_extra_files, resolve_layout
 from brats_unet.data.labels import CLASS_NAMES, brats_to_classes
 from brats_unet.data.preprocess import preprocess_case
 from brats_unet.utils import BratsError, atomic_save_npy, atomic_write_json, atomic_write_text
@@ -159,6 +159,7 @@ def build_cache(root: str | Path, layout: str, cache_dir: str | Path, preprocess
         if key not in recipe:
             raise BratsError(f"preprocess config has no {key!r} key (got {sorted(recipe)})")
     case_dirs = list_case_dirs(root, layout_obj)
+    note_extra_files(case_dirs, layout_obj)
     out = cache_path(cache_dir, layout_obj.name, root, recipe)
     done = set() if check_only else set(cached_cases(out))
     todo = [_Task(d, layout_obj.name, recipe, None if check_only else out) for d in case_dirs if d.name not in done]

@@ -121,12 +121,20 @@ def case_files(case_dir: str | Path, layout: Layout | str, require_seg: bool = T
 def find_cases(root: str | Path, layout: Layout | str, require_seg: bool = True) -> list[CaseFiles]:
     """All cases under `root`, sorted by case name. Unknown extra files are ignored (logged once)."""
     layout = resolve_layout(layout)
-    cases = [case_files(d, layout, require_seg) for d in list_case_dirs(root, layout)]
-    known = {p.name for c in cases for p in (*c.images.values(), c.seg) if p is not None}
-    extras = sorted(p.name for c in cases for p in (Path(root) / c.case).iterdir() if p.name not in known)
+    dirs = list_case_dirs(root, layout)
+    note_extra_files(dirs, layout)
+    return [case_files(d, layout, require_seg) for d in dirs]
+
+
+def note_extra_files(case_dirs: list[Path], layout: Layout) -> list[str]:
+    """Log (once) files in case folders that are no modality or seg of `layout`: they are ignored, not an error."""
+    def known(d: Path) -> set[str]:
+        return {f"{d.name}{layout.separator}{suffix}{ext}" for suffix in layout.suffixes.values() for ext in EXTENSIONS}
+
+    extras = sorted(f"{d.name}/{p.name}" for d in case_dirs for p in d.iterdir() if p.name not in known(d))
     if extras:
-        log.info("ignoring %d extra files under %s (e.g. %s)", len(extras), root, ", ".join(extras[:3]))
-    return cases
+        log.warning("ignoring %d unknown files in case folders (e.g. %s)", len(extras), ", ".join(extras[:3]))
+    return extras
 
 
 def _why(e: BaseException, path: Path) -> str:
