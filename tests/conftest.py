@@ -31,10 +31,15 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def compose_train(overrides: list[str]) -> DictConfig:
+def compose_cli(name: str, overrides: list[str]) -> DictConfig:
+    """The config an entry point (`train`, `predict`, `evaluate`, ...) would get for these overrides."""
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="brats_unet.conf", version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+        return compose(config_name=name, overrides=overrides)
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    return compose_cli("train", overrides)
 
 
 def tiny_overrides(root: Path, cache: Path, out: Path, preprocess: str = "modern") -> list[str]:

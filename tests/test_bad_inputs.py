@@ -20,9 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import compose_train, tiny_overrides
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
+from conftest import compose_cli, compose_train, tiny_overrides
 from omegaconf import DictConfig
 
 from brats_unet.cli import synth
@@ -37,12 +35,6 @@ from brats_unet.utils import BratsError, atomic_save_npy
 VENV_BIN = Path(__file__).parents[1] / ".venv" / "bin"
 SHAPE = (32, 32, 32)
 CASE = "BraTS2021_00000"
-
-
-def compose_cli(name: str, overrides: list[str]) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="brats_unet.conf", version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
 
 
 def one_case(tmp_path: Path, name: str = "root") -> tuple[Path, Path]:

@@ -16,10 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import compose_train, tiny_overrides
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
+from conftest import compose_cli, compose_train, tiny_overrides
 
 from brats_unet.cli.preprocess import preprocess
 from brats_unet.cli.train import build_module, run_config, train, warn_config_changes
@@ -62,12 +59,6 @@ def kill_when(tool: str, args: list[str], cwd: Path, ready: Callable[[], bool], 
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
-
-
-def compose_cli(name: str, overrides: list[str]) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="brats_unet.conf", version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
 
 
 def visible(folder: Path) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from test_predict import compose_cli
+from conftest import compose_cli
 
 from brats_unet.cli.evaluate import CSV_COLUMNS, evaluate
 from brats_unet.metrics import HD95_EMPTY

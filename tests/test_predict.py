@@ -11,10 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import compose_train, tiny_overrides
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
+from conftest import compose_cli, compose_train, tiny_overrides
 
 from brats_unet.cli.predict import decode, predict
 from brats_unet.cli.train import build_module, run_config
@@ -24,12 +21,6 @@ from brats_unet.utils import BratsError
 
 VENV_BIN = Path(__file__).parents[1] / ".venv" / "bin"
 SEED_BOX = ((8, 56), (8, 56), (8, 40))  # conftest's TINY_SEED_CROP
-
-
-def compose_cli(name: str, overrides: list[str]) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="brats_unet.conf", version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
 
 
 def save_checkpoint(path: Path, preprocess: str, extra: list[str], et_everywhere: bool = False) -> Path:

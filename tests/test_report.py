@@ -12,9 +12,7 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
-from conftest import compose_train, tiny_overrides
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
+from conftest import compose_cli, compose_train, tiny_overrides
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
@@ -32,9 +30,7 @@ from brats_unet.utils import BratsError
 
 
 def compose_report(overrides: list[str]) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="brats_unet.conf", version_base="1.3"):
-        return compose(config_name="report", overrides=overrides)
+    return compose_cli("report", overrides)
 
 
 def write_events(run: Path, scalars: dict[str, list[tuple[int, float]]], echo: dict[str, float] | None = None) -> None:
