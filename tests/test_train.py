@@ -147,3 +147,12 @@ def test_warmup_longer_than_the_fit_is_a_clean_error(train_cfg) -> None:
     train_cfg.scheduler.warmup_steps = 50
     with pytest.raises(BratsError, match=r"scheduler.warmup_steps must be in \[0, total_steps=2\).*2 optimizer steps"):
         train(train_cfg)
+
+
+def test_unet2d_trains_on_axial_slices_through_the_same_pipeline(train_cfg) -> None:
+    cfg = compose_train([*tiny_overrides(Path(train_cfg.data.root), Path(train_cfg.paths.cache_dir),
+                                         Path(train_cfg.paths.output_dir)), "model=unet2d", "model.filters=[4,8,16]",
+                         "model.dropout=0.0", "debug=fast_dev_run"])
+    assert cfg.model._target_.endswith("UNet2D")
+    metrics = train(cfg)
+    assert 0.0 <= metrics["val/dice_mean"] <= 1.0
