@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= outputs/demo
 
-.PHONY: install demo test lint bench clean-demo
+.PHONY: install demo test bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
