@@ -38,14 +38,17 @@ def batch_region_dice(pred: Tensor, target: Tensor) -> Tensor:
     return torch.stack(scores).float().mean()
 
 
-def batch_spacing(batch: dict[str, Any]) -> tuple[float, ...]:
-    """Voxel spacing of the first case in a collated batch (validation batches hold one case)."""
+def batch_spacing(batch: dict[str, Any]) -> Tensor | tuple[float, ...]:
+    """Voxel spacing of every case in a collated batch, (B, 3); (1, 1, 1) for all when the batch has none.
+
+    Per case, not the first case's for all: HD95 is in mm, so a batch mixing spacings must not share one.
+    """
     spacing = batch.get("spacing")
     if spacing is None:
         return (1.0, 1.0, 1.0)
     if isinstance(spacing, Tensor):  # collated from a (3,) array per case -> (B, 3)
-        return tuple(float(v) for v in spacing[0])
-    return tuple(float(torch.as_tensor(v).flatten()[0]) for v in spacing)  # collated from a list -> 3 x (B,)
+        return spacing
+    return torch.stack([torch.as_tensor(v).flatten() for v in spacing], dim=1)  # collated from a list: 3 x (B,)
 
 
 class BratsModule(L.LightningModule):

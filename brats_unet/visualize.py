@@ -22,6 +22,11 @@ def overlay(image: np.ndarray, classes: np.ndarray, alpha: float = 0.45) -> np.n
     return np.where(mask, (1 - alpha) * grey + alpha * colours, grey)
 
 
+def slice_view(volume: np.ndarray, index: int, axis: int) -> np.ndarray:
+    """Slice `index` along `axis` of a 3D array, shown radiologically: rows = the second remaining axis, flipped up."""
+    return np.take(volume, index, axis=axis).T[::-1]
+
+
 def tumour_slice(classes: np.ndarray, axis: int = 2) -> int:
     """Index along `axis` of the slice with the most tumour (the middle slice if there is none)."""
     other = tuple(a for a in range(classes.ndim) if a != axis)
@@ -35,7 +40,10 @@ def case_panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, axis: int
     The slice is the one with the most true tumour along `axis` (2 = axial). Returns RGB (H, W * (C + 2), 3).
     """
     index = tumour_slice(truth, axis)
-    take = lambda a: np.take(a, index, axis=axis).T[::-1]  # noqa: E731 - radiological view: rows = y, flipped up
+
+    def take(volume: np.ndarray) -> np.ndarray:
+        return slice_view(volume, index, axis)
+
     channels = [np.repeat(to_unit(take(c))[..., None], 3, axis=-1) for c in image]
     base = take(image[-1])  # last channel: FLAIR in both presets, where the whole tumour shows best
     tiles = [*channels, overlay(base, take(truth)), overlay(base, take(pred))]

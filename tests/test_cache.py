@@ -64,6 +64,11 @@ def test_cache_key_stable_and_sensitive(tmp_path, monkeypatch):
     assert cache_key("brats2023", tmp_path, MODERN) != key
     assert cache_key("brats2021", tmp_path / "x", MODERN) != key
     assert cache_key("brats2021", tmp_path, {**MODERN, "foreground_channel": True}) != key
+    # Every recipe field that changes the stored arrays changes the key: storage type, channel order, crop box.
+    assert cache_key("brats2021", tmp_path, {**MODERN, "dtype": "float32"}) != key
+    assert cache_key("brats2021", tmp_path, {**MODERN, "modalities": MODERN["modalities"][::-1]}) != key
+    assert cache_key("brats2021", tmp_path, SEED) != cache_key("brats2021", tmp_path, {**SEED, "crop_box":
+                                                                                       [[2, 18], [2, 18], [1, 16]]})
     assert cache_path("c", "brats2021", tmp_path, MODERN) == Path("c") / f"modern-{key}"
 
 
@@ -123,9 +128,27 @@ def test_finished_cases_skipped_partial_case_completed(root, tmp_path):
 def test_worker_pool(root, tmp_path):
     serial = build_cache(root, "brats2021", tmp_path / "a", SEED, num_workers=0, progress=False)
     pooled = build_cache(root, "brats2021", tmp_path / "b", SEED, num_workers=2, progress=False)
+    assert cached_cases(pooled) == cached_cases(serial) == ["BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002"]
     for case in cached_cases(serial):
-        np.testing.assert_array_equal(load_cached(serial, case)[0], load_cached(pooled, case)[0])
-    assert cached_cases(pooled) == cached_cases(serial)
+        (xs, ys, ms), (xp, yp, mp) = load_cached(serial, case), load_cached(pooled, case)
+        np.testing.assert_array_equal(xs, xp)
+        np.testing.assert_array_equal(ys, yp)
+        assert ms == mp  # including the seeded foreground sample
+
+
+def test_values_that_overflow_the_storage_dtype_are_refused(root, tmp_path):
+    raw = {**MODERN, "name": "raw", "normalize": "none"}
+    out = build_cache(root, "brats2021", tmp_path / "ok", raw, num_workers=0, progress=False)
+    assert load_cached(out, "BraTS2021_00000")[0].max() == 1049.0  # raw flair tops out at 899 + 50 * 3: fits
+    big = np.zeros(SHAPE, np.float32)
+    big[3:17, 4:15, 2:14] = 70000.0  # beyond float16's largest finite value, 65504
+    nib.save(nib.Nifti1Image(big, np.eye(4)), root / "BraTS2021_00001" / "BraTS2021_00001_t2.nii.gz")
+    with pytest.raises(BratsError, match=r"^BraTS2021_00001: preprocessed values up to 70000 do not fit "
+                                         r"preprocess\.dtype float16; use float32"):
+        build_cache(root, "brats2021", tmp_path / "bad", raw, num_workers=0, progress=False)
+    out = build_cache(root, "brats2021", tmp_path / "f32", {**raw, "dtype": "float32"}, num_workers=0,
+                      progress=False)
+    assert load_cached(out, "BraTS2021_00001")[0][2].max() == 70000.0
 
 
 def _break_case(root: Path) -> None:

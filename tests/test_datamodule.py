@@ -128,6 +128,21 @@ def test_train_batches_have_patch_shapes_and_dtypes(tiny_cache):
     assert set(torch.unique(b["label"]).tolist()) <= {0, 1, 2, 3}
 
 
+def test_train_patches_are_aligned_windows_of_the_cached_case(tiny_cache):
+    dm = _dm(tiny_cache, augment=None, steps_per_epoch=6)
+    n = 0
+    for b in dm.train_dataloader():
+        for image, label, case in zip(b["image"], b["label"], b["case"], strict=True):
+            x, y, _ = cache.load_cached(tiny_cache["folder"], case, mmap=False)
+            # The 8^3 patch fits 5 x 3 x 1 ways into the 12 x 10 x 8 volume: find where image and label came from.
+            hits = [(i, j) for i in range(5) for j in range(3)
+                    if np.array_equal(image.numpy(), x[:, i:i + 8, j:j + 8].astype(np.float32))
+                    and np.array_equal(label.numpy(), y[i:i + 8, j:j + 8])]
+            assert len(hits) == 1, f"{case}: patch is not one aligned window of the cached volume"
+            n += 1
+    assert n == 12
+
+
 def test_samples_per_epoch_defaults_to_one_patch_per_training_case(tiny_cache):
     dm = _dm(tiny_cache, batch_size=3)
     assert dm.samples_per_epoch == 4 and len(dm.train_dataloader()) == 1  # drop_last: 4 patches -> 1 batch of 3

@@ -16,6 +16,7 @@ from brats_unet.data.io import (
     find_cases,
     load_case,
     load_nifti,
+    load_validated_case,
     save_nifti,
     validate_case,
 )
@@ -184,7 +185,16 @@ def test_valid_cases_pass(tmp_path):
     write_case(tmp_path, "BraTS2021_00000")
     write_case(tmp_path, "BraTS-GLI-00000-000", layout="brats2023")
     validate_case(case_files(tmp_path / "BraTS2021_00000", "brats2021"), "brats2021")
-    validate_case(case_files(tmp_path / "BraTS-GLI-00000-000", "brats2023"), "brats2023")
+    files = case_files(tmp_path / "BraTS-GLI-00000-000", "brats2023")
+    validate_case(files, "brats2023")
+    # The cache builder's single read returns exactly what was written, and the same meta as load_case.
+    images, seg, meta = load_validated_case(files, "brats2023", ["t2", "t1"])
+    expected, expected_seg = make_arrays(et_label=3)
+    assert list(images) == ["t1", "t2"] and images["t2"].dtype == np.float32
+    np.testing.assert_array_equal(images["t2"], expected["t2"])
+    np.testing.assert_array_equal(seg, expected_seg)
+    assert meta == load_case(files, list(MODALITIES))[2]
+    assert meta["files"]["seg"] == str(tmp_path / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-seg.nii.gz")
 
 
 def test_shape_differs(tmp_path):
@@ -229,11 +239,26 @@ def test_labels_outside_allowed_set(tmp_path):
 
 def test_float_labels(tmp_path):
     seg = make_arrays()[1].astype(np.float32)
-    validate_case(bad_case(tmp_path, "seg", seg, case="BraTS2021_00007"), "brats2021")  # integer-valued floats: fine
+    files = bad_case(tmp_path, "seg", seg, case="BraTS2021_00007")
+    validate_case(files, "brats2021")  # integer-valued floats: fine
+    _, labels, _ = load_validated_case(files, "brats2021", [])
+    assert np.issubdtype(labels.dtype, np.integer)
+    np.testing.assert_array_equal(labels, make_arrays()[1])
     seg[5, 5, 5] = 0.5
     with pytest.raises(BratsError, match=r"BraTS2021_00003_seg\.nii\.gz: label map holds non-integer values "
                                          r"\(e\.g\. 0\.5\)"):
         validate_case(bad_case(tmp_path, "seg", seg), "brats2021")
+
+
+def test_float_labels_too_large_for_int16_are_not_wrapped_into_valid_ones(tmp_path):
+    seg = make_arrays()[1].astype(np.float32)
+    seg[0, 0, 0] = 65540.0  # int16 would wrap this to 4: ET in BraTS 2021
+    files = bad_case(tmp_path, "seg", seg)
+    with pytest.raises(BratsError, match=r"^BraTS2021_00003: BraTS2021_00003_seg\.nii\.gz: label map holds values "
+                                         r"far outside the BraTS labels \(e\.g\. 65540\.0\)$"):
+        validate_case(files, "brats2021")
+    with pytest.raises(BratsError, match=r"BraTS2021_00003_seg\.nii\.gz: label map holds values far outside"):
+        load_case(files, [])
 
 
 def test_load_case(tmp_path):

@@ -9,6 +9,7 @@ from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 from brats_unet.metrics import HD95_EMPTY, BratsMetrics, _surface_distances, case_metrics, dice, hd95, paper_dice
+from brats_unet.module import batch_spacing
 
 
 def _mask(shape, *voxels):
@@ -165,6 +166,19 @@ def test_brats_metrics_without_hd95_and_with_spacing():
         with_hd.update(torch.from_numpy(pred[None]), torch.from_numpy(truth[None]), spacing=(1.0, 1.0))
     with pytest.raises(ValueError, match="equal shape"):
         with_hd.update(torch.from_numpy(pred[None]), torch.from_numpy(truth))
+
+
+def test_each_case_gets_its_own_spacing():
+    # The same ET miss-by-one-voxel along z (see test_case_metrics_keys_and_values) in 2 mm and in 0.5 mm slices.
+    pred, truth = _class_maps()
+    spacing = torch.tensor([[1.0, 1.0, 2.0], [1.0, 1.0, 0.5]], dtype=torch.float64)
+    metric = BratsMetrics()
+    metric.update(torch.from_numpy(np.stack([pred, pred])), torch.from_numpy(np.stack([truth, truth])),
+                  spacing=batch_spacing({"spacing": spacing}))
+    assert metric.per_case()["hd95_et"].tolist() == pytest.approx([2.0, 0.5])
+    # The module reads (B, 3) tensors as collated, 3 x (B,) lists transposed back, and no spacing as 1 mm.
+    assert torch.equal(batch_spacing({"spacing": list(spacing.T)}), spacing)
+    assert batch_spacing({}) == (1.0, 1.0, 1.0)
 
 
 # ---------------------------------------------------------------- paper_dice

@@ -93,8 +93,13 @@ def test_foreground_fraction_sets_the_share_of_tumour_patches():
 
 def test_foreground_oversampling_without_tumour_falls_back_to_uniform():
     empty = np.zeros((0, 3), dtype=np.int16)
-    start = choose_patch_start((10, 10, 10), (4, 4, 4), np.random.default_rng(0), empty, foreground_fraction=1.0)
-    assert all(0 <= s <= 6 for s in start)
+    for seed in range(20):
+        start = choose_patch_start((10, 10, 10), (4, 4, 4), np.random.default_rng(seed), empty, 1.0)
+        # The forcing gate is still drawn (so later draws do not depend on the fraction), then a uniform origin.
+        expected = np.random.default_rng(seed)
+        expected.random()
+        assert start == random_patch_start((10, 10, 10), (4, 4, 4), expected)
+        assert choose_patch_start((10, 10, 10), (4, 4, 4), np.random.default_rng(seed), None, 0.0) == start
 
 
 def test_patch_sampler_is_a_function_of_seed_and_epoch():
@@ -141,5 +146,7 @@ def test_patch_sampler_under_lightning_ddp_wrapper_shards_the_same_sequence():
 
 
 def test_patch_sampler_rejects_empty_inputs():
-    with pytest.raises(ValueError, match="num_cases must be positive"):
+    with pytest.raises(ValueError, match="num_cases must be positive, got 0"):
         PatchSampler(0, 4)
+    with pytest.raises(ValueError, match="samples_per_epoch must be positive, got 0"):
+        PatchSampler(4, 0)

@@ -206,7 +206,10 @@ def test_cli_writes_2023_layout_and_reports_folder(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[1/1] BraTS-GLI-00000-000: written" in out
     assert f"1 synthetic cases in {(tmp_path / 'syn').resolve()}" in out
-    assert (tmp_path / "syn" / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-seg.nii.gz").exists()
+    seg = nib.load(tmp_path / "syn" / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-seg.nii.gz")
+    expected = S.make_case(S.case_rng(0, 0), (32, 32, 24))[1]  # BraTS 2021 labels: ET 4 becomes 3 in 2023
+    np.testing.assert_array_equal(np.asarray(seg.dataobj), np.where(expected == 4, 3, expected))
+    np.testing.assert_allclose(seg.header.get_zooms(), (7.5, 7.5, 155 / 24))
 
 
 @pytest.mark.parametrize(("args", "message"), [

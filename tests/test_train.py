@@ -14,6 +14,7 @@ from conftest import compose_train, tiny_overrides
 from torch import nn
 
 from brats_unet.cli.train import build_module, train
+from brats_unet.metrics import HD95_EMPTY
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
 
@@ -61,7 +62,16 @@ def test_fast_dev_run_trains_and_validates(train_cfg) -> None:
                                          Path(train_cfg.paths.output_dir)), "debug=fast_dev_run"])
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss_step"]))
-    assert 0.0 <= metrics["val/dice_mean"] <= 1.0
+    assert_region_metrics(metrics)
+
+
+def assert_region_metrics(metrics: dict[str, float]) -> None:
+    """Every BraTS region metric was logged, in range, and val/dice_mean is the mean of the three region Dice."""
+    dices = [metrics[f"val/dice_{r}"] for r in ("wt", "tc", "et")]
+    assert all(0.0 <= d <= 1.0 for d in dices), dices
+    assert metrics["val/dice_mean"] == pytest.approx(sum(dices) / 3, abs=1e-6)
+    hd95 = [metrics[f"val/hd95_{r}"] for r in ("wt", "tc", "et") if f"val/hd95_{r}" in metrics]  # off in tiny runs
+    assert all(0.0 <= h <= HD95_EMPTY for h in hd95), hd95
 
 
 @pytest.mark.slow
@@ -155,4 +165,4 @@ def test_unet2d_trains_on_axial_slices_through_the_same_pipeline(train_cfg) -> N
                          "model.dropout=0.0", "debug=fast_dev_run"])
     assert cfg.model._target_.endswith("UNet2D")
     metrics = train(cfg)
-    assert 0.0 <= metrics["val/dice_mean"] <= 1.0
+    assert_region_metrics(metrics)

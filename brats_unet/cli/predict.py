@@ -26,7 +26,7 @@ from tqdm import tqdm
 from brats_unet.cli.common import CONFIG_PATH, read_split, require, user_errors
 from brats_unet.cli.train import build_module, load_checkpoint, weight_mismatches
 from brats_unet.data import io
-from brats_unet.data.labels import LAYOUTS, REGION_NAMES, Layout, classes_from_regions, classes_to_brats
+from brats_unet.data.labels import CLASS_NAMES, LAYOUTS, REGION_NAMES, Layout, classes_from_regions, classes_to_brats
 from brats_unet.data.preprocess import preprocess_case, undo_crop
 from brats_unet.inference import flip_tta, postprocess_et, sliding_window
 from brats_unet.module import BratsModule
@@ -152,7 +152,7 @@ def decode(probs: np.ndarray, activation: str) -> tuple[np.ndarray, np.ndarray]:
     """(internal classes uint8, ET probability) from softmax class or sigmoid region probabilities."""
     if activation == "sigmoid":
         return classes_from_regions(probs > 0.5), probs[REGION_NAMES.index("et")]
-    return probs.argmax(0).astype(np.uint8), probs[3]
+    return probs.argmax(0).astype(np.uint8), probs[CLASS_NAMES.index("et")]
 
 
 def output_header(reference: Path, dtype: type) -> nib.Nifti1Header:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from brats_unet.cli.common import CONFIG_PATH, user_errors
 from brats_unet.data.io import EXTENSIONS, find_cases, load_case, load_nifti, resolve_layout
 from brats_unet.data.labels import brats_to_classes
+from brats_unet.plots import plot_ablation, plot_class_distribution, plot_curves, plot_lr, plot_overlays, save_figure
 from brats_unet.report import (
     ablation_table,
     find_jobs,
@@ -26,15 +27,9 @@ from brats_unet.report import (
     format_markdown,
     is_run,
     override_columns,
-    plot_ablation,
-    plot_class_distribution,
-    plot_curves,
-    plot_lr,
-    plot_overlays,
     read_metrics,
     read_overrides,
     read_scalars,
-    save_figure,
     varying_keys,
 )
 from brats_unet.utils import BratsError, atomic_write_text, check_writable_output

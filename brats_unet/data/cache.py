@@ -36,12 +36,12 @@ FOREGROUND_SAMPLE = 10_000
 _RESERVED = {"config", "bad_cases"}
 
 
-def _plain(obj: Any) -> Any:
-    """DictConfig/ListConfig/tuples -> dicts and lists, so hashing and JSON see the same thing."""
+def to_plain(obj: Any) -> Any:
+    """DictConfig/ListConfig/tuples -> dicts and lists (interpolations resolved): hashing and JSON see the same."""
     if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {str(k): to_plain(v) for k, v in obj.items()}
     if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
-        return [_plain(v) for v in obj]
+        return [to_plain(v) for v in obj]
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
@@ -50,7 +50,7 @@ def _plain(obj: Any) -> Any:
 def cache_key(layout: str, root: str | Path, preprocess: Mapping) -> str:
     """Short stable hash (12 hex) of the layout, the resolved absolute data root and the preprocess recipe."""
     payload = {"version": CACHE_VERSION, "layout": str(layout), "root": str(Path(root).expanduser().resolve()),
-               "preprocess": _plain(preprocess)}
+               "preprocess": to_plain(preprocess)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -110,6 +110,12 @@ def _process(task: _Task) -> tuple[str, str | None]:
     except BratsError as e:
         message = str(e)
         return case, message if message.startswith(case) else f"{case}: {message}"
+    dtype = np.dtype(p.get("dtype", "float32"))
+    with np.errstate(over="ignore"):  # reported below with the case name instead of a bare RuntimeWarning
+        x_stored = x.astype(dtype, copy=False)
+    if not np.all(np.isfinite(x_stored)):  # x is finite, so the storage type overflowed (float16 tops out at 65504)
+        raise BratsError(f"{case}: preprocessed values up to {float(np.abs(x).max()):.6g} do not fit "
+                         f"preprocess.dtype {dtype}; use float32 or a normalising recipe")
     if task.out is None:
         return case, None
     counts = np.bincount(brats_to_classes(seg, layout.et_label).ravel(), minlength=len(CLASS_NAMES))
@@ -119,11 +125,11 @@ def _process(task: _Task) -> tuple[str, str | None]:
         "affine": load_meta["affine"],
         "spacing": load_meta["spacing"],
         "source_files": load_meta["files"],
-        "dtype": str(np.dtype(p.get("dtype", "float32"))),
+        "dtype": str(dtype),
         "class_voxels": {name: int(n) for name, n in zip(CLASS_NAMES, counts, strict=True)},
         "foreground_coords_sample": foreground_sample(y, case),
     }
-    atomic_save_npy(task.out / f"{case}_x.npy", x.astype(meta["dtype"], copy=False))
+    atomic_save_npy(task.out / f"{case}_x.npy", x_stored)
     atomic_save_npy(task.out / f"{case}_y.npy", y.astype(np.uint8, copy=False))
     # Last: the done marker. Compact, since indenting 10k coordinate triples would triple its size.
     atomic_write_text(task.out / f"{case}.json", json.dumps(meta, separators=(",", ":")))
@@ -154,7 +160,7 @@ def build_cache(root: str | Path, layout: str, cache_dir: str | Path, preprocess
     validates every case (done or not) and writes nothing.
     """
     layout_obj = resolve_layout(layout)
-    recipe = _plain(preprocess)
+    recipe = to_plain(preprocess)
     for key in ("name", "modalities", "normalize", "crop"):
         if key not in recipe:
             raise BratsError(f"preprocess config has no {key!r} key (got {sorted(recipe)})")

@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from brats_unet.data import cache, io
@@ -26,14 +26,6 @@ from brats_unet.data.transforms import Augment, build_augment
 from brats_unet.utils import BratsError, atomic_write_json
 
 log = logging.getLogger(__name__)
-
-
-def _plain(cfg: Mapping | DictConfig | None) -> dict:
-    if cfg is None:
-        return {}
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return dict(cfg)
 
 
 def _count(fraction: float, n: int) -> int:
@@ -204,7 +196,7 @@ class BratsDataModule(L.LightningDataModule):
         if steps_per_epoch is not None and steps_per_epoch <= 0:
             raise BratsError(f"data.steps_per_epoch must be positive or null, got {steps_per_epoch}")
         self.root, self.layout, self.cache_dir = Path(root), layout, Path(cache_dir)
-        self.preprocess, self.augment_cfg = _plain(preprocess), _plain(augment)
+        self.preprocess, self.augment_cfg = cache.to_plain(preprocess), cache.to_plain(augment or {})
         if not self.preprocess.get("modalities") or "name" not in self.preprocess:
             raise BratsError(f"preprocess config needs 'name' and a non-empty 'modalities' list, got {preprocess!r}")
         self.patch_size = tuple(int(p) for p in patch)

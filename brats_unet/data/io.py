@@ -202,7 +202,22 @@ def _as_labels(seg: np.ndarray) -> np.ndarray:
     if frac.any():
         example = float(seg[frac].flat[0])
         raise _Problem(f"label map holds non-integer values (e.g. {example}); expected integer BraTS labels")
+    # Checked before the cast: int16 wraps larger values (65540.0 becomes 4, i.e. ET in BraTS 2021).
+    limit = np.iinfo(np.int16)
+    huge = (seg < limit.min) | (seg > limit.max)
+    if huge.any():
+        raise _Problem(f"label map holds values far outside the BraTS labels (e.g. {float(seg[huge].flat[0])})")
     return seg.astype(np.int16)
+
+
+def _meta(affine: np.ndarray, shape: Sequence[int], header: nib.Nifti1Header, files: dict[str, Path]) -> dict:
+    """The case geometry every consumer needs (JSON-ready): affine, shape, voxel spacing (mm) and source files."""
+    return {
+        "affine": np.asarray(affine).tolist(),
+        "shape": [int(s) for s in shape],
+        "spacing": [float(z) for z in header.get_zooms()[:3]],
+        "files": {k: str(p) for k, p in files.items()},
+    }
 
 
 def _check_case(files: CaseFiles, layout: Layout, atol: float, keep: Sequence[str]) -> tuple[dict, np.ndarray | None,
@@ -243,13 +258,7 @@ def _check_case(files: CaseFiles, layout: Layout, atol: float, keep: Sequence[st
                 images[key] = data.astype(np.float32, copy=False)
         except _Problem as e:
             raise BratsError(f"{case}: {path.name}: {e}") from e
-    meta = {
-        "affine": ref_affine.tolist(),
-        "shape": [int(s) for s in ref_shape],
-        "spacing": [float(z) for z in ref_header.get_zooms()[:3]],
-        "files": {k: str(p) for k, p in entries},
-    }
-    return images, seg, meta
+    return images, seg, _meta(ref_affine, ref_shape, ref_header, dict(entries))
 
 
 def validate_case(files: CaseFiles, layout: Layout | str, atol: float = 1e-3) -> None:
@@ -287,10 +296,5 @@ def load_case(files: CaseFiles, modalities: Sequence[str]) -> tuple[dict[str, np
     if affine is None:
         raise BratsError(f"{files.case}: nothing to load (no modalities requested and no seg)")
     shape = next(iter(images.values())).shape if images else seg.shape
-    meta = {
-        "affine": affine.tolist(),
-        "shape": [int(s) for s in shape],
-        "spacing": [float(z) for z in header.get_zooms()[:3]],
-        "files": {m: str(files.images[m]) for m in modalities} | ({"seg": str(files.seg)} if files.seg else {}),
-    }
-    return images, seg, meta
+    paths = {m: files.images[m] for m in modalities} | ({"seg": files.seg} if files.seg else {})
+    return images, seg, _meta(affine, shape, header, paths)

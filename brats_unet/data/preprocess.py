@@ -125,7 +125,7 @@ def preprocess_case(images: dict[str, np.ndarray], seg: np.ndarray | None, *, mo
             raise BratsError("preprocess.crop is 'fixed' but preprocess.crop_box is not set")
         box = _check_box(crop_box, shape)
     elif crop == "nonzero":
-        box = nonzero_bbox(volumes)
+        box = nonzero_bbox([brain])  # the same union of non-zero voxels the z-score used
     else:
         box = [[0, s] for s in shape]
 

@@ -18,6 +18,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from brats_unet.data.labels import MODALITIES, get_layout
+from brats_unet.data.preprocess import nonzero_bbox
 from brats_unet.utils import BratsError, atomic_path
 
 FULL_SHAPE = (240, 240, 155)
@@ -157,7 +158,7 @@ def render_images(rng: np.random.Generator, tissue: np.ndarray) -> dict[str, np.
     """int16 images per canonical modality: per-case contrasts, texture, partial-volume blur, bias and Rician noise."""
     shape = tissue.shape
     brain_full = tissue > BG
-    box = _nonzero_box(brain_full)
+    box = tuple(slice(a, b) for a, b in nonzero_bbox([brain_full]))
     t = tissue[box]
     brain = t > BG
     mm = np.array(FULL_SHAPE, np.float32) / np.array(shape, np.float32)
@@ -185,14 +186,6 @@ def render_images(rng: np.random.Generator, tissue: np.ndarray) -> dict[str, np.
         out[box] = crop
         images[name] = out
     return images
-
-
-def _nonzero_box(mask: np.ndarray) -> tuple[slice, ...]:
-    out = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        out.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(out)
 
 
 def physical_spacing(shape: Sequence[int]) -> list[float]:
