@@ -196,7 +196,7 @@ def test_input_errors(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(BratsError, match=r"cannot create output folder .*file/sub"):
         S.write_dataset(tmp_path / "file" / "sub", cases=1, seed=0, shape=SMALL)
-    with pytest.raises(ValueError, match="unknown data layout 'brats2019'"):
+    with pytest.raises(BratsError, match="unknown data layout 'brats2019'"):
         S.write_dataset(tmp_path, cases=1, seed=0, layout="brats2019", shape=SMALL)
 
 

@@ -42,10 +42,6 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
-def get_layout(name: str) -> Layout:
-    if name not in LAYOUTS:
-        raise ValueError(f"unknown data layout {name!r}; choose one of {sorted(LAYOUTS)}")
-    return LAYOUTS[name]
 
 
 def allowed_labels(et_label: int) -> tuple[int, ...]:

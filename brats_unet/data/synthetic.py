@@ -17,7 +17,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from brats_unet.data.labels import MODALITIES, get_layout
+from brats_unet.data.io import resolve_layout
+from brats_unet.data.labels import MODALITIES
 from brats_unet.data.preprocess import nonzero_bbox
 from brats_unet.utils import BratsError, atomic_path
 
@@ -208,7 +209,7 @@ def make_case(
 
 def case_name(layout: str, index: int) -> str:
     """Folder name of case `index` as the release names it (BraTS2021_00000, BraTS-GLI-00000-000)."""
-    return f"BraTS2021_{index:05d}" if get_layout(layout).name == "brats2021" else f"BraTS-GLI-{index:05d}-000"
+    return f"BraTS2021_{index:05d}" if resolve_layout(layout).name == "brats2021" else f"BraTS-GLI-{index:05d}-000"
 
 
 def case_rng(seed: int, index: int) -> np.random.Generator:
@@ -261,7 +262,7 @@ def _case_done(folder: Path, files: dict[str, Path], tag: bytes, shape: tuple[in
 def _write_case(out: Path, layout: str, seed: int, index: int, shape: tuple[int, ...]) -> float:
     """Generate and save case `index` (images first, seg last: the seg file marks a complete case); returns seconds."""
     start = time.perf_counter()
-    lay = get_layout(layout)
+    lay = resolve_layout(layout)
     name = case_name(layout, index)
     images, seg, affine = make_case(case_rng(seed, index), shape)
     for modality in MODALITIES:
@@ -286,7 +287,7 @@ def write_dataset(
     Re-running the same command skips finished cases (resumes after a kill); a folder holding anything else is
     refused unless `overwrite`.
     """
-    lay = get_layout(layout)
+    lay = resolve_layout(layout)
     shape = tuple(int(n) for n in shape)
     if int(cases) < 1:
         raise BratsError(f"cases must be at least 1, got {cases}")
