@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
@@ -319,10 +320,17 @@ class BratsDataModule(L.LightningDataModule):
         sampler = PatchSampler(len(self.train_set), self.samples_per_epoch, seed=self.seed)
         return self._loader(self.train_set, self.batch_size, sampler=sampler, drop_last=True)
 
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        """Whole volumes, one per batch. Under DDP each case goes to exactly one rank: Lightning's default sampler
+        pads the last ranks with repeated cases, which would count them twice in the per-case metrics."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return self._loader(dataset, 1, sampler=UnrepeatedDistributedSampler(dataset, shuffle=False))
+        return self._loader(dataset, 1, shuffle=False)
+
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, 1, shuffle=False)
+        return self._eval_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
         if len(self.test_set) == 0:
             raise BratsError("the split has no test cases; set data.test_fraction > 0 (or a split_file with 'test')")
-        return self._loader(self.test_set, 1, shuffle=False)
+        return self._eval_loader(self.test_set)
