@@ -151,6 +151,13 @@ class BratsModule(L.LightningModule):
         if self.skipped_batches > 0:
             self.log("train/skipped_batches", self.skipped_batches.float())
 
+    def on_fit_start(self) -> None:
+        if self.hparams.nonfinite_loss == "skip" and self.trainer.world_size > 1:
+            # Lightning cannot skip a step on one rank (the others would wait in the gradient all-reduce), and a
+            # zero loss would still move Adam's weights: refuse rather than pretend.
+            raise BratsError("module.nonfinite_loss=skip works on one device only; with DDP use "
+                             "module.nonfinite_loss=stop (the run stops with the last good checkpoint kept)")
+
     # ---- validation and test: whole volumes, sliding window ---------------------------------------------------
     def predict_logits(self, image: Tensor) -> Tensor:
         return sliding_window(

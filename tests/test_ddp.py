@@ -61,3 +61,17 @@ def test_ddp_validation_counts_every_case_once(synthetic_root: Path, cache_dir: 
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     (single,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     assert single["val/dice_mean"] == pytest.approx(ddp_dice, abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
+def test_ddp_refuses_to_skip_nan_batches(synthetic_root: Path, cache_dir: Path, tmp_path: Path) -> None:
+    """Skipping a step on one rank would hang the others: DDP with nonfinite_loss=skip is a clear error instead."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "brats_unet.train", *tiny_overrides(synthetic_root, cache_dir, run_dir),
+           "module.nonfinite_loss=skip", "logger=none", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+           "trainer.precision=32-true", f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env={**os.environ}, timeout=240)
+    assert result.returncode != 0
+    assert "error: module.nonfinite_loss=skip works on one device only" in result.stderr
+    assert "Traceback" not in result.stderr

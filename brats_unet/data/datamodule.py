@@ -324,7 +324,10 @@ class BratsDataModule(L.LightningDataModule):
         """Whole volumes, one per batch. Under DDP each case goes to exactly one rank: Lightning's default sampler
         pads the last ranks with repeated cases, which would count them twice in the per-case metrics."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return self._loader(dataset, 1, sampler=UnrepeatedDistributedSampler(dataset, shuffle=False))
+            if len(dataset) >= torch.distributed.get_world_size():
+                return self._loader(dataset, 1, sampler=UnrepeatedDistributedSampler(dataset, shuffle=False))
+            log.warning("%d evaluation cases for %d ranks: some ranks repeat a case, so it counts twice in the "
+                        "metrics", len(dataset), torch.distributed.get_world_size())
         return self._loader(dataset, 1, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
