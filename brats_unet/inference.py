@@ -111,14 +111,20 @@ def flip_tta(
     overlap: float = 0.5,
     window_batch: int = 1,
     gaussian: bool = True,
+    activation: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
-    """Mean of sliding-window predictions over all 2**D flip combinations of the D spatial axes (8 for 3D)."""
+    """Mean of sliding-window predictions over all 2**D flip combinations of the D spatial axes (8 for 3D).
+
+    `activation` (e.g. softmax) is applied to each flip's blended map before the mean: windows are then blended as
+    logits, exactly as whole-volume validation does, and flips are averaged as probabilities.
+    """
     spatial_dims = tuple(range(2, image.ndim))
     combos = [dims for r in range(len(spatial_dims) + 1) for dims in itertools.combinations(spatial_dims, r)]
     total: Tensor | None = None
     for dims in combos:
         flipped = image.flip(dims) if dims else image
         pred = sliding_window(flipped, predictor, patch_size, overlap, window_batch, gaussian)
+        pred = activation(pred) if activation is not None else pred
         pred = pred.flip(dims) if dims else pred
         total = pred if total is None else total + pred
     assert total is not None

@@ -205,3 +205,14 @@ def test_postprocess_total_rule():
     assert (postprocess_et(classes, min_total=60)[2:7, 2:6, 2:5] == 3).all()  # exactly 60 is not "< 60"
     with pytest.raises(ValueError, match="et_prob shape"):
         postprocess_et(classes, np.zeros((10, 10, 9)))
+
+
+def test_flip_tta_activation_averages_each_flips_probabilities():
+    image = _image((1, 3, 8, 8, 8), seed=5)
+    _, conv = _conv_predictor()
+    flips = [d for r in range(4) for d in itertools.combinations((2, 3, 4), r)]
+    expected = sum(torch.sigmoid(conv(image.flip(d))).flip(d) for d in flips) / 8
+    out = flip_tta(image, conv, PATCH, activation=torch.sigmoid)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # not the same as the sigmoid of averaged logits: the order of mean and activation matters
+    assert not torch.allclose(out, torch.sigmoid(flip_tta(image, conv, PATCH)), atol=1e-4)

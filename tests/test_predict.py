@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -243,3 +244,24 @@ def test_installed_script_reports_bad_input_without_traceback(tmp_path) -> None:
     assert result.returncode == 2
     assert "error: checkpoint" in result.stderr and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_prediction_without_tta_is_what_validation_scored(ckpts) -> None:
+    """brats-predict and whole-volume validation blend the same window logits, so their labels agree exactly."""
+    import torch
+
+    from brats_unet.cli.predict import load_model, predict_probabilities
+
+    module, config = load_model(ckpts["region"])
+    patch = config["data"]["patch_size"]
+    x = np.random.default_rng(0).normal(size=(4, 45, 50, 37)).astype(np.float32)
+    probs = predict_probabilities(module, x, patch, overlap=module.hparams.val_overlap, window_batch=2, tta=False,
+                                  device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    with torch.inference_mode():
+        logits = module.predict_logits(torch.from_numpy(x)[None])
+    torch.testing.assert_close(torch.from_numpy(probs), module.loss.probabilities(logits)[0], rtol=1e-5, atol=1e-5)
+    # Labels agree wherever no region logit sits on the threshold (an untrained net has many near-zero logits,
+    # where sigmoid(l) > 0.5 and l > 0 can round differently).
+    decided = (logits[0].abs() > 1e-4).all(0).numpy()
+    labels, scored = decode(probs, "sigmoid")[0], module.loss.to_classes(logits)[0].numpy()
+    assert decided.mean() > 0.9 and np.array_equal(labels[decided], scored[decided])

@@ -135,16 +135,24 @@ def find_input_cases(input_path: str | Path, modalities: Sequence[str], preferre
 def predict_probabilities(module: BratsModule, x: np.ndarray, patch_size: Sequence[int], *, overlap: float,
                           window_batch: int, tta: bool, device: torch.device,
                           autocast: Callable[[], contextlib.AbstractContextManager]) -> np.ndarray:
-    """(C, *S) preprocessed volume -> (K, *S) float32 probabilities (softmax classes or sigmoid regions)."""
+    """(C, *S) preprocessed volume -> (K, *S) float32 probabilities (softmax classes or sigmoid regions).
+
+    Windows are blended as logits, as in whole-volume validation, so without TTA the labels equal what validation
+    scored; with TTA the 8 flips are averaged as probabilities.
+    """
     def predictor(batch: torch.Tensor) -> torch.Tensor:
         with autocast():
-            logits = module(batch)
-        return module.loss.probabilities(logits)
+            return module(batch).float()
 
-    run = flip_tta if tta else sliding_window
+    to_probabilities = module.loss.probabilities
     with torch.inference_mode():
         image = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(device)
-        probs = run(image, predictor, patch_size, overlap=overlap, window_batch=window_batch)
+        if tta:
+            probs = flip_tta(image, predictor, patch_size, overlap=overlap, window_batch=window_batch,
+                             activation=to_probabilities)
+        else:
+            probs = to_probabilities(sliding_window(image, predictor, patch_size, overlap=overlap,
+                                                    window_batch=window_batch))
     return probs[0].float().cpu().numpy()
 
 
