@@ -146,3 +146,10 @@ def test_undo_crop_round_trip():
     assert back.shape == (10, 9, 8) and back[4, 4, 4] == 3 and back.sum() == 3
     with pytest.raises(ValueError, match="does not match crop box"):
         undo_crop(cropped[:, :5], box, (10, 9, 8))
+
+
+def test_channel_count_of_each_recipe() -> None:
+    from brats_unet.data.preprocess import num_channels
+
+    assert num_channels({"modalities": ["t1ce", "t2", "flair"]}) == 3  # the seed recipe
+    assert num_channels({"modalities": ["t1", "t1ce", "t2", "flair"], "foreground_channel": True}) == 5

@@ -27,7 +27,7 @@ from brats_unet.cli.common import CONFIG_PATH, read_split, require, user_errors
 from brats_unet.cli.train import build_module, load_checkpoint, weight_mismatches
 from brats_unet.data import io
 from brats_unet.data.labels import CLASS_NAMES, LAYOUTS, REGION_NAMES, Layout, classes_from_regions, classes_to_brats
-from brats_unet.data.preprocess import preprocess_case, undo_crop
+from brats_unet.data.preprocess import num_channels, preprocess_case, undo_crop
 from brats_unet.inference import flip_tta, postprocess_et, sliding_window
 from brats_unet.module import BratsModule
 from brats_unet.perf import configure_runtime
@@ -55,7 +55,7 @@ def load_model(ckpt_path: str | Path) -> tuple[BratsModule, dict[str, Any]]:
     cfg = OmegaConf.create(config)
     cfg.model.compile = False  # a one-off inference pass does not repay compilation
     pre = cfg.preprocess
-    in_channels = len(pre.modalities) + int(bool(pre.get("foreground_channel", False)))
+    in_channels = num_channels(pre)
     try:
         module = build_module(cfg, in_channels=in_channels)
     except (InstantiationException, ValueError, TypeError) as e:

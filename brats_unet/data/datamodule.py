@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from brats_unet.data import cache, io
+from brats_unet.data.preprocess import num_channels as recipe_channels
 from brats_unet.data.sampling import PatchSampler, choose_patch_start, crop_or_pad
 from brats_unet.data.transforms import Augment, build_augment
 from brats_unet.utils import BratsError, atomic_write_json
@@ -222,7 +223,7 @@ class BratsDataModule(L.LightningDataModule):
 
     @property
     def num_channels(self) -> int:
-        return len(self.preprocess["modalities"]) + int(bool(self.preprocess.get("foreground_channel", False)))
+        return recipe_channels(self.preprocess)
 
     @property
     def cache_path(self) -> Path:

@@ -9,7 +9,8 @@ Normalisation always sees the whole volume, before cropping, so a crop never cha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -67,6 +68,11 @@ def _crop(x: np.ndarray, box: Sequence[Sequence[int]]) -> np.ndarray:
     """Crop the last 3 axes."""
     (x0, x1), (y0, y1), (z0, z1) = box
     return x[..., x0:x1, y0:y1, z0:z1]
+
+
+def num_channels(preprocess: Mapping[str, Any]) -> int:
+    """Network input channels a preprocessing recipe produces: its modalities, plus the optional brain-mask channel."""
+    return len(preprocess["modalities"]) + int(bool(preprocess.get("foreground_channel", False)))
 
 
 def undo_crop(cropped: np.ndarray, crop_box: Sequence[Sequence[int]], original_shape: Sequence[int],
