@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from brats_unet.checkpoint import restore_rng_states, rng_states
 from brats_unet.data.labels import REGION_NAMES, REGIONS
 from brats_unet.inference import sliding_window
 from brats_unet.metrics import BratsMetrics, paper_dice
@@ -225,23 +224,8 @@ class BratsModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["brats_config"] = self.config
-        # Lightning does not keep RNG states; dropout (torch) and any global numpy/python draws need them for a
-        # resumed run to end bit-identical to an uninterrupted one.
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            # Plain ints and tensors only: Lightning loads checkpoints with torch.load(weights_only=True).
-            "numpy": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
-            "python": random.getstate(),
-        }
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get("rng_states")
-        if not states:
-            return
-        torch.set_rng_state(states["torch"])
-        if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states["cuda"])
-        name, keys, pos, has_gauss, cached = states["numpy"]
-        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-        random.setstate((states["python"][0], tuple(states["python"][1]), states["python"][2]))
+        if checkpoint.get("rng_states"):
+            restore_rng_states(checkpoint["rng_states"])

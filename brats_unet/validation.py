@@ -13,7 +13,8 @@ import nibabel as nib
 import numpy as np
 from omegaconf import DictConfig, ListConfig
 
-from brats_unet.data import cache, io
+from brats_unet.data import cache
+from brats_unet.data import cases as case_files_io
 from brats_unet.utils import BratsError
 
 log = logging.getLogger(__name__)
@@ -101,13 +102,13 @@ def _volume_shapes(cfg: DictConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
     if cases:
         return
     try:
-        dirs = io.list_case_dirs(data.root, data.layout)
+        dirs = case_files_io.list_case_dirs(data.root, data.layout)
     except BratsError:
         return  # the datamodule reports a missing or empty root with its own message
-    layout = io.resolve_layout(data.layout)
+    layout = case_files_io.resolve_layout(data.layout)
     for case_dir in dirs:
         try:
-            path = io.case_files(case_dir, layout, require_seg=False).images[pre.modalities[0]]
+            path = case_files_io.case_files(case_dir, layout, require_seg=False).images[pre.modalities[0]]
             yield case_dir.name, tuple(int(s) for s in nib.load(path).shape[:3])  # header only
         except (BratsError, OSError, ValueError, nib.filebasedimages.ImageFileError):
             continue  # preprocessing names the broken case

@@ -20,19 +20,19 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cli, compose_train, tiny_overrides
+from helpers import compose_cli, compose_train, script, tiny_overrides
 from omegaconf import DictConfig
 
+from brats_unet.build import build_module
 from brats_unet.cli import synth
 from brats_unet.cli.evaluate import evaluate
 from brats_unet.cli.predict import predict
 from brats_unet.cli.preprocess import preprocess
 from brats_unet.cli.report import report
-from brats_unet.cli.train import build_module, run_config, train
 from brats_unet.data.synthetic import write_dataset
+from brats_unet.training import run_config, train
 from brats_unet.utils import BratsError, atomic_save_npy
 
-VENV_BIN = Path(__file__).parents[1] / ".venv" / "bin"
 SHAPE = (32, 32, 32)
 CASE = "BraTS2021_00000"
 
@@ -104,7 +104,7 @@ IMAGE_PROBLEMS: dict[str, tuple[Callable[[Path], None], str]] = {
 }
 LABEL_PROBLEMS = {
     "labels_outside": (lambda d: with_seg(d, lambda s: np.where(np.indices(s.shape)[0] == 0, 5, s).astype(s.dtype)),
-                       rf"{CASE}_seg\.nii\.gz: label values \[5\] are not brats2021 labels \(allowed \[0, 1, 2, 4\]\)"),
+                       rf"{CASE}_seg\.nii\.gz: label values \[5\] are not brats2021 labels \(allowed \[0, 1, 2, 4\];"),
     "float_labels": (lambda d: with_seg(d, lambda s: (s + 0.5).astype(np.float32)),
                      rf"{CASE}_seg\.nii\.gz: label map holds non-integer values \(e\.g\. 0\.5\)"),
 }
@@ -361,7 +361,7 @@ def prediction(tmp_path: Path, data: np.ndarray, affine: np.ndarray | None = Non
     ("truncated", lambda seg: {"data": seg, "truncate": True}, r"\.nii\.gz: cannot read the voxels: truncated"),
     ("not_nifti", lambda seg: {"raw": gzip.compress(b"text, not an image\n" * 40)}, r"\.nii\.gz: not a NIfTI file"),
     ("4d", lambda seg: {"data": np.stack([seg, seg], -1)}, r"\.nii\.gz: 4D image of shape \(32, 32, 32, 2\)"),
-    ("nan", lambda seg: {"data": np.full(SHAPE, np.nan, np.float32)}, r"\.nii\.gz: holds non-integer values"),
+    ("nan", lambda seg: {"data": np.full(SHAPE, np.nan, np.float32)}, r"\.nii\.gz: label map holds NaN or Inf voxels"),
     ("labels_outside", lambda seg: {"data": np.full(SHAPE, 7, np.uint8)}, r"\.nii\.gz: label values \[7\]"),
 ])
 def test_evaluate_bad_prediction_files(problem: str, make, message: str, tmp_path: Path) -> None:
@@ -458,7 +458,7 @@ def test_synth_bad_arguments(args: list[str], message: str, tmp_path: Path, caps
 # ---- the installed scripts: exit code 2 (Hydra's own errors: 1), one `error:` paragraph, no traceback ----------
 def cli(tool: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "BRATS_DEBUG")}
-    return subprocess.run([str(VENV_BIN / tool), *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+    return subprocess.run([script(tool), *args], cwd=cwd, capture_output=True, text=True, timeout=120,
                           env=env)
 
 

@@ -16,10 +16,11 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from brats_unet.cli.preprocess import preprocess
-from brats_unet.cli.stats import dataset_stats, stats
+from brats_unet.cli.stats import stats
 from brats_unet.data.cache import build_cache, cache_key, cache_path, cached_cases, load_cached
-from brats_unet.data.io import case_files, load_case
+from brats_unet.data.cases import case_files, read_case_files
 from brats_unet.data.preprocess import preprocess_case
+from brats_unet.data.stats import dataset_stats
 from brats_unet.utils import BratsError
 
 SHAPE = (20, 18, 16)
@@ -79,7 +80,7 @@ def test_build_cache_files_match_preprocessing(root, tmp_path):
     x, y, meta = load_cached(out, "BraTS2021_00001")
     assert isinstance(x, np.memmap) and x.dtype == np.float16 and y.dtype == np.uint8
     files = case_files(root / "BraTS2021_00001", "brats2021")
-    images, seg, _ = load_case(files, MODERN["modalities"])
+    images, seg, _ = read_case_files(files, MODERN["modalities"])
     ex, ey, _ = preprocess_case(images, seg, modalities=MODERN["modalities"], normalize="zscore", crop="nonzero",
                                 crop_box=None, foreground_channel=False, et_label=4)
     assert x.shape == (4, 14, 11, 12) == ex.shape
@@ -173,7 +174,7 @@ def test_skip_bad_cases_writes_report(root, tmp_path, caplog):
     bad = json.loads((out / "bad_cases.json").read_text())
     assert [b["case"] for b in bad] == ["BraTS2021_00001", "BraTS2021_00002"]
     assert bad[0]["reason"] == ("BraTS2021_00001: BraTS2021_00001_seg.nii.gz: label values [3] are not brats2021 "
-                                "labels (allowed [0, 1, 2, 4])")
+                                "labels (allowed [0, 1, 2, 4]; brats2021 cases label ET as 4)")
     assert bad[1]["reason"].startswith("BraTS2021_00002: BraTS2021_00002_flair.nii.gz: missing flair file")
     assert "skipped 2 bad cases" in caplog.text
     assert json.loads((out / "config.json").read_text())["cases"] == ["BraTS2021_00000"]

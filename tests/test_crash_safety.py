@@ -16,15 +16,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cli, compose_train, tiny_overrides
+from helpers import compose_cli, compose_train, script, tiny_overrides
 
+from brats_unet.build import build_module
+from brats_unet.checkpoint import warn_config_changes
 from brats_unet.cli.preprocess import preprocess
-from brats_unet.cli.train import build_module, run_config, train, warn_config_changes
 from brats_unet.data import cache
 from brats_unet.data.synthetic import write_dataset
+from brats_unet.training import run_config, train
 
 pytestmark = pytest.mark.slow
-VENV_BIN = Path(__file__).parents[1] / ".venv" / "bin"
 SHAPE = (64, 64, 48)
 
 
@@ -33,7 +34,7 @@ def env() -> dict[str, str]:
 
 
 def run(tool: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(VENV_BIN / tool), *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+    result = subprocess.run([script(tool), *args], cwd=cwd, capture_output=True, text=True, timeout=300,
                             env=env())
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -42,7 +43,7 @@ def run(tool: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def kill_when(tool: str, args: list[str], cwd: Path, ready: Callable[[], bool], delay: float, timeout: float = 120
               ) -> bool:
     """Start the command, wait until `ready()`, sleep `delay`, SIGKILL it. True if it was killed (not finished)."""
-    proc = subprocess.Popen([str(VENV_BIN / tool), *args], cwd=cwd, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([script(tool), *args], cwd=cwd, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env())
     try:
         deadline = time.monotonic() + timeout

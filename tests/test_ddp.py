@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 
 @pytest.mark.slow
@@ -17,7 +17,7 @@ from conftest import tiny_overrides
 def test_ddp_two_cpu_processes_fast_dev_run(synthetic_root: Path, cache_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     # trainer=ddp is the multi-GPU config; on CPU it needs the accelerator and float32 (bf16 would only be slower).
-    cmd = [sys.executable, "-m", "brats_unet.train", *tiny_overrides(synthetic_root, cache_dir, run_dir),
+    cmd = [sys.executable, "-m", "brats_unet.cli.train", *tiny_overrides(synthetic_root, cache_dir, run_dir),
            "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
            "debug=fast_dev_run", f"hydra.run.dir={run_dir}"]
     # Lightning re-launches the same command line for rank 1, so both ranks run `python -m brats_unet.train`.
@@ -39,14 +39,14 @@ def test_ddp_validation_counts_every_case_once(synthetic_root: Path, cache_dir: 
 
     import lightning.pytorch as L
     import torch
-    from conftest import compose_train
+    from helpers import compose_train
     from hydra.utils import instantiate
 
-    from brats_unet.cli.train import build_module
+    from brats_unet.build import build_module
 
     run_dir = tmp_path / "run"
     overrides = [*tiny_overrides(synthetic_root, cache_dir, run_dir), "data.val_fraction=0.5", "logger=none"]
-    cmd = [sys.executable, "-m", "brats_unet.train", *overrides, "trainer=ddp", "trainer.accelerator=cpu",
+    cmd = [sys.executable, "-m", "brats_unet.cli.train", *overrides, "trainer=ddp", "trainer.accelerator=cpu",
            "trainer.devices=2", "trainer.precision=32-true", f"hydra.run.dir={run_dir}"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env={**os.environ}, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
@@ -68,7 +68,7 @@ def test_ddp_validation_counts_every_case_once(synthetic_root: Path, cache_dir: 
 def test_ddp_refuses_to_skip_nan_batches(synthetic_root: Path, cache_dir: Path, tmp_path: Path) -> None:
     """Skipping a step on one rank would hang the others: DDP with nonfinite_loss=skip is a clear error instead."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "brats_unet.train", *tiny_overrides(synthetic_root, cache_dir, run_dir),
+    cmd = [sys.executable, "-m", "brats_unet.cli.train", *tiny_overrides(synthetic_root, cache_dir, run_dir),
            "module.nonfinite_loss=skip", "logger=none", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
            "trainer.precision=32-true", f"hydra.run.dir={run_dir}"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env={**os.environ}, timeout=240)

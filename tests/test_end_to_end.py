@@ -7,11 +7,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import compose_cli, compose_train, tiny_overrides
+from helpers import compose_cli, compose_train, tiny_overrides
 
 from brats_unet.cli.predict import predict
-from brats_unet.cli.train import train
 from brats_unet.data.synthetic import write_dataset
+from brats_unet.training import train
 
 
 @pytest.mark.slow

@@ -10,9 +10,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import compose_cli
+from helpers import compose_cli
 
-from brats_unet.cli.evaluate import CSV_COLUMNS, evaluate
+from brats_unet.cli.evaluate import evaluate
+from brats_unet.evaluation import CSV_COLUMNS
 from brats_unet.metrics import HD95_EMPTY
 from brats_unet.utils import BratsError
 
@@ -179,5 +180,5 @@ def test_output_and_input_problems(dirs, tmp_path) -> None:
         evaluate(compose_cli("evaluate", [f"pred={pred}", f"output={tmp_path / 'eval5'}"]))
     float_pred = pred / "B.nii.gz"
     nib.save(nib.Nifti1Image(np.full(SHAPE, 0.5, dtype=np.float32), AFFINE), float_pred)
-    with pytest.raises(BratsError, match=r"B\.nii\.gz: holds non-integer values"):
+    with pytest.raises(BratsError, match=r"B\.nii\.gz: label map holds non-integer values"):
         run(pred, truth, tmp_path / "eval6")

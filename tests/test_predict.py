@@ -12,15 +12,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cli, compose_train, tiny_overrides
+from helpers import compose_cli, compose_train, script, tiny_overrides
 
-from brats_unet.cli.predict import decode, predict
-from brats_unet.cli.train import build_module, run_config
+from brats_unet.build import build_module
+from brats_unet.cli.predict import predict
 from brats_unet.data.labels import LAYOUTS
 from brats_unet.data.synthetic import make_case, write_dataset
+from brats_unet.segmenter import decode
+from brats_unet.training import run_config
 from brats_unet.utils import BratsError
 
-VENV_BIN = Path(__file__).parents[1] / ".venv" / "bin"
 SEED_BOX = ((8, 56), (8, 56), (8, 40))  # conftest's TINY_SEED_CROP
 
 
@@ -215,7 +216,7 @@ def test_input_problems_are_clear(ckpts, oblique_case, tmp_path) -> None:
 
 def _cli(tool: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "BRATS_DEBUG")}
-    return subprocess.run([str(VENV_BIN / tool), *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+    return subprocess.run([script(tool), *args], cwd=cwd, capture_output=True, text=True, timeout=120,
                           env=env)
 
 
@@ -250,7 +251,7 @@ def test_prediction_without_tta_is_what_validation_scored(ckpts) -> None:
     """brats-predict and whole-volume validation blend the same window logits, so their labels agree exactly."""
     import torch
 
-    from brats_unet.cli.predict import load_model, predict_probabilities
+    from brats_unet.segmenter import load_model, predict_probabilities
 
     module, config = load_model(ckpts["region"])
     patch = config["data"]["patch_size"]

@@ -12,12 +12,12 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
-from conftest import compose_cli, compose_train, tiny_overrides
+from helpers import compose_cli, compose_train, tiny_overrides
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
 from brats_unet.cli.report import report
-from brats_unet.data.io import find_cases, load_nifti, save_nifti
+from brats_unet.data.cases import find_cases, load_nifti, save_nifti
 from brats_unet.plots import plot_class_distribution, plot_overlays
 from brats_unet.report import clean_series, epoch_series, parse_overrides, read_scalars
 from brats_unet.utils import BratsError
@@ -246,7 +246,7 @@ def test_class_distribution_and_overlays_from_predictions(synthetic_root: Path, 
 # ---- end to end: a real tiny training run --------------------------------------------------------------------------
 @pytest.mark.slow
 def test_report_on_a_real_tiny_training_run(synthetic_root: Path, cache_dir: Path, tmp_path: Path) -> None:
-    from brats_unet.cli.train import train
+    from brats_unet.training import train
 
     run = tmp_path / "run"
     train(compose_train([*tiny_overrides(synthetic_root, cache_dir, run), "trainer.max_epochs=2",

@@ -12,15 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train, tiny_overrides
+from helpers import compose_train, tiny_overrides
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
-from brats_unet.cli.train import build_module, train
+from brats_unet.build import build_module
 from brats_unet.losses import CombinedLoss, DiceLoss, RegionDiceBCELoss
 from brats_unet.models.unet3d import UNet3D
 from brats_unet.module import BratsModule
 from brats_unet.perf import configure_runtime
+from brats_unet.training import train
 
 FILTERS = [4, 8, 16]
 
@@ -219,7 +220,7 @@ def test_slurm_launcher_config_composes() -> None:
 @needs_submitit
 def test_slurm_launcher_composes_through_the_cli(tmp_path: Path) -> None:
     # Hydra refuses `-m` together with `--cfg`; the launcher node composes the same either way.
-    cmd = [sys.executable, "-m", "brats_unet.train", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4",
+    cmd = [sys.executable, "-m", "brats_unet.cli.train", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4",
            "--cfg", "hydra"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env={**os.environ}, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train, tiny_overrides
+from helpers import compose_train, tiny_overrides
 from torch import nn
 
-from brats_unet.cli.train import build_module, train
+from brats_unet.build import build_module
 from brats_unet.metrics import HD95_EMPTY
+from brats_unet.training import train
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
 
@@ -87,34 +88,53 @@ def test_fast_dev_run_every_experiment(experiment: str, synthetic_root: Path, ca
     assert "val/dice_mean" in metrics
 
 
-def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+def last_checkpoint(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+# The best-checkpoint callback watches a metric that can never improve after the first validation (a running
+# maximum, ranked as if lower were better): later epochs write no top-k checkpoint, which is where Lightning >= 2.6's
+# save_last=true left last.ckpt behind.
+NO_IMPROVEMENT = ["callbacks.model_checkpoint.monitor=val/dice_mean_best", "callbacks.model_checkpoint.mode=min"]
+
+
+def test_last_ckpt_holds_the_final_epoch_when_the_metric_does_not_improve(train_cfg, tmp_path: Path) -> None:
+    run = tmp_path / "flat"
+    cfg = compose_train([*tiny_overrides(Path(train_cfg.data.root), Path(train_cfg.paths.cache_dir), run),
+                         *NO_IMPROVEMENT, "logger=none", "trainer.max_epochs=2"])
+    train(cfg)
+    last, best = last_checkpoint(run), torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    assert best["global_step"] == 2  # the only top-k save: epoch 0
+    assert last["global_step"] == 4 and last["epoch"] == 1
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 4
 
 
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_bit_identical(synthetic_root: Path, cache_dir: Path, tmp_path: Path) -> None:
-    """Two legs (1 epoch, then resume to 2) give exactly the weights of one 2-epoch run: LR, data, dropout."""
-    common = ["scheduler=warmup_cosine", "scheduler.warmup_steps=1", "scheduler.total_steps=4", "logger=none",
-              "model.dropout=0.3", "augment=modern"]
+    """Two legs (1 epoch, then resume to 3) give exactly the weights of one 3-epoch run: LR, data, dropout, and
+    last.ckpt is the newest state even though the monitored metric never improves after epoch 0."""
+    common = ["scheduler=warmup_cosine", "scheduler.warmup_steps=1", "scheduler.total_steps=6", "logger=none",
+              "model.dropout=0.3", "augment=modern", *NO_IMPROVEMENT]
     straight = tmp_path / "straight"
-    train(compose_train([*tiny_overrides(synthetic_root, cache_dir, straight), *common, "trainer.max_epochs=2"]))
+    train(compose_train([*tiny_overrides(synthetic_root, cache_dir, straight), *common, "trainer.max_epochs=3"]))
     legs = tmp_path / "legs"
     train(compose_train([*tiny_overrides(synthetic_root, cache_dir, legs), *common, "trainer.max_epochs=1"]))
-    train(compose_train([*tiny_overrides(synthetic_root, cache_dir, legs), *common, "trainer.max_epochs=2",
+    train(compose_train([*tiny_overrides(synthetic_root, cache_dir, legs), *common, "trainer.max_epochs=3",
                          "ckpt_path=last"]))
-    a, b = final_weights(straight), final_weights(legs)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    a, b = last_checkpoint(straight), last_checkpoint(legs)
+    assert (a["global_step"], a["epoch"]) == (b["global_step"], b["epoch"]) == (6, 2)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
     metrics = json.loads((legs / "metrics.json").read_text())
-    assert metrics["global_step"] == 4 and metrics["epochs"] == 2
+    assert metrics["global_step"] == 6 and metrics["epochs"] == 3
 
 
 @pytest.mark.slow
 def test_multirun_sweep_gives_one_directory_per_job(synthetic_root: Path, cache_dir: Path, tmp_path: Path) -> None:
     overrides = [o for o in tiny_overrides(synthetic_root, cache_dir, tmp_path) if not o.startswith("paths.output")]
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "brats_unet.train", "-m", *overrides, "loss=combined", "loss.alpha=0.25,0.75",
+    cmd = [sys.executable, "-m", "brats_unet.cli.train", "-m", *overrides, "loss=combined", "loss.alpha=0.25,0.75",
            "debug=fast_dev_run", f"hydra.sweep.dir={sweep}"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env={**os.environ}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -142,8 +162,8 @@ def test_optuna_sweep_runs_trials_and_returns_the_metric(synthetic_root: Path, c
     overrides = [o for o in tiny_overrides(synthetic_root, cache_dir, tmp_path)
                  if not o.startswith(("paths.output", "model.dropout"))]
     sweep = tmp_path / "optuna"
-    cmd = [sys.executable, "-m", "brats_unet.train", "hparams_search=optuna", *overrides, "hydra.sweeper.n_trials=2",
-           "hydra.sweeper.sampler.n_startup_trials=2", "loss.alpha=interval(0.1,0.9)",
+    cmd = [sys.executable, "-m", "brats_unet.cli.train", "hparams_search=optuna", *overrides,
+           "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2", "loss.alpha=interval(0.1,0.9)",
            "loss=combined", "optimized_metric=val/dice_mean", "logger=none", f"hydra.sweep.dir={sweep}"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,9 +10,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from brats_unet.cli.common import CONFIG_PATH, user_errors
+from brats_unet.cli.common import user_errors
+from brats_unet.config import CONFIG_PATH
 from brats_unet.data.cache import build_cache, cached_cases
-from brats_unet.data.io import list_case_dirs
+from brats_unet.data.cases import list_case_dirs
 
 
 def preprocess(cfg: DictConfig) -> Path:

@@ -16,8 +16,9 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from brats_unet.cli.common import CONFIG_PATH, user_errors
-from brats_unet.data.io import EXTENSIONS, find_cases, load_case, load_nifti, resolve_layout
+from brats_unet.cli.common import user_errors
+from brats_unet.config import CONFIG_PATH
+from brats_unet.data.cases import EXTENSIONS, find_cases, load_nifti, read_case_files, resolve_layout
 from brats_unet.data.labels import brats_to_classes
 from brats_unet.plots import plot_ablation, plot_class_distribution, plot_curves, plot_lr, plot_overlays, save_figure
 from brats_unet.report import (
@@ -69,7 +70,7 @@ def load_overlay_cases(predictions: str | Path, data_root: str | Path, layout: s
                          f"(first prediction: {example}; first case: {next(iter(truth))})")
     cases = []
     for case in matched:
-        images, seg, _ = load_case(truth[case], ["flair"])
+        images, seg, _ = read_case_files(truth[case], ["flair"])
         pred, _, _ = load_nifti(preds[case])
         if pred.shape != seg.shape:
             raise BratsError(f"{preds[case]}: shape {tuple(pred.shape)} differs from the truth {tuple(seg.shape)} "
@@ -161,7 +162,7 @@ def report(cfg: DictConfig) -> dict[str, Path]:
     # Read every input before writing anything, so a bad input leaves no half-written report behind.
     stats, overlay_cases = None, None
     if cfg.get("data_root"):
-        from brats_unet.cli.stats import dataset_stats
+        from brats_unet.data.stats import dataset_stats
 
         stats = dataset_stats(cfg.data_root, cfg.layout, progress=True)
     if cfg.get("predictions"):

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from brats_unet.data.io import case_files, list_case_dirs, load_validated_case, note_extra_files, resolve_layout
+from brats_unet.data.cases import case_files, list_case_dirs, load_validated_case, note_extra_files, resolve_layout
 from brats_unet.data.labels import CLASS_NAMES, brats_to_classes
 from brats_unet.data.preprocess import preprocess_case
 from brats_unet.utils import BratsError, atomic_save_npy, atomic_write_json, atomic_write_text

@@ -21,68 +21,15 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from brats_unet.data import cache, io
+from brats_unet.data import cache
+from brats_unet.data.cases import list_case_dirs
 from brats_unet.data.preprocess import num_channels as recipe_channels
 from brats_unet.data.sampling import PatchSampler, choose_patch_start, crop_or_pad
+from brats_unet.data.split import load_split, make_split
 from brats_unet.data.transforms import Augment, build_augment
 from brats_unet.utils import BratsError, atomic_write_json
 
 log = logging.getLogger(__name__)
-
-
-def _count(fraction: float, n: int) -> int:
-    """round(fraction * n), but at least one case for any positive fraction."""
-    return max(1, round(fraction * n)) if fraction > 0 and n > 0 else 0
-
-
-def make_split(
-    cases: Sequence[str],
-    *,
-    seed: int,
-    val_fraction: float = 0.2,
-    test_fraction: float = 0.0,
-    train_cases: int | None = None,
-    val_cases: int | None = None,
-    num_folds: int = 1,
-    fold: int = 0,
-) -> dict[str, Any]:
-    """Seeded split of case names. Test cases are held out first; the rest is split by fractions, by absolute
-    counts (train_cases/val_cases win over val_fraction), or into `num_folds` folds with `fold` as validation."""
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise BratsError(
-            f"data.val_fraction ({val_fraction}) and data.test_fraction ({test_fraction}) must be in [0, 1) "
-            "and sum to less than 1"
-        )
-    order = [str(c) for c in np.random.default_rng(seed).permutation(sorted(cases))]
-    n_test = _count(test_fraction, len(order))
-    test, rest = order[:n_test], order[n_test:]
-    if num_folds > 1:
-        if train_cases is not None or val_cases is not None:
-            raise BratsError("data.train_cases/data.val_cases cannot be combined with data.num_folds > 1")
-        if not 0 <= fold < num_folds:
-            raise BratsError(f"data.fold must be in [0, {num_folds}) for data.num_folds={num_folds}, got {fold}")
-        if len(rest) < num_folds:
-            raise BratsError(f"data.num_folds={num_folds} needs at least {num_folds} non-test cases, have {len(rest)}")
-        folds = np.array_split(np.arange(len(rest)), num_folds)
-        held = set(folds[fold].tolist())
-        val = [c for i, c in enumerate(rest) if i in held]
-        train = [c for i, c in enumerate(rest) if i not in held]
-    elif train_cases is not None or val_cases is not None:
-        n_val = val_cases if val_cases is not None else _count(val_fraction, len(order))
-        n_train = train_cases if train_cases is not None else len(rest) - n_val
-        if n_train < 1 or n_val < 0 or n_train + n_val > len(rest):
-            raise BratsError(
-                f"data.train_cases={train_cases} and data.val_cases={val_cases} ask for {n_train} training and "
-                f"{n_val} validation cases, but only {len(rest)} cached cases are left after holding out "
-                f"{len(test)} test cases"
-            )
-        val, train = rest[:n_val], rest[n_val : n_val + n_train]
-    else:
-        n_val = _count(val_fraction, len(order))
-        val, train = rest[:n_val], rest[n_val:]
-    if not train:
-        raise BratsError(f"no training cases left: {len(order)} cached cases, check data.val_fraction/test_fraction")
-    return {"train": sorted(train), "val": sorted(val), "test": sorted(test), "seed": seed, "fold": fold}
 
 
 class _CachedCases:
@@ -238,7 +185,7 @@ class BratsDataModule(L.LightningDataModule):
         bad_file = path / "bad_cases.json"
         if self.skip_bad_cases and bad_file.is_file():  # known-bad cases are not "missing": don't re-check each run
             done |= {b["case"] for b in json.loads(bad_file.read_text())}
-        if {d.name for d in io.list_case_dirs(self.root, self.layout)} - done:
+        if {d.name for d in list_case_dirs(self.root, self.layout)} - done:
             cache.build_cache(
                 self.root,
                 self.layout,
@@ -247,27 +194,6 @@ class BratsDataModule(L.LightningDataModule):
                 num_workers=max(1, self.num_workers),
                 skip_bad_cases=self.skip_bad_cases,
             )
-
-    def _load_split(self, path: Path, cached: set[str]) -> dict[str, Any]:
-        try:
-            split = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise BratsError(f"{path}: cannot read the split file: {e}") from e
-        if not isinstance(split, dict) or not isinstance(split.get("train"), list) or not split["train"]:
-            raise BratsError(f"{path}: a split file needs a non-empty list under 'train' (and 'val', 'test')")
-        unknown = sorted(set().union(*(split.get(k, []) for k in ("train", "val", "test"))) - cached)
-        if unknown:
-            raise BratsError(
-                f"{path}: names {len(unknown)} cases missing from the cache {self.cache_path}: "
-                f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
-            )
-        return {
-            "train": split["train"],
-            "val": split.get("val", []),
-            "test": split.get("test", []),
-            "seed": split.get("seed"),
-            "fold": split.get("fold"),
-        }
 
     def _make_or_load_split(self) -> dict[str, Any]:
         cached = cache.cached_cases(self.cache_path)
@@ -278,12 +204,12 @@ class BratsDataModule(L.LightningDataModule):
             )
         own = self.output_dir / "split.json" if self.output_dir else None
         if own is not None and own.is_file():  # resume: the run's own split wins
-            split = self._load_split(own, set(cached))
-            if self.split_file and self._load_split(self.split_file, set(cached))["train"] != split["train"]:
+            split = load_split(own, cached=cached, cache_path=self.cache_path)
+            if self.split_file and load_split(self.split_file, cached=cached)["train"] != split["train"]:
                 raise BratsError(f"data.split_file {self.split_file} differs from this run's {own}")
             return split
         if self.split_file:
-            split = self._load_split(self.split_file, set(cached))
+            split = load_split(self.split_file, cached=cached, cache_path=self.cache_path)
         else:
             split = make_split(cached, **self.split_args)
         if own is not None:

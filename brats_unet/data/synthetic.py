@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from brats_unet.data.io import resolve_layout
+from brats_unet.data.cases import resolve_layout
 from brats_unet.data.labels import MODALITIES
 from brats_unet.data.preprocess import nonzero_bbox
 from brats_unet.utils import BratsError, atomic_path

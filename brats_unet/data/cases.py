@@ -16,7 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from brats_unet.data.labels import LAYOUTS, MODALITIES, Layout, allowed_labels
+from brats_unet.data.labels import LAYOUTS, MODALITIES, Layout, allowed_labels, brats_to_classes
 from brats_unet.utils import BratsError, atomic_path
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,26 @@ class CaseFiles:
     case: str  # folder name, e.g. "BraTS2021_00000"
     images: dict[str, Path]  # canonical modality -> file
     seg: Path | None  # None for unlabelled (prediction-only) cases
+
+
+@dataclass
+class Case:
+    """One case in memory: images per canonical modality (float32), the label map in the dataset's own labels
+    (None for unlabelled cases), the geometry (affine, the first image's header) and the file naming it came in."""
+
+    name: str
+    images: dict[str, np.ndarray]
+    affine: np.ndarray
+    header: nib.Nifti1Header | None
+    layout: Layout
+    seg: np.ndarray | None = None
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm (the header's zooms; the affine's column norms for in-memory cases)."""
+        if self.header is not None:
+            return tuple(float(z) for z in self.header.get_zooms()[:3])  # type: ignore[return-value]
+        return tuple(float(v) for v in np.linalg.norm(np.asarray(self.affine)[:3, :3], axis=0))  # type: ignore
 
 
 class _Problem(Exception):
@@ -210,6 +230,30 @@ def _as_labels(seg: np.ndarray) -> np.ndarray:
     return seg.astype(np.int16)
 
 
+def _check_labels(data: np.ndarray, layout: Layout) -> np.ndarray:
+    """Integer label map with only `layout`'s label values; raises _Problem."""
+    seg = _as_labels(data)
+    allowed = allowed_labels(layout.et_label)
+    bad = sorted(set(np.unique(seg).tolist()) - set(allowed))
+    if bad:
+        raise _Problem(f"label values {bad} are not {layout.name} labels (allowed {list(allowed)}; {layout.name} "
+                       f"cases label ET as {layout.et_label})")
+    return seg
+
+
+def read_label_map(path: str | Path, layout: Layout | str) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
+    """(internal classes 0..3 uint8, affine, header) of a label map: THE reader every command uses for truth and
+    predictions. BratsError naming the file for a float map with non-integer values, values outside int16 (which
+    would wrap: 65540.0 -> 4), or labels outside the layout's set."""
+    path, layout = Path(path), resolve_layout(layout)
+    try:
+        data, affine, header = _read(path)
+        seg = _check_labels(data, layout)
+    except _Problem as e:
+        raise BratsError(f"{path}: {e}") from e
+    return brats_to_classes(seg, layout.et_label), affine, header
+
+
 def _meta(affine: np.ndarray, shape: Sequence[int], header: nib.Nifti1Header, files: dict[str, Path]) -> dict:
     """The case geometry every consumer needs (JSON-ready): affine, shape, voxel spacing (mm) and source files."""
     return {
@@ -244,11 +288,7 @@ def _check_case(files: CaseFiles, layout: Layout, atol: float, keep: Sequence[st
                 raise _Problem(f"affine differs from {ref_key} by up to {np.abs(affine - ref_affine).max():.4g} "
                                f"(tolerance {atol})")
             if key == "seg":
-                seg = _as_labels(data)
-                bad = sorted(set(np.unique(seg).tolist()) - set(allowed_labels(layout.et_label)))
-                if bad:
-                    raise _Problem(f"label values {bad} are not {layout.name} labels "
-                                   f"(allowed {list(allowed_labels(layout.et_label))})")
+                seg = _check_labels(data, layout)
                 continue
             if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
                 raise _Problem(f"{int((~np.isfinite(data)).sum())} NaN or Inf voxels")
@@ -269,11 +309,12 @@ def validate_case(files: CaseFiles, layout: Layout | str, atol: float = 1e-3) ->
 
 def load_validated_case(files: CaseFiles, layout: Layout | str, modalities: Sequence[str], atol: float = 1e-3
                         ) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict]:
-    """validate_case + load_case reading each file once (what the cache builder uses)."""
+    """validate_case + read_case_files reading each file once (what the cache builder uses)."""
     return _check_case(files, resolve_layout(layout), atol, keep=tuple(modalities))
 
 
-def load_case(files: CaseFiles, modalities: Sequence[str]) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict]:
+def read_case_files(files: CaseFiles, modalities: Sequence[str]
+                    ) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict]:
     """Images per modality (float32), seg as stored (integer), meta {affine, shape, spacing, files}. No deep checks."""
     images: dict[str, np.ndarray] = {}
     affine, header = None, None
@@ -298,3 +339,28 @@ def load_case(files: CaseFiles, modalities: Sequence[str]) -> tuple[dict[str, np
     shape = next(iter(images.values())).shape if images else seg.shape
     paths = {m: files.images[m] for m in modalities} | ({"seg": files.seg} if files.seg else {})
     return images, seg, _meta(affine, shape, header, paths)
+
+
+def detect_case_files(case_dir: str | Path, modalities: Sequence[str] = MODALITIES,
+                      preferred: Layout | str | None = None) -> tuple[CaseFiles, Layout]:
+    """The case's files in whichever layout names all `modalities` (the preferred one first), seg if present."""
+    case_dir = Path(case_dir).expanduser()
+    if not case_dir.is_dir():
+        raise BratsError(f"case {case_dir} is not a folder of NIfTI files")
+    order = layout_order(preferred)
+    for layout in order:
+        images = {m: find_file(case_dir, layout, m) for m in modalities}
+        if all(images.values()):
+            return CaseFiles(case_dir.name, images, find_file(case_dir, layout, "seg")), layout  # type: ignore[arg-type]
+    want = ", ".join(order[0].filename(case_dir.name, m) for m in modalities)
+    raise BratsError(f"{case_dir}: the model needs modalities {list(modalities)} but the folder does not hold them in "
+                     f"any known layout {sorted(LAYOUTS)} (expected e.g. {want})")
+
+
+def load_case(path: str | Path, layout: Layout | str | None = None, modalities: Sequence[str] = MODALITIES) -> Case:
+    """One case folder, validated as brats-preprocess validates it (shapes, affines, NaNs, label values); the layout
+    (file naming, ET label) is detected from the file names unless given."""
+    files, found = detect_case_files(path, modalities, layout)
+    images, seg, meta = load_validated_case(files, found, modalities)
+    header = nib.load(files.images[modalities[0]]).header
+    return Case(files.case, images, np.asarray(meta["affine"]), header, found, seg)

@@ -1,4 +1,4 @@
-"""brats_unet.data.io on small real NIfTI cases written with nibabel."""
+"""brats_unet.data.cases on small real NIfTI cases written with nibabel."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_unet.data.io import (
+from brats_unet.data.cases import (
     CaseFiles,
     case_files,
     find_cases,
-    load_case,
     load_nifti,
     load_validated_case,
+    read_case_files,
     save_nifti,
     validate_case,
 )
@@ -187,13 +187,13 @@ def test_valid_cases_pass(tmp_path):
     validate_case(case_files(tmp_path / "BraTS2021_00000", "brats2021"), "brats2021")
     files = case_files(tmp_path / "BraTS-GLI-00000-000", "brats2023")
     validate_case(files, "brats2023")
-    # The cache builder's single read returns exactly what was written, and the same meta as load_case.
+    # The cache builder's single read returns exactly what was written, and the same meta as read_case_files.
     images, seg, meta = load_validated_case(files, "brats2023", ["t2", "t1"])
     expected, expected_seg = make_arrays(et_label=3)
     assert list(images) == ["t1", "t2"] and images["t2"].dtype == np.float32
     np.testing.assert_array_equal(images["t2"], expected["t2"])
     np.testing.assert_array_equal(seg, expected_seg)
-    assert meta == load_case(files, list(MODALITIES))[2]
+    assert meta == read_case_files(files, list(MODALITIES))[2]
     assert meta["files"]["seg"] == str(tmp_path / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-seg.nii.gz")
 
 
@@ -233,7 +233,7 @@ def test_labels_outside_allowed_set(tmp_path):
     seg = make_arrays()[1]
     seg[0, 0, 0] = 3  # ET is 4 in BraTS 2021
     with pytest.raises(BratsError, match=r"BraTS2021_00003_seg\.nii\.gz: label values \[3\] are not brats2021 labels "
-                                         r"\(allowed \[0, 1, 2, 4\]\)"):
+                                         r"\(allowed \[0, 1, 2, 4\]; brats2021 cases label ET as 4\)"):
         validate_case(bad_case(tmp_path, "seg", seg), "brats2021")
 
 
@@ -258,14 +258,14 @@ def test_float_labels_too_large_for_int16_are_not_wrapped_into_valid_ones(tmp_pa
                                          r"far outside the BraTS labels \(e\.g\. 65540\.0\)$"):
         validate_case(files, "brats2021")
     with pytest.raises(BratsError, match=r"BraTS2021_00003_seg\.nii\.gz: label map holds values far outside"):
-        load_case(files, [])
+        read_case_files(files, [])
 
 
-def test_load_case(tmp_path):
+def test_read_case_files(tmp_path):
     affine = np.diag([1.0, 1.0, 2.0, 1.0])
     write_case(tmp_path, "BraTS2021_00000", affine=affine)
     files = case_files(tmp_path / "BraTS2021_00000", "brats2021")
-    images, seg, meta = load_case(files, ["t1ce", "flair"])
+    images, seg, meta = read_case_files(files, ["t1ce", "flair"])
     expected, expected_seg = make_arrays()
     assert list(images) == ["t1ce", "flair"]
     assert images["flair"].dtype == np.float32

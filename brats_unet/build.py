@@ -1,0 +1,72 @@
+"""Instantiate the parts of a run from a composed config: network + loss + optimiser (the module), the DataModule,
+callbacks, loggers and the Trainer. A bad config value becomes a BratsError naming its config group."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as L
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
+from omegaconf import DictConfig, OmegaConf
+
+from brats_unet.checkpoint import AtomicCheckpointIO
+from brats_unet.module import BratsModule
+from brats_unet.utils import BratsError
+
+
+def user_instantiate(key: str, build: Callable[[], Any]) -> Any:
+    """Run `build` (Hydra instantiation); a bad config value becomes a BratsError naming the config group.
+
+    Hydra wraps whatever the constructor raised in an InstantiationException; a BratsError inside is passed on as is.
+    """
+    try:
+        return build()
+    except InstantiationException as e:
+        if isinstance(e.__cause__, BratsError):
+            raise e.__cause__ from None
+        cause = e.__cause__ or e
+        raise BratsError(f"config {key}: {type(cause).__name__}: {cause}") from e
+    except (ValueError, TypeError) as e:
+        raise BratsError(f"config {key}: {type(e).__name__}: {e}") from e
+
+
+def build_module(cfg: DictConfig, in_channels: int, config: dict[str, Any] | None = None) -> BratsModule:
+    """Instantiate loss, network and optimiser partials from the config groups and wrap them in the module."""
+    loss = instantiate(cfg.loss)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    compile_net = bool(model_cfg.pop("compile", False))
+    net = instantiate(model_cfg, in_channels=in_channels, out_channels=loss.num_outputs)
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    return BratsModule(
+        net=net,
+        loss=loss,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=scheduler,
+        patch_size=[int(p) for p in cfg.data.patch_size],
+        compile=compile_net,
+        config=config,
+        **OmegaConf.to_container(cfg.module, resolve=True),
+    )
+
+
+def build_datamodule(cfg: DictConfig, output_dir: str) -> L.LightningDataModule:
+    return user_instantiate("data", lambda: instantiate(cfg.data, output_dir=output_dir, seed=cfg.seed,
+                                                        _recursive_=False))
+
+
+def instantiate_all(group: DictConfig | None) -> list[Any]:
+    return [instantiate(c) for c in (group or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    """Callbacks, loggers and the Trainer; checkpoints are written atomically and read back with the safe unpickler."""
+    callbacks = user_instantiate("callbacks", lambda: instantiate_all(cfg.get("callbacks")))
+    loggers = user_instantiate("logger", lambda: instantiate_all(cfg.get("logger")))
+    if not loggers:  # logger=none: the LR monitor has nowhere to write and Lightning refuses it
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
+    return user_instantiate("trainer", lambda: instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                           **plugins))

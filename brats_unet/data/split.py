@@ -1,0 +1,109 @@
+"""split.json: which cases train, validate and test a run. One schema, one writer, one reader.
+
+{"train": [case, ...], "val": [...], "test": [...], "seed": <split seed>, "fold": <validation fold>}
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from brats_unet.utils import BratsError
+
+SUBSETS = ("train", "val", "test")
+
+
+def _count(fraction: float, n: int) -> int:
+    """round(fraction * n), but at least one case for any positive fraction."""
+    return max(1, round(fraction * n)) if fraction > 0 and n > 0 else 0
+
+
+def make_split(
+    cases: Sequence[str],
+    *,
+    seed: int,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.0,
+    train_cases: int | None = None,
+    val_cases: int | None = None,
+    num_folds: int = 1,
+    fold: int = 0,
+) -> dict[str, Any]:
+    """Seeded split of case names. Test cases are held out first; the rest is split by fractions, by absolute
+    counts (train_cases/val_cases win over val_fraction), or into `num_folds` folds with `fold` as validation."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise BratsError(
+            f"data.val_fraction ({val_fraction}) and data.test_fraction ({test_fraction}) must be in [0, 1) "
+            "and sum to less than 1"
+        )
+    order = [str(c) for c in np.random.default_rng(seed).permutation(sorted(cases))]
+    n_test = _count(test_fraction, len(order))
+    test, rest = order[:n_test], order[n_test:]
+    if num_folds > 1:
+        if train_cases is not None or val_cases is not None:
+            raise BratsError("data.train_cases/data.val_cases cannot be combined with data.num_folds > 1")
+        if not 0 <= fold < num_folds:
+            raise BratsError(f"data.fold must be in [0, {num_folds}) for data.num_folds={num_folds}, got {fold}")
+        if len(rest) < num_folds:
+            raise BratsError(f"data.num_folds={num_folds} needs at least {num_folds} non-test cases, have {len(rest)}")
+        folds = np.array_split(np.arange(len(rest)), num_folds)
+        held = set(folds[fold].tolist())
+        val = [c for i, c in enumerate(rest) if i in held]
+        train = [c for i, c in enumerate(rest) if i not in held]
+    elif train_cases is not None or val_cases is not None:
+        n_val = val_cases if val_cases is not None else _count(val_fraction, len(order))
+        n_train = train_cases if train_cases is not None else len(rest) - n_val
+        if n_train < 1 or n_val < 0 or n_train + n_val > len(rest):
+            raise BratsError(
+                f"data.train_cases={train_cases} and data.val_cases={val_cases} ask for {n_train} training and "
+                f"{n_val} validation cases, but only {len(rest)} cached cases are left after holding out "
+                f"{len(test)} test cases"
+            )
+        val, train = rest[:n_val], rest[n_val : n_val + n_train]
+    else:
+        n_val = _count(val_fraction, len(order))
+        val, train = rest[:n_val], rest[n_val:]
+    if not train:
+        raise BratsError(f"no training cases left: {len(order)} cached cases, check data.val_fraction/test_fraction")
+    return {"train": sorted(train), "val": sorted(val), "test": sorted(test), "seed": seed, "fold": fold}
+
+
+def load_split(path: str | Path, cached: Collection[str] | None = None, cache_path: Path | None = None,
+               need_train: bool = True) -> dict[str, Any]:
+    """Read and check a split.json; with `cached`, every case it names must be among them (cases in the cache).
+
+    A split a run trains on needs training cases; one that only names cases to predict or score need not."""
+    path = Path(path).expanduser()
+    try:
+        split = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BratsError(f"{path}: cannot read the split file: {e}") from e
+    if not isinstance(split, dict) or (need_train and not (isinstance(split.get("train"), list) and split["train"])):
+        raise BratsError(f"{path}: a split file needs a non-empty list under 'train' (and 'val', 'test')")
+    for subset in SUBSETS:
+        if not isinstance(split.get(subset, []), list):
+            raise BratsError(f"{path}: '{subset}' must be a list of case names")
+    if cached is not None:
+        unknown = sorted(set().union(*(split.get(k, []) for k in SUBSETS)) - set(cached))
+        if unknown:
+            where = f" {cache_path}" if cache_path else ""
+            raise BratsError(f"{path}: names {len(unknown)} cases missing from the cache{where}: "
+                             f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    return {
+        "train": [str(c) for c in split.get("train", [])],
+        "val": [str(c) for c in split.get("val", [])],
+        "test": [str(c) for c in split.get("test", [])],
+        "seed": split.get("seed"),
+        "fold": split.get("fold"),
+    }
+
+
+def read_split(path: str | Path, subset: str) -> list[str]:
+    """Case names of one subset (train | val | test) of a run's split.json."""
+    if subset not in SUBSETS:
+        raise BratsError(f"split_subset must be one of {list(SUBSETS)}, got {subset!r}")
+    return load_split(path, need_train=False)[subset]

@@ -1,0 +1,176 @@
+"""Score predicted label maps against BraTS ground truth: per-case rows (metrics.csv) and a summary (summary.json).
+
+Predictions use the dataset's own labels (ET 4 for BraTS 2021 names, 3 for 2023), as brats-predict writes them.
+Cases are never dropped silently: truth cases without a prediction and predictions without truth are listed.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from brats_unet import metrics
+from brats_unet.data.cases import EXTENSIONS, find_file, layout_order, read_label_map, resolve_layout, subfolders
+from brats_unet.data.labels import Layout, brats_to_classes
+from brats_unet.data.split import read_split
+from brats_unet.utils import BratsError, atomic_path, atomic_write_json
+
+log = logging.getLogger("brats_unet.evaluate")
+
+CSV_COLUMNS = ("case", "dice_wt", "dice_tc", "dice_et", "hd95_wt", "hd95_tc", "hd95_et", "dice_ncr", "dice_ed",
+               "vol_pred_wt", "vol_pred_tc", "vol_pred_et", "vol_true_wt", "vol_true_tc", "vol_true_et")
+METRIC_COLUMNS = CSV_COLUMNS[1:]
+AFFINE_ATOL = 1e-3
+
+
+def find_predictions(pred_dir: str | Path) -> dict[str, Path]:
+    """`<case>.nii.gz` (or `.nii`) files in a folder; probability maps (`*_prob`) and temp files are not predictions."""
+    root = Path(pred_dir).expanduser()
+    if not root.is_dir():
+        raise BratsError(f"pred {root} is not a folder of <case>.nii.gz predictions")
+    found: dict[str, Path] = {}
+    for ext in reversed(EXTENSIONS):  # .nii.gz last, so it wins over a .nii of the same case
+        for path in root.glob(f"*{ext}"):
+            case = path.name[: -len(ext)]
+            if path.is_file() and not path.name.startswith(".") and not case.endswith("_prob"):
+                found[case] = path
+    return dict(sorted(found.items()))
+
+
+def find_truth(root: str | Path, layout: str | None) -> dict[str, tuple[Path, Layout]]:
+    """Case -> (seg file, layout) under a BraTS root; the layout is detected per case unless `layout` is given."""
+    layouts = [resolve_layout(layout)] if layout else layout_order(None)
+    truth: dict[str, tuple[Path, Layout]] = {}
+    unlabelled = []
+    for case_dir in subfolders(Path(root).expanduser(), "truth"):
+        hit = next(((seg, lay) for lay in layouts if (seg := find_file(case_dir, lay, "seg"))), None)
+        if hit:
+            truth[case_dir.name] = hit
+        else:
+            unlabelled.append(case_dir.name)
+    if unlabelled:
+        log.warning("%d case folders in %s have no segmentation and are not scored (e.g. %s)", len(unlabelled), root,
+                    ", ".join(unlabelled[:3]))
+    if not truth:
+        names = " or ".join(lay.filename("<case>", "seg") for lay in layouts)
+        raise BratsError(f"truth {root} holds no case folders with a segmentation ({names})")
+    return truth
+
+
+def score_case(case: str, pred: Path | None, seg: Path, layout: Layout, hd95: bool) -> dict[str, Any]:
+    """One metrics.csv row; `pred` None scores an empty prediction (the BraTS convention for a missing case)."""
+    true_classes, true_affine, header = read_label_map(seg, layout)
+    spacing = tuple(float(z) for z in header.get_zooms()[:3])
+    if pred is None:
+        pred_classes = np.zeros_like(true_classes)
+    else:
+        pred_classes, pred_affine, _ = read_label_map(pred, layout)
+        if pred_classes.shape != true_classes.shape:
+            raise BratsError(f"prediction {pred} has shape {pred_classes.shape} but truth {seg} has "
+                             f"{true_classes.shape}: was it written in another geometry?")
+        if not np.allclose(pred_affine, true_affine, atol=AFFINE_ATOL):
+            raise BratsError(f"prediction {pred} and truth {seg} have different affines (max difference "
+                             f"{np.abs(pred_affine - true_affine).max():.4g}): they are not in the same space")
+    return {"case": case, **metrics.case_metrics(pred_classes, true_classes, spacing, with_hd95=hd95)}
+
+
+def case_metrics(pred_labels: np.ndarray, truth_labels: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                 layout: str | Layout = "brats2021", hd95: bool = True) -> dict[str, float]:
+    """One metrics.csv row (without `case`) for two label maps in the dataset's own labels (`layout` says which:
+    ET 4 for brats2021, 3 for brats2023); spacing in mm. BratsError for values that are not the layout's labels."""
+    layout = resolve_layout(layout)
+    try:
+        pred, truth = (brats_to_classes(np.asarray(a), layout.et_label) for a in (pred_labels, truth_labels))
+    except ValueError as e:
+        raise BratsError(f"{e}; {layout.name} labels ET as {layout.et_label}") from e
+    if pred.shape != truth.shape:
+        raise BratsError(f"prediction shape {pred.shape} != truth shape {truth.shape}")
+    return metrics.case_metrics(pred, truth, spacing, with_hd95=hd95)
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | int | None]]:
+    """Per metric: mean, std (population), median, p25, p75 (linear interpolation) and n over finite values."""
+    out: dict[str, dict[str, float | int | None]] = {}
+    for name in METRIC_COLUMNS:
+        values = np.array([r[name] for r in rows if r.get(name) is not None and math.isfinite(r[name])], dtype=float)
+        if values.size == 0:
+            out[name] = {"mean": None, "std": None, "median": None, "p25": None, "p75": None, "n": 0}
+            continue
+        p25, median, p75 = np.percentile(values, [25, 50, 75])
+        out[name] = {"mean": float(values.mean()), "std": float(values.std()), "median": float(median),
+                     "p25": float(p25), "p75": float(p75), "n": int(values.size)}
+    return out
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for row in rows:
+            writer.writerow([row["case"], *("" if row.get(k) is None else repr(float(row[k])) for k in METRIC_COLUMNS)])
+
+
+def evaluate(pred: str | Path, truth: str | Path, *, output: str | Path | None = None, layout: str | None = None,
+             split_file: str | Path | None = None, split_subset: str = "test", hd95: bool = True,
+             missing_as_empty: bool = False, overwrite: bool = False, progress: bool = False
+             ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Score every prediction in `pred` that has a truth case in scope -> (rows as in metrics.csv, summary as in
+    summary.json); with `output`, also write `<output>/metrics.csv` and `<output>/summary.json` (atomically)."""
+    targets = [Path(output).expanduser() / name for name in ("metrics.csv", "summary.json")] if output else []
+    if targets and not overwrite and any(p.exists() for p in targets):
+        raise BratsError(f"{targets[0].parent} already holds metrics.csv/summary.json; pass overwrite=true to replace "
+                         "them or choose another output=")
+    preds = find_predictions(pred)
+    truths = find_truth(truth, layout)
+    scope = sorted(truths)
+    if split_file:
+        wanted = read_split(split_file, split_subset)
+        if not wanted:
+            raise BratsError(f"split_file {split_file} holds no {split_subset} cases: nothing to evaluate (a run "
+                             "with data.test_fraction=0 holds out no test set)")
+        unknown = sorted(set(wanted) - set(truths))
+        if unknown:
+            raise BratsError(f"split_file {split_file} names {len(unknown)} {split_subset} cases that have no truth "
+                             f"in {truth}: {', '.join(unknown[:5])}")
+        scope = sorted(wanted)
+    missing = [c for c in scope if c not in preds]
+    extra = [c for c in preds if c not in truths]
+    outside = [c for c in preds if c in truths and c not in scope]
+    scored = [c for c in scope if c in preds or missing_as_empty]
+    if not any(c in preds for c in scope):
+        raise BratsError(f"none of the {len(preds)} predictions in {pred} matches one of the {len(scope)} truth "
+                         f"cases in scope under {truth} (e.g. prediction {next(iter(preds), '-')}, truth "
+                         f"{scope[0] if scope else '-'})")
+    if missing:
+        how = "scored as empty" if missing_as_empty else "not scored (missing_as_empty=true scores them as empty)"
+        log.warning("%d truth cases have no prediction, %s: %s", len(missing), how, ", ".join(missing[:5]))
+    if extra:
+        log.warning("%d predictions have no truth case: %s", len(extra), ", ".join(extra[:5]))
+
+    rows = [score_case(c, preds.get(c), *truths[c], hd95=hd95)
+            for c in tqdm(scored, desc="evaluate", disable=not progress)]
+    summary = {
+        "metrics": summarize(rows),
+        "n_cases": len(rows),
+        "missing_predictions": missing,
+        "extra_predictions": extra,
+        "outside_split_predictions": outside,
+        "missing_as_empty": bool(missing_as_empty),
+        "pred": str(Path(pred).expanduser().resolve()),
+        "truth": str(Path(truth).expanduser().resolve()),
+        "split_file": str(split_file) if split_file else None,
+        "split_subset": str(split_subset) if split_file else None,
+    }
+    if targets:
+        targets[0].parent.mkdir(parents=True, exist_ok=True)
+        write_csv(targets[0], rows)
+        atomic_write_json(targets[1], summary)
+        log.info("wrote %s and %s", *targets)
+    return rows, summary

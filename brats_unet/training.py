@@ -1,0 +1,103 @@
+"""Fit a U-Net from a composed config: the library side of brats-train (`brats_unet.train(cfg)`)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+from omegaconf import DictConfig, OmegaConf
+
+from brats_unet.build import build_datamodule, build_module, build_trainer, user_instantiate
+from brats_unet.checkpoint import check_weights_fit, flatten, resolve_ckpt_path, warn_config_changes
+from brats_unet.perf import configure_runtime
+from brats_unet.utils import BratsError, atomic_write_json
+from brats_unet.validation import check_patch_fits, validate_train_config
+
+log = logging.getLogger("brats_unet.train")
+
+
+def run_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config without Hydra's own node: what a checkpoint stores and a resume compares."""
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+
+
+def existing_metrics(output_dir: Path) -> dict[str, Any] | None:
+    path = output_dir / "metrics.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def log_hparams(trainer: L.Trainer, config: dict[str, Any], metrics: dict[str, float]) -> None:
+    """The TensorBoard hparams tab: every config value beside the final validation metrics."""
+    hparams = {k: str(v) if isinstance(v, list | tuple) else v for k, v in flatten(config).items()}
+    for logger in trainer.loggers:
+        if "metrics" in inspect.signature(logger.log_hyperparams).parameters:  # CSVLogger takes no metrics
+            logger.log_hyperparams(hparams, metrics={k: v for k, v in metrics.items() if k.startswith("val/")})
+        else:
+            logger.log_hyperparams(hparams)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit (and optionally test) as the config says; write metrics.json; return the final metrics."""
+    validate_train_config(cfg)  # seconds, not minutes: before the cache, the model or a worker exists
+    check_patch_fits(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    log.info("runtime: %s", configure_runtime(**(cfg.get("runtime") or {})))
+    output_dir = Path(cfg.paths.output_dir)
+    config = run_config(cfg)
+    ckpt_path, checkpoint = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    changed: list[str] = []
+    if checkpoint is not None:
+        log.info("resuming from %s (epoch %s, step %s)", ckpt_path, checkpoint.get("epoch"),
+                 checkpoint.get("global_step"))
+        changed = warn_config_changes(checkpoint, config, ckpt_path)
+
+    datamodule = build_datamodule(cfg, str(output_dir))
+    module = user_instantiate("model/loss/optimizer/scheduler",
+                              lambda: build_module(cfg, datamodule.num_channels, config))
+    if checkpoint is not None:
+        check_weights_fit(checkpoint, module, ckpt_path, changed)
+        del checkpoint  # Lightning loads it again; don't hold two copies of the weights and optimiser state
+    try:  # only now, so a config or checkpoint problem leaves no empty run dir behind
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BratsError(f"cannot create the run dir {output_dir} (paths.output_dir): {e.strerror}") from e
+    trainer = build_trainer(cfg)
+
+    log.info("run dir: %s", output_dir)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except FloatingPointError as e:  # module.nonfinite_loss=stop: a user-facing stop, not a crash
+        raise BratsError(str(e)) from e
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    previous = existing_metrics(output_dir)
+    if ckpt_path and not metrics and previous is not None:
+        # Resuming a run that had already finished: fit did nothing, so keep its metrics.json rather than
+        # overwriting it with empty metrics.
+        log.info("%s: the run was already complete (epoch %d, step %d); kept its metrics.json", ckpt_path,
+                 trainer.current_epoch, trainer.global_step)
+        return dict(previous.get("final") or {})
+
+    checkpoint_cb = trainer.checkpoint_callback
+    best_path = getattr(checkpoint_cb, "best_model_path", "") or None
+    if cfg.get("test") and best_path:
+        trainer.test(module, datamodule=datamodule, ckpt_path=best_path, weights_only=True)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+
+    best_score = getattr(checkpoint_cb, "best_model_score", None)
+    summary = {
+        "final": metrics,
+        "best": {"val/dice_mean": float(best_score) if best_score is not None else None, "checkpoint": best_path},
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+    }
+    if trainer.is_global_zero and not trainer.fast_dev_run:
+        atomic_write_json(output_dir / "metrics.json", summary)
+        log_hparams(trainer, config, metrics)
+    return metrics

@@ -1,0 +1,68 @@
+"""What tests share: composed configs for tiny CPU runs and the installed console scripts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from brats_unet.config import compose
+
+# Tiny volumes keep the end-to-end tests to seconds; the fixed seed crop is scaled to fit them.
+TINY_SHAPE = (64, 64, 48)
+TINY_SEED_CROP = [[8, 56], [8, 56], [8, 40]]  # 48 x 48 x 32
+# Console scripts live beside the interpreter running the tests (a venv, conda, tox or a system install).
+SCRIPTS = Path(sys.executable).parent
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def script(name: str) -> str:
+    """Path of an installed console script (brats-train, brats-predict, ...)."""
+    path = SCRIPTS / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{name} is not installed beside {sys.executable}: pip install -e .")
+    return str(path)
+
+
+def run_script(name: str, args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([script(name), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def compose_cli(name: str, overrides: list[str]) -> DictConfig:
+    """The config an entry point (`train`, `predict`, `evaluate`, ...) would get for these overrides."""
+    return compose(overrides, config_name=name)
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    return compose_cli("train", overrides)
+
+
+def tiny_overrides(root: Path, cache: Path, out: Path, preprocess: str = "modern") -> list[str]:
+    """A CPU-sized run: 3-level U-Net with 4..16 filters on 32^3 patches, one epoch of 2 steps, no workers."""
+    overrides = [
+        "data=synthetic",
+        f"data.root={root}",
+        f"paths.cache_dir={cache}",
+        f"paths.output_dir={out}",
+        f"preprocess={preprocess}",
+        "model=unet3d_small",
+        "model.filters=[4,8,16]",
+        "model.dropout=0.1",
+        "data.patch_size=[32,32,32]",
+        "data.batch_size=2",
+        "data.steps_per_epoch=2",
+        "data.num_workers=0",
+        "data.persistent_workers=false",
+        "trainer.accelerator=cpu",
+        "trainer.max_epochs=1",
+        "trainer.log_every_n_steps=1",
+        "~callbacks.progress_bar",
+        "~callbacks.model_summary",
+        "module.val_hd95=false",
+        "scheduler.warmup_steps=0",
+    ]
+    if preprocess == "seed":
+        overrides.append(f"preprocess.crop_box={TINY_SEED_CROP}".replace(" ", ""))
+    return overrides

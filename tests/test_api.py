@@ -1,0 +1,163 @@
+"""The public Python API: the README example verbatim, API == commands, old checkpoints, unsafe checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import pathlib
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from helpers import FIXTURES, compose_cli, compose_train, tiny_overrides
+
+import brats_unet
+from brats_unet.cli.evaluate import evaluate as evaluate_command
+from brats_unet.cli.predict import predict as predict_command
+from brats_unet.utils import BratsError
+
+README = Path(__file__).parents[1] / "README.md"
+OLD = FIXTURES / "v0_1"  # written by the code before the library refactor (see its README.md)
+OLD_CASE = OLD / "BraTS2021_00000"
+
+
+def readme_api_example() -> str:
+    section = README.read_text().split("## Python API", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.mark.slow
+def test_readme_python_api_example_runs_verbatim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(readme_api_example(), "README.md (Python API)", "exec"), scope)
+    assert 0.0 <= scope["metrics"]["val/dice_mean"] <= 1.0
+    image, probs, case = scope["image"], scope["probs"], scope["case"]
+    assert image.get_data_dtype() == np.uint8 and image.shape == (64, 64, 48)
+    assert np.allclose(image.affine, case.affine)
+    assert probs.dtype == np.float32 and probs.shape == (3, 64, 64, 48)
+    labels = np.asarray(image.dataobj)
+    assert np.array_equal(np.asarray(scope["same"].dataobj), labels)  # arrays in memory == the folder
+    assert np.array_equal(labels > 0, (probs > 0.5).any(0))  # tumour label <=> some region above 0.5
+    rows, summary = scope["rows"], scope["summary"]
+    assert [r["case"] for r in rows] == ["BraTS2021_00000"] and summary["n_cases"] == 1
+    assert rows[0]["dice_wt"] == scope["scores"]["dice_wt"]
+
+
+def nifti(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj)
+
+
+def test_old_checkpoint_predicts_bit_identically_through_the_command_and_the_api(tmp_path: Path) -> None:
+    ckpt = OLD / "tiny_region.ckpt"
+    predict_command(compose_cli("predict", [f"ckpt_path={ckpt}", f"input={OLD_CASE}", f"output={tmp_path / 'a'}",
+                                            "device=cpu"]))
+    predict_command(compose_cli("predict", [f"ckpt_path={ckpt}", f"input={OLD_CASE}", f"output={tmp_path / 'b'}",
+                                            "device=cpu", "tta=true", "postprocess=true", "save_probabilities=true"]))
+    expected = OLD / "expected"
+    assert np.array_equal(nifti(tmp_path / "a" / "BraTS2021_00000.nii.gz"), nifti(expected / "plain.nii.gz"))
+    assert np.array_equal(nifti(tmp_path / "b" / "BraTS2021_00000.nii.gz"), nifti(expected / "tta_postprocess.nii.gz"))
+    assert np.array_equal(nifti(tmp_path / "b" / "BraTS2021_00000_prob.nii.gz"), nifti(expected / "tta_prob.nii.gz"))
+
+    segmenter = brats_unet.Segmenter.from_checkpoint(ckpt, device="cpu")
+    image = segmenter.predict(OLD_CASE)
+    assert np.array_equal(np.asarray(image.dataobj), nifti(expected / "plain.nii.gz"))
+    reference = nib.load(expected / "plain.nii.gz")
+    assert image.get_data_dtype() == np.uint8 and np.array_equal(image.affine, reference.affine)
+    assert image.header["qform_code"] == reference.header["qform_code"]
+    tta = brats_unet.Segmenter.from_checkpoint(ckpt, device="cpu", tta=True, postprocess=True)
+    assert np.array_equal(np.asarray(tta.predict(OLD_CASE).dataobj), nifti(expected / "tta_postprocess.nii.gz"))
+    probs = tta.predict_proba(OLD_CASE)
+    stored = nib.load(expected / "tta_prob.nii.gz").get_fdata()  # uint8 steps of 1/255 in the file
+    assert probs.shape == (3, *image.shape) and np.abs(np.moveaxis(probs, 0, -1) - stored).max() <= 0.5 / 255 + 1e-6
+    assert segmenter.modalities == ["t1", "t1ce", "t2", "flair"] and segmenter.layout.name == "brats2021"
+    assert segmenter.config["loss"]["_target_"].endswith("RegionDiceBCELoss")
+
+
+def test_predict_accepts_paths_and_arrays_with_either_releases_names() -> None:
+    segmenter = brats_unet.Segmenter.from_checkpoint(OLD / "tiny_region.ckpt", device="cpu")
+    folder = nifti(OLD / "expected" / "plain.nii.gz")
+    paths = {m: OLD_CASE / f"BraTS2021_00000_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair")}
+    assert np.array_equal(np.asarray(segmenter.predict(paths).dataobj), folder)
+    case = brats_unet.load_case(OLD_CASE)
+    names_2023 = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
+    arrays = {names_2023[m]: (case.images[m], case.affine) for m in case.images}
+    image = segmenter.predict(arrays, layout="brats2023")
+    expected_2023 = np.where(folder == 4, 3, folder)  # the same voxels, ET written as 3
+    assert np.array_equal(np.asarray(image.dataobj), expected_2023)
+    with pytest.raises(BratsError, match=r"the model needs modalities .*the case lacks \['flair'\]"):
+        segmenter.predict({k: v for k, v in arrays.items() if k != "t2f"})
+    with pytest.raises(BratsError, match=r"t2 has shape \(4, 4, 4\) but t1 has \(48, 48, 32\)"):
+        segmenter.predict({**paths, "t2": (np.zeros((4, 4, 4)), case.affine)})
+
+
+def test_evaluate_api_gives_the_rows_and_summary_the_command_writes(tmp_path: Path) -> None:
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    (pred / "BraTS2021_00000.nii.gz").symlink_to(OLD / "expected" / "plain.nii.gz")
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    (truth / "BraTS2021_00000").symlink_to(OLD_CASE)
+    summary = evaluate_command(compose_cli("evaluate", [f"pred={pred}", f"truth={truth}", f"output={tmp_path / 'e'}"]))
+    rows, api_summary = brats_unet.evaluate(pred, truth)
+    assert api_summary == summary
+    with open(tmp_path / "e" / "metrics.csv") as f:
+        written = list(csv.DictReader(f))
+    assert [r["case"] for r in written] == [r["case"] for r in rows] == ["BraTS2021_00000"]
+    for key, value in written[0].items():
+        if key != "case":
+            assert float(value) == rows[0][key], key
+    case = brats_unet.load_case(OLD_CASE)
+    scores = brats_unet.case_metrics(nifti(pred / "BraTS2021_00000.nii.gz"), case.seg, spacing=case.spacing)
+    assert scores == {k: v for k, v in rows[0].items() if k != "case"}
+
+
+# ---- a checkpoint cannot run code -------------------------------------------------------------------------------
+class Payload:
+    """What a crafted checkpoint hides: unpickling it calls Path.touch(marker)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def crafted_checkpoint(path: Path, marker: Path, cfg) -> Path:
+    module = brats_unet.build.build_module(cfg, in_channels=4)
+    config = brats_unet.training.run_config(cfg)
+    config["model"]["note"] = Payload(marker)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": module.state_dict(), "brats_config": config, "epoch": 0, "global_step": 0}, path)
+    return path
+
+
+def test_a_crafted_checkpoint_is_refused_everywhere_and_its_payload_never_runs(synthetic_root: Path, cache_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    import brats_unet.build  # noqa: F401  (crafted_checkpoint builds a real module)
+    import brats_unet.training  # noqa: F401
+
+    marker = tmp_path / "payload-ran"
+    run = tmp_path / "run"
+    cfg = compose_train(tiny_overrides(synthetic_root, cache_dir, run))
+    ckpt = crafted_checkpoint(run / "checkpoints" / "last.ckpt", marker, cfg)
+    # The payload is real: a plain pickle load runs it.
+    torch.load(ckpt, weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+
+    refused = rf"checkpoint {re.escape(str(ckpt))} holds objects other than tensors, numbers, strings and containers"
+    with pytest.raises(BratsError, match=refused):
+        predict_command(compose_cli("predict", [f"ckpt_path={ckpt}", f"input={synthetic_root}",
+                                                f"output={tmp_path / 'pred'}", "device=cpu"]))
+    with pytest.raises(BratsError, match=refused):
+        brats_unet.Segmenter.from_checkpoint(ckpt)
+    with pytest.raises(BratsError, match=refused):  # resume: ckpt_path=last finds it in the run dir
+        brats_unet.train(compose_train([*tiny_overrides(synthetic_root, cache_dir, run), "ckpt_path=last"]))
+    with pytest.raises(BratsError, match=refused):
+        brats_unet.train(compose_train([*tiny_overrides(synthetic_root, cache_dir, tmp_path / "other"),
+                                        f"ckpt_path={ckpt}"]))
+    assert not marker.exists()
+    assert not (tmp_path / "pred").exists()
