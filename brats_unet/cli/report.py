@@ -2,7 +2,10 @@
 
     brats-report run=<run dir>     -> <run>/report/{summary.md, figures/curves.png, figures/lr.png}
     brats-report run=<sweep dir>   -> <sweep>/report/{ablation.csv, ablation.md, figures/ablation.png}
-    [data_root=<BraTS root> layout=brats2021]  -> figures/class_distribution.png (Figure 3)
+                                      + table1.csv, table1.md when the sweep sets data.train_cases or augment
+    either                         -> figures/network.png (Figure 1) from the run's (first job's) config
+    [data_root=<BraTS root> layout=brats2021 [case=<name>]]  -> figures/class_distribution.png (Figure 3),
+                                                                figures/case.png (Figure 2)
     [predictions=<dir of <case>.nii.gz> data_root=...]  -> figures/overlays.png (Figure 7)
 """
 
@@ -19,17 +22,33 @@ from omegaconf import DictConfig
 from brats_unet.cli.common import CONFIG_PATH, user_errors
 from brats_unet.data.io import EXTENSIONS, find_cases, load_case, load_nifti, resolve_layout
 from brats_unet.data.labels import brats_to_classes
-from brats_unet.plots import plot_ablation, plot_class_distribution, plot_curves, plot_lr, plot_overlays, save_figure
+from brats_unet.plots import (
+    plot_ablation,
+    plot_case,
+    plot_class_distribution,
+    plot_curves,
+    plot_lr,
+    plot_network,
+    plot_overlays,
+    save_figure,
+)
 from brats_unet.report import (
     ablation_table,
+    build_network,
     find_jobs,
+    first_config,
     format_csv,
     format_markdown,
     is_run,
+    is_table1_sweep,
+    load_example_case,
+    network_spec,
     override_columns,
     read_metrics,
     read_overrides,
     read_scalars,
+    table1,
+    table1_markdown,
     varying_keys,
 )
 from brats_unet.utils import BratsError, atomic_write_text, check_writable_output
@@ -137,6 +156,11 @@ def sweep_report(sweep: Path, output: Path, metric: str) -> dict[str, Path]:
         written["ablation"] = save_figure(fig, output / "figures" / "ablation.png")
     else:
         log.warning("%s: no job has finished (no metrics.json): no figures/ablation.png", sweep)
+    if is_table1_sweep(sweep):
+        t_columns, t_rows = table1(sweep)
+        written |= {"table1_csv": output / "table1.csv", "table1_md": output / "table1.md"}
+        atomic_write_text(written["table1_csv"], format_csv(t_columns, t_rows))
+        atomic_write_text(written["table1_md"], table1_markdown(sweep, t_columns, t_rows))
     incomplete = [r["job"] for r in rows if r["status"] != "complete"]
     if incomplete:
         log.warning("%s: incomplete jobs (no metrics.json): %s", sweep, ", ".join(incomplete))
@@ -166,6 +190,9 @@ def report(cfg: DictConfig) -> dict[str, Path]:
         stats = dataset_stats(cfg.data_root, cfg.layout, progress=True)
     if cfg.get("predictions"):
         overlay_cases = load_overlay_cases(cfg.predictions, cfg.data_root, cfg.layout, int(cfg.max_cases))
+    example = load_example_case(cfg.data_root, cfg.layout, cfg.get("case")) if cfg.get("data_root") else None
+    network = first_config(run)
+    spec = network_spec(build_network(network[1])) if network else None
 
     check_writable_output(output, bool(cfg.get("overwrite")))
     data_figures: dict[str, Path] = {}
@@ -175,6 +202,11 @@ def report(cfg: DictConfig) -> dict[str, Path]:
     if overlay_cases:
         fig = plot_overlays(overlay_cases)
         data_figures["overlays"] = save_figure(fig, output / "figures" / "overlays.png", dpi=150)
+    if example is not None:
+        data_figures["case"] = save_figure(plot_case(*example), output / "figures" / "case.png", dpi=150)
+    if spec is not None:
+        fig = plot_network(spec, network[1].get("data", {}).get("patch_size"), title=f"network of {network[0]}")
+        data_figures["network"] = save_figure(fig, output / "figures" / "network.png")
     if sweep:
         written = sweep_report(run, output, cfg.metric) | data_figures
     else:
