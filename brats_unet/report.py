@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ import yaml
 
 from brats_unet.utils import BratsError
 
+log = logging.getLogger(__name__)
 Series = list[tuple[int, float]]  # (step, value) in logging order
 EXCLUDED_OVERRIDE_PREFIXES = ("hydra.", "paths.")
 # Final values shown beside the ranking metric; optional ones appear only when some job logged them.
@@ -326,12 +328,19 @@ def network_spec(net: Any) -> dict[str, Any]:
     }
 
 
-def first_config(run: Path) -> tuple[Path, dict[str, Any]] | None:
-    """(run dir, config) of a run, or of a sweep's first job whose config has a model; None without one."""
+def network_of(run: Path) -> tuple[Path, dict[str, Any], list[int] | None] | None:
+    """(job, network_spec, patch size) from a run's config, or from a sweep's first job that has one; None when no
+    config describes a network or it cannot be built (a report is still worth writing without Figure 1)."""
     for job in [run, *find_jobs(run)]:
         config = read_run_config(job)
-        if all(isinstance(config.get(k), Mapping) for k in ("model", "loss", "preprocess")):
-            return job, config
+        if not all(isinstance(config.get(k), Mapping) for k in ("model", "loss", "preprocess")):
+            continue
+        try:
+            spec = network_spec(build_network(config))
+        except Exception as e:  # noqa: BLE001 - any failure to rebuild only costs the diagram
+            log.warning("%s: cannot rebuild the network from .hydra/config.yaml (%s): no figures/network.png", job, e)
+            return None
+        return job, spec, (config.get("data") or {}).get("patch_size")
     return None
 
 

@@ -16,7 +16,8 @@ import torch
 from conftest import compose_train, tiny_overrides
 from hydra.utils import instantiate
 from matplotlib.patches import FancyBboxPatch
-from test_report import assert_png, compose_report, read_csv, sweep_dir
+from omegaconf import OmegaConf
+from test_report import assert_png, compose_report, metrics_json, read_csv, sweep_dir, write_job
 
 from brats_unet.cli.report import report
 from brats_unet.data.datamodule import steps_per_epoch
@@ -110,6 +111,21 @@ def test_network_spec_and_figure_follow_the_configured_model() -> None:
     text = figure_texts(flat)
     assert len([p for p in flat.axes[0].patches if isinstance(p, FancyBboxPatch)]) == 3
     assert "2 levels, two 3x3 convs" in text and "4 ch\ndropout 0\n8x8x8" in text  # z is never pooled in 2D
+
+
+def test_run_report_draws_the_runs_own_network_and_survives_a_config_it_cannot_build(tmp_path: Path, caplog) -> None:
+    run = write_job(tmp_path, 0, ["experiment=paper_final"], metrics_json(0.5, {"val/dice_mean": 0.5}))
+    (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(compose_train(["experiment=paper_final"])))
+    written = report(compose_report([f"run={run}"]))
+    assert_png(written["network"])
+    assert "![network](figures/network.png)" in (run / "report" / "summary.md").read_text()
+
+    broken = write_job(tmp_path, 1, [], None)
+    bad = compose_train(["experiment=paper_final", "model.dropout=[0.1,0.2]"])  # 2 rates for 5 levels
+    (broken / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(bad))
+    written = report(compose_report([f"run={broken}"]))
+    assert "network" not in written and "summary" in written
+    assert "cannot rebuild the network" in caplog.text and "model.dropout has 2 rates" in caplog.text
 
 
 # ---- Figure 2: one case's modalities and label ---------------------------------------------------------------------

@@ -34,15 +34,13 @@ from brats_unet.plots import (
 )
 from brats_unet.report import (
     ablation_table,
-    build_network,
     find_jobs,
-    first_config,
     format_csv,
     format_markdown,
     is_run,
     is_table1_sweep,
     load_example_case,
-    network_spec,
+    network_of,
     override_columns,
     read_metrics,
     read_overrides,
@@ -191,8 +189,7 @@ def report(cfg: DictConfig) -> dict[str, Path]:
     if cfg.get("predictions"):
         overlay_cases = load_overlay_cases(cfg.predictions, cfg.data_root, cfg.layout, int(cfg.max_cases))
     example = load_example_case(cfg.data_root, cfg.layout, cfg.get("case")) if cfg.get("data_root") else None
-    network = first_config(run)
-    spec = network_spec(build_network(network[1])) if network else None
+    network = network_of(run)
 
     check_writable_output(output, bool(cfg.get("overwrite")))
     data_figures: dict[str, Path] = {}
@@ -204,9 +201,10 @@ def report(cfg: DictConfig) -> dict[str, Path]:
         data_figures["overlays"] = save_figure(fig, output / "figures" / "overlays.png", dpi=150)
     if example is not None:
         data_figures["case"] = save_figure(plot_case(*example), output / "figures" / "case.png", dpi=150)
-    if spec is not None:
-        fig = plot_network(spec, network[1].get("data", {}).get("patch_size"), title=f"network of {network[0]}")
-        data_figures["network"] = save_figure(fig, output / "figures" / "network.png")
+    if network is not None:
+        job, spec, patch = network
+        data_figures["network"] = save_figure(plot_network(spec, patch, title=f"network of {job}"),
+                                              output / "figures" / "network.png")
     if sweep:
         written = sweep_report(run, output, cfg.metric) | data_figures
     else:
