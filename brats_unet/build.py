@@ -3,7 +3,7 @@ callbacks, loggers and the Trainer. A bad config value becomes a BratsError nami
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as L
@@ -11,6 +11,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from brats_unet.checkpoint import AtomicCheckpointIO
 from brats_unet.module import BratsModule
@@ -33,12 +34,18 @@ def user_instantiate(key: str, build: Callable[[], Any]) -> Any:
         raise BratsError(f"config {key}: {type(e).__name__}: {e}") from e
 
 
+def build_network(model: Mapping[str, Any], in_channels: int, out_channels: int) -> nn.Module:
+    """The network a model config describes (`compile` is how to run it, not what it is)."""
+    model = OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else dict(model)
+    return instantiate({k: v for k, v in model.items() if k != "compile"}, in_channels=in_channels,
+                       out_channels=out_channels)
+
+
 def build_module(cfg: DictConfig, in_channels: int, config: dict[str, Any] | None = None) -> BratsModule:
     """Instantiate loss, network and optimiser partials from the config groups and wrap them in the module."""
     loss = instantiate(cfg.loss)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    compile_net = bool(model_cfg.pop("compile", False))
-    net = instantiate(model_cfg, in_channels=in_channels, out_channels=loss.num_outputs)
+    net = build_network(cfg.model, in_channels, loss.num_outputs)
+    compile_net = bool(cfg.model.get("compile", False))
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     return BratsModule(
         net=net,

@@ -25,21 +25,30 @@ def _check(logits: torch.Tensor, target: torch.Tensor) -> None:
                          "do not match")
 
 
+# Why smooth must be positive: on soft probabilities a class absent from the truth has Dice 2*0 / (its predicted
+# mass), which is 0 however confidently the network predicts it absent, and 0/0 once that mass underflows. The
+# paper's eq. 1 adds smooth "to avoid division by zero"; nnU-Net and MONAI use 1e-5 for a nearly unsmoothed Dice.
+SMOOTH_RULE = ("the Dice loss works on soft probabilities, so at smooth=0 a class absent from the truth scores Dice 0 "
+               "(0 / its predicted mass) even when predicted absent with confidence, and 0/0 once that mass "
+               "underflows; use e.g. 1e-5 (nnU-Net, MONAI) for a nearly unsmoothed Dice")
+
+
 def _check_smooth(smooth: float) -> float:
-    if smooth < 0:
-        raise ValueError(f"loss.smooth must be >= 0, got {smooth}")
+    if not smooth > 0:
+        raise ValueError(f"loss.smooth must be > 0 ({SMOOTH_RULE}), got {smooth}")
     return float(smooth)
 
 
 def soft_dice(probs: torch.Tensor, onehot: torch.Tensor, smooth: float) -> torch.Tensor:
-    """Eq. 1 per channel: sums over the batch and all voxels (the Keras way), `smooth` on both sides -> (K,)."""
+    """Eq. 1 per channel: sums over the batch and all voxels (the Keras way), `smooth` (> 0) on both sides -> (K,).
+
+    A class absent from the truth scores smooth / (predicted mass + smooth): 1 when the prediction is empty too (the
+    BraTS convention), falling towards 0 as probability mass leaks into it.
+    """
     dims = (0, *range(2, probs.ndim))
     intersection = (probs * onehot).sum(dims)
     denominator = probs.sum(dims) + onehot.sum(dims)
-    # A class absent from both prediction and truth scores 1 (the BraTS convention) even with smooth=0: no 0/0.
-    empty = denominator + smooth <= 0
-    dice = (2.0 * intersection + smooth) / (denominator + smooth).clamp_min(1e-12)
-    return torch.where(empty, torch.ones_like(dice), dice)
+    return (2.0 * intersection + smooth) / (denominator + smooth)
 
 
 class _SoftmaxHead(nn.Module):

@@ -15,8 +15,8 @@ from brats_unet.checkpoint import restore_rng_states, rng_states
 from brats_unet.data.labels import REGION_NAMES, REGIONS
 from brats_unet.inference import sliding_window
 from brats_unet.metrics import BratsMetrics, paper_dice
+from brats_unet.reporting.overlays import case_panel
 from brats_unet.utils import BratsError
-from brats_unet.visualize import case_panel
 
 log = logging.getLogger(__name__)
 

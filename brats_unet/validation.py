@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig
 
 from brats_unet.data import cache
 from brats_unet.data import cases as case_files_io
+from brats_unet.losses import SMOOTH_RULE
 from brats_unet.utils import BratsError
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,7 @@ def validate_train_config(cfg: DictConfig) -> None:
         check_unit_interval("loss.alpha", loss.alpha)
     smooth = loss.get("smooth")
     if smooth is not None and (not _is_number(smooth) or smooth <= 0):
-        # smooth is what keeps Dice finite for a class absent from a batch whose probabilities underflow to 0.
-        raise BratsError(f"loss.smooth must be > 0 (it keeps the Dice of an empty class from dividing by zero), "
-                         f"got {smooth!r}")
+        raise BratsError(f"loss.smooth must be > 0 ({SMOOTH_RULE}), got {smooth!r}")
     lr = (cfg.get("optimizer") or {}).get("lr")
     if lr is not None and (not _is_number(lr) or lr <= 0):
         raise BratsError(f"optimizer.lr must be a positive number, got {lr!r}")

@@ -20,7 +20,7 @@ def test_ddp_two_cpu_processes_fast_dev_run(synthetic_root: Path, cache_dir: Pat
     cmd = [sys.executable, "-m", "brats_unet.cli.train", *tiny_overrides(synthetic_root, cache_dir, run_dir),
            "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
            "debug=fast_dev_run", f"hydra.run.dir={run_dir}"]
-    # Lightning re-launches the same command line for rank 1, so both ranks run `python -m brats_unet.train`.
+    # Lightning re-launches the same command line for rank 1, so both ranks run `python -m brats_unet.cli.train`.
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env={**os.environ}, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]

@@ -42,8 +42,8 @@ def test_dice_hand_example_eq_1_2() -> None:
     d0, d1 = 3.5 / 4.7, 4.1 / 5.3
     assert DiceLoss(smooth=1.0)(logits, target).item() == pytest.approx(1 - (d0 + d1) / 2, abs=1e-6)
     assert DiceLoss(include_background=False)(logits, target).item() == pytest.approx(1 - d1, abs=1e-6)
-    # smooth 0: class 0 -> 2.5 / 3.7, class 1 -> 3.1 / 4.3
-    assert DiceLoss(smooth=0.0)(logits, target).item() == pytest.approx(1 - (2.5 / 3.7 + 3.1 / 4.3) / 2, abs=1e-6)
+    # smooth 1e-5 (nnU-Net's): close to the unsmoothed class 0 -> 2.5 / 3.7, class 1 -> 3.1 / 4.3
+    assert DiceLoss(smooth=1e-5)(logits, target).item() == pytest.approx(1 - (2.5 / 3.7 + 3.1 / 4.3) / 2, abs=1e-5)
 
 
 def test_dice_perfect_and_disjoint() -> None:
@@ -76,7 +76,7 @@ def test_combined_weighting() -> None:
 def test_shape_mismatch_and_smooth_errors() -> None:
     with pytest.raises(ValueError, match="do not match"):
         DiceLoss()(torch.zeros(1, 4, 4, 4, 4), torch.zeros(1, 4, 4, 2, dtype=torch.long))
-    with pytest.raises(ValueError, match="loss.smooth must be >= 0"):
+    with pytest.raises(ValueError, match="loss.smooth must be > 0 .*got -1"):
         DiceLoss(smooth=-1)
 
 
@@ -142,11 +142,27 @@ def test_loss_configs_instantiate() -> None:
     assert isinstance(losses["region"], RegionDiceBCELoss) and losses["region"].num_outputs == 3
 
 
-def test_dice_without_smoothing_scores_an_absent_class_as_perfect() -> None:
-    # Class 3 is in neither the prediction (its softmax underflows to exactly 0) nor the truth: with smooth=0 that
-    # is 0/0 unless handled; it counts as a perfect class, so the loss is 0.
-    target = torch.tensor([[0, 1, 2, 1]])
-    logits = torch.nn.functional.one_hot(target, 4).permute(0, 2, 1).float() * 1000.0
-    assert torch.softmax(logits, 1)[:, 3].sum() == 0
-    loss = DiceLoss(smooth=0.0)(logits, target)
-    assert torch.isfinite(loss) and loss.item() == 0.0
+def confident_background(logit: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """2 classes x 4 voxels, all background in truth, predicted background with logits +-logit (not underflowing)."""
+    target = torch.zeros(1, 4, dtype=torch.long)
+    logits = torch.tensor([[[logit] * 4, [-logit] * 4]])  # (B=1, K=2, S=4)
+    return logits, target
+
+
+def test_an_absent_class_predicted_absent_scores_near_1_with_a_small_smooth() -> None:
+    logits, target = confident_background()
+    e = 1 / (1 + math.exp(20))  # softmax p(class 1) per voxel: sigmoid(-20) ~ 2.06e-9, not 0 in float32
+    assert DiceLoss().probabilities(logits)[0, 1, 0].item() == pytest.approx(e, rel=1e-5)
+    s = 1e-5
+    d0 = (2 * 4 * (1 - e) + s) / (4 * (1 - e) + 4 + s)  # background: ~1
+    d1 = s / (4 * e + s)  # absent class: smooth / (predicted mass + smooth) = 0.99918
+    assert d1 == pytest.approx(0.99918, abs=1e-5)
+    assert DiceLoss(smooth=s)(logits, target).item() == pytest.approx(1 - (d0 + d1) / 2, abs=1e-6)
+    # Without smoothing eq. 1 gives this class 2*0 / (4e) = 0: a correct, confident prediction would cost 0.5.
+    # That is why smooth=0 is refused rather than given a special case.
+
+
+@pytest.mark.parametrize("make", [DiceLoss, CombinedLoss, RegionDiceBCELoss])
+def test_zero_smooth_is_refused_with_the_reason(make) -> None:
+    with pytest.raises(ValueError, match=r"loss.smooth must be > 0 \(.*absent from the truth scores Dice 0.*1e-5"):
+        make(smooth=0.0)

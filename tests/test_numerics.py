@@ -129,9 +129,9 @@ def test_dice_losses_with_empty_classes_are_finite_and_perfect(loss) -> None:
 
 
 def test_zero_smooth_is_refused_by_the_config_check(synthetic_root, cache_dir, tmp_path) -> None:
-    # With smooth=0 the empty-class Dice above is 0/0; the config check stops it before training starts.
+    # With smooth=0 an absent class scores Dice 0 (0/0 once it underflows); the config check stops it before training.
     cfg = compose_train([*tiny_overrides(synthetic_root, cache_dir, tmp_path / "run"), "loss=dice", "loss.smooth=0"])
-    with pytest.raises(BratsError, match=r"loss.smooth must be > 0 .*dividing by zero"):
+    with pytest.raises(BratsError, match=r"loss.smooth must be > 0 \(.*absent from the truth scores Dice 0.*got 0"):
         train(cfg)
     assert not (tmp_path / "run").exists()
 

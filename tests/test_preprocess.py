@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from brats_unet.data.preprocess import minmax, nonzero_bbox, preprocess_case, undo_crop, zscore
+from brats_unet.data.preprocess import minmax, minmax_slice, nonzero_bbox, preprocess_case, undo_crop, zscore
 from brats_unet.utils import BratsError
 
 SEED = dict(modalities=["t1ce", "t2", "flair"], normalize="minmax", crop="fixed", foreground_channel=False, et_label=4)
@@ -18,6 +18,32 @@ def test_minmax_hand_computed():
     np.testing.assert_allclose(minmax(x), [[0.0, 0.25], [0.5, 1.0]])
     assert minmax(x).dtype == np.float32
     np.testing.assert_array_equal(minmax(np.full((2, 3), 7.0)), np.zeros((2, 3)))
+
+
+def test_minmax_slice_scales_each_axial_slice_on_its_own():
+    x = np.zeros((2, 2, 3))
+    x[..., 0] = [[2.0, 4.0], [6.0, 10.0]]  # slice 0: min 2, max 10
+    x[..., 1] = [[-1.0, 0.0], [1.0, 3.0]]  # slice 1: min -1, max 3
+    x[..., 2] = 5.0  # constant slice -> zeros (sklearn's zero-range rule)
+    out = minmax_slice(x)
+    assert out.dtype == np.float32 and out.shape == (2, 2, 3)
+    np.testing.assert_allclose(out[..., 0], [[0.0, 0.25], [0.5, 1.0]])
+    np.testing.assert_allclose(out[..., 1], [[0.0, 0.25], [0.5, 1.0]])
+    np.testing.assert_array_equal(out[..., 2], np.zeros((2, 2)))
+    # The per-volume scaling of the same array differs: slice 1 is squeezed into [0, 11/11] by the volume range.
+    np.testing.assert_allclose(minmax(x)[..., 1], [[0.0, 1 / 11], [2 / 11, 4 / 11]], rtol=1e-6)
+
+
+def test_seed_recipe_with_minmax_slice_normalises_before_the_crop():
+    images = _images((6, 5, 4))
+    images["t2"][0, 0, 1] = 1000.0  # outside the crop, but it is slice 1's maximum
+    box = [[1, 5], [1, 4], [0, 4]]
+    x, _, meta = preprocess_case(images, None, crop_box=box, **{**SEED, "normalize": "minmax_slice"})
+    v = images["t2"].astype(np.float64)
+    lo, hi = v.min(axis=(0, 1)), v.max(axis=(0, 1))
+    np.testing.assert_allclose(x[1], ((v - lo) / (hi - lo))[1:5, 1:4, 0:4], rtol=1e-6)
+    assert x[1, :, :, 1].max() < 0.11  # slice 1 scaled by its own 1000, slice 0 by its own max
+    assert meta["normalize"] == "minmax_slice" and meta["norm_stats"]["t2"]["max"] == 1000.0
 
 
 def test_zscore_hand_computed():

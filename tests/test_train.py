@@ -23,7 +23,7 @@ EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "expe
 def test_every_paper_experiment_composes_with_the_papers_settings() -> None:
     cfg = compose_train(["experiment=paper_final"])
     assert cfg.data.train_cases == 100 and cfg.data.val_cases == 20
-    assert cfg.data.batch_size == 2 and cfg.data.steps_per_epoch == 50
+    assert cfg.data.batch_size == 2 and cfg.data.steps_per_epoch is None  # null: 100 scans / batch 2 = 50 steps
     assert list(cfg.data.patch_size) == [128, 128, 128]
     assert cfg.preprocess.name == "seed" and list(cfg.preprocess.modalities) == ["t1ce", "t2", "flair"]
     assert list(cfg.model.filters) == [32, 64, 128, 256, 512]
@@ -33,7 +33,7 @@ def test_every_paper_experiment_composes_with_the_papers_settings() -> None:
     assert cfg.trainer.max_epochs == 40
 
     baseline = compose_train(["experiment=paper_baseline"])
-    assert baseline.loss._target_.endswith("DiceLoss") and baseline.scheduler._target_.endswith("constant")
+    assert baseline.loss._target_.endswith("CrossEntropyLoss") and baseline.scheduler._target_.endswith("constant")
     assert list(baseline.model.dropout) == [0.1, 0.1, 0.2, 0.2, 0.2]
     table1 = compose_train(["experiment=paper_augment", "data.train_cases=50", "augment=brightness"])
     assert table1.trainer.max_epochs == 79 and table1.data.train_cases == 50

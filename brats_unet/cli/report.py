@@ -1,186 +1,30 @@
-"""brats-report: figures and tables from a finished run or a sweep.
+"""brats-report: figures and tables from a finished run or a sweep (brats_unet.reporting.writer).
 
-    brats-report run=<run dir>     -> <run>/report/{summary.md, figures/curves.png, figures/lr.png}
-    brats-report run=<sweep dir>   -> <sweep>/report/{ablation.csv, ablation.md, figures/ablation.png}
-    [data_root=<BraTS root> layout=brats2021]  -> figures/class_distribution.png (Figure 3)
-    [predictions=<dir of <case>.nii.gz> data_root=...]  -> figures/overlays.png (Figure 7)
+    brats-report run=<run dir or sweep dir> [data_root=<BraTS root> layout=brats2021 [case=<name>]]
+                 [predictions=<dir of <case>.nii.gz>] [output=<dir>] [overwrite=true]
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Any
 
 import hydra
-import numpy as np
 from omegaconf import DictConfig
 
 from brats_unet.cli.common import user_errors
 from brats_unet.config import CONFIG_PATH
-from brats_unet.data.cases import EXTENSIONS, find_cases, load_nifti, read_case_files, resolve_layout
-from brats_unet.data.labels import brats_to_classes
-from brats_unet.plots import plot_ablation, plot_class_distribution, plot_curves, plot_lr, plot_overlays, save_figure
-from brats_unet.report import (
-    ablation_table,
-    find_jobs,
-    format_csv,
-    format_markdown,
-    is_run,
-    override_columns,
-    read_metrics,
-    read_overrides,
-    read_scalars,
-    varying_keys,
-)
-from brats_unet.utils import BratsError, atomic_write_text, check_writable_output
-
-log = logging.getLogger("brats_unet.report")
-
-
-def _classes(data: np.ndarray, et_label: int, where: str) -> np.ndarray:
-    """A BraTS label map read from disk -> internal classes; BratsError naming `where` when it is not one."""
-    if not np.issubdtype(data.dtype, np.integer):
-        if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
-            raise BratsError(f"{where}: label map holds non-integer values; expected integer BraTS labels")
-        data = data.astype(np.int16)
-    try:
-        return brats_to_classes(data, et_label)
-    except ValueError as e:
-        raise BratsError(f"{where}: {e} (config key layout)") from e
-
-
-def load_overlay_cases(predictions: str | Path, data_root: str | Path, layout: str, max_cases: int
-                       ) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-    """(case, FLAIR, true classes, predicted classes) for the first `max_cases` predictions that have a truth."""
-    pred_dir = Path(predictions).expanduser()
-    if not pred_dir.is_dir():
-        raise BratsError(f"predictions folder {pred_dir} does not exist or is not a folder (config key predictions)")
-    layout_obj = resolve_layout(layout)
-    truth = {c.case: c for c in find_cases(data_root, layout_obj, require_seg=True)}
-    preds: dict[str, Path] = {}
-    for path in sorted(pred_dir.iterdir()):
-        ext = next((e for e in EXTENSIONS if path.name.endswith(e)), None)
-        if ext and path.is_file():
-            preds.setdefault(path.name.removesuffix(ext), path)
-    matched = sorted(set(preds) & set(truth))[:max_cases]
-    if not matched:
-        example = next(iter(sorted(preds)), "none")
-        raise BratsError(f"predictions folder {pred_dir}: no <case>.nii.gz matches a labelled case under {data_root} "
-                         f"(first prediction: {example}; first case: {next(iter(truth))})")
-    cases = []
-    for case in matched:
-        images, seg, _ = read_case_files(truth[case], ["flair"])
-        pred, _, _ = load_nifti(preds[case])
-        if pred.shape != seg.shape:
-            raise BratsError(f"{preds[case]}: shape {tuple(pred.shape)} differs from the truth {tuple(seg.shape)} "
-                             f"of case {case}")
-        truth_classes = _classes(seg, layout_obj.et_label, str(truth[case].seg))
-        cases.append((case, images["flair"], truth_classes, _classes(pred, layout_obj.et_label, str(preds[case]))))
-    return cases
-
-
-def _num(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def summary_markdown(run: Path, metrics: dict[str, Any] | None, overrides: dict[str, str], metric: str,
-                     figures: list[str]) -> str:
-    lines = [f"# Run report: {run}", ""]
-    if metrics is None:
-        lines += ["Status: **incomplete** (no metrics.json: the run was interrupted or failed)", ""]
-    else:
-        best = (metrics.get("best") or {})
-        lines += [f"- epochs: {metrics.get('epochs')}, optimiser steps: {metrics.get('global_step')}",
-                  f"- best {metric}: {_num(best.get(metric))} (checkpoint: {best.get('checkpoint')})", ""]
-    if overrides:
-        lines += ["## Overrides", "", *(f"- `{k}={v}`" for k, v in overrides.items()), ""]
-    final = (metrics or {}).get("final") or {}
-    if final:
-        lines += ["## Final metrics", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_num(v)} |" for k, v in sorted(final.items())]
-        lines.append("")
-    if figures:
-        lines += ["## Figures", "", *(f"![{Path(f).stem}]({f})" for f in figures), ""]
-    return "\n".join(lines)
-
-
-def run_report(run: Path, output: Path, metric: str, extra: dict[str, Path] | None = None) -> dict[str, Path]:
-    """curves.png, lr.png and summary.md (which also links the `extra` figures) for one training run."""
-    written: dict[str, Path] = {}
-    scalars = read_scalars(run / "tensorboard")
-    if not scalars:
-        log.warning("no TensorBoard scalars under %s: no curves (was the run started with logger=none?)", run)
-    for name, plot in (("curves", plot_curves), ("lr", plot_lr)):
-        fig = plot(scalars, title=f"{run.parent.name}/{run.name}")
-        if fig is not None:
-            written[name] = save_figure(fig, output / "figures" / f"{name}.png")
-        elif scalars:
-            log.warning("%s: nothing to plot for figures/%s.png", run, name)
-    figures = [str(p.relative_to(output)) for p in (*written.values(), *(extra or {}).values())]
-    text = summary_markdown(run, read_metrics(run), read_overrides(run), metric, figures)
-    atomic_write_text(output / "summary.md", text)
-    written["summary"] = output / "summary.md"
-    return written
-
-
-def sweep_report(sweep: Path, output: Path, metric: str) -> dict[str, Path]:
-    """ablation.csv, ablation.md and figures/ablation.png for a Hydra multirun folder."""
-    columns, rows = ablation_table(sweep, metric)
-    keys = override_columns(columns, metric)
-    written = {"ablation_csv": output / "ablation.csv", "ablation_md": output / "ablation.md"}
-    atomic_write_text(written["ablation_csv"], format_csv(columns, rows))
-    header = (f"# Ablation: {sweep}\n\n{len(rows)} jobs, sorted by best {metric} (the best epoch); the other metric "
-              "columns are final values.\n\n")
-    atomic_write_text(written["ablation_md"], header + format_markdown(columns, rows, keys))
-    fig = plot_ablation(rows, metric, varying_keys(columns, rows, keys))
-    if fig is not None:
-        written["ablation"] = save_figure(fig, output / "figures" / "ablation.png")
-    else:
-        log.warning("%s: no job has finished (no metrics.json): no figures/ablation.png", sweep)
-    incomplete = [r["job"] for r in rows if r["status"] != "complete"]
-    if incomplete:
-        log.warning("%s: incomplete jobs (no metrics.json): %s", sweep, ", ".join(incomplete))
-    return written
+from brats_unet.reporting.writer import write_report
+from brats_unet.utils import BratsError
 
 
 def report(cfg: DictConfig) -> dict[str, Path]:
-    """Write the report for cfg.run (a run dir or a sweep dir) into cfg.output; return {name: file written}."""
+    """Write the report for cfg.run into cfg.output (default <run>/report); print and return the files written."""
     if not cfg.get("run"):
         raise BratsError("pass run=<run dir or sweep dir> (config key run)")
-    run = Path(cfg.run).expanduser()
-    if not run.is_dir():
-        raise BratsError(f"run folder {run} does not exist or is not a folder (config key run)")
-    sweep = not is_run(run) and bool(find_jobs(run))
-    if not sweep and not is_run(run):
-        raise BratsError(f"run folder {run} holds neither a training run (metrics.json, tensorboard/ or .hydra/) nor "
-                         "a sweep (job folders with .hydra/overrides.yaml) (config key run)")
-    if cfg.get("predictions") and not cfg.get("data_root"):
-        raise BratsError("predictions= needs data_root=<BraTS root> for the ground truth (config key data_root)")
-    output = Path(cfg.output).expanduser() if cfg.get("output") else run / "report"
-
-    # Read every input before writing anything, so a bad input leaves no half-written report behind.
-    stats, overlay_cases = None, None
-    if cfg.get("data_root"):
-        from brats_unet.data.stats import dataset_stats
-
-        stats = dataset_stats(cfg.data_root, cfg.layout, progress=True)
-    if cfg.get("predictions"):
-        overlay_cases = load_overlay_cases(cfg.predictions, cfg.data_root, cfg.layout, int(cfg.max_cases))
-
-    check_writable_output(output, bool(cfg.get("overwrite")))
-    data_figures: dict[str, Path] = {}
-    if stats is not None:
-        fig = plot_class_distribution(stats["mean_percent"], stats["cases"])
-        data_figures["class_distribution"] = save_figure(fig, output / "figures" / "class_distribution.png")
-    if overlay_cases:
-        fig = plot_overlays(overlay_cases)
-        data_figures["overlays"] = save_figure(fig, output / "figures" / "overlays.png", dpi=150)
-    if sweep:
-        written = sweep_report(run, output, cfg.metric) | data_figures
-    else:
-        written = run_report(run, output, cfg.metric, extra=data_figures) | data_figures
-    print(f"report for {'sweep' if sweep else 'run'} {run} written to {output}:")
+    written = write_report(cfg.run, cfg.get("output"), metric=cfg.metric, data_root=cfg.get("data_root"),
+                           layout=cfg.layout, predictions=cfg.get("predictions"), case=cfg.get("case"),
+                           max_cases=int(cfg.max_cases), overwrite=bool(cfg.get("overwrite")))
+    print(f"report for {cfg.run} written to {next(iter(written.values())).parent if written else cfg.run}:")
     for path in written.values():
         print(f"  {path}")
     return written

@@ -32,6 +32,17 @@ from brats_unet.utils import BratsError, atomic_write_json
 log = logging.getLogger(__name__)
 
 
+def steps_per_epoch(num_train_cases: int, batch_size: int, steps: int | None = None, world_size: int = 1) -> int:
+    """Optimiser steps in one training epoch (per device under DDP).
+
+    `steps` (data.steps_per_epoch) wins when set; null means the paper's rule (3.3.7), training scans / batch size
+    rounded down like Keras (100 / 2 = 50, 50 / 2 = 25), at least 1. Under DDP the sampler's patches are shared out
+    between the ranks (the last rank padded), and each rank drops its incomplete batch.
+    """
+    samples = steps * batch_size if steps else max(num_train_cases, batch_size)
+    return max(1, -(-samples // world_size) // batch_size)
+
+
 class _CachedCases:
     """Per-process memory-mapped handles to cached cases, opened lazily (each DataLoader worker opens its own)."""
 
@@ -244,6 +255,11 @@ class BratsDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        steps = steps_per_epoch(len(self.train_set), self.batch_size, self.steps_per_epoch, world)
+        rule = (f"data.steps_per_epoch={self.steps_per_epoch}" if self.steps_per_epoch else
+                f"data.steps_per_epoch=null: {len(self.train_set)} training cases / batch size {self.batch_size}")
+        log.info("steps per epoch: %d (%s%s)", steps, rule, f", per device of {world}" if world > 1 else "")
         sampler = PatchSampler(len(self.train_set), self.samples_per_epoch, seed=self.seed)
         return self._loader(self.train_set, self.batch_size, sampler=sampler, drop_last=True)
 

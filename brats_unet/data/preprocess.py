@@ -1,7 +1,9 @@
 """Preprocessing recipes as pure functions on arrays: normalise, crop, stack channels, map labels.
 
 seed   (the paper, 3.3.1): MinMax to [0, 1] per modality over the whole volume, fixed crop [56:184, 56:184, 13:141]
-       to 128^3, channels T1ce, T2, FLAIR.
+       to 128^3, channels T1ce, T2, FLAIR. The paper does not say over what MinMaxScaler was fitted; the tutorial it
+       cites (DigitalSreeni) fits it on `volume.reshape(-1, depth)`, i.e. each axial slice separately: that is
+       `normalize: minmax_slice`.
 modern (NVIDIA nnU-Net for BraTS): crop to the non-zero box (union over modalities), z-score over brain voxels
        (non-zero in any modality), 0 outside the brain, all 4 modalities, optional brain-mask channel.
 Normalisation always sees the whole volume, before cropping, so a crop never changes the statistics.
@@ -17,7 +19,7 @@ import numpy as np
 from brats_unet.data.labels import brats_to_classes
 from brats_unet.utils import BratsError
 
-NORMALIZE = ("minmax", "zscore", "none")
+NORMALIZE = ("minmax", "minmax_slice", "zscore", "none")
 CROPS = ("fixed", "nonzero", "none")
 
 
@@ -28,6 +30,18 @@ def minmax(x: np.ndarray) -> np.ndarray:
     if hi == lo:
         return np.zeros(x.shape, dtype=np.float32)
     return ((x - lo) / (hi - lo)).astype(np.float32)
+
+
+def minmax_slice(x: np.ndarray) -> np.ndarray:
+    """Scale each axial slice x[:, :, k] to [0, 1] on its own; a constant slice -> zeros.
+
+    What sklearn's MinMaxScaler does to `x.reshape(-1, x.shape[-1])` (one column per slice, as the tutorial the paper
+    cites does), including its zero-range rule: (v - min) / 1 = 0.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    lo, hi = x.min(axis=(0, 1), keepdims=True), x.max(axis=(0, 1), keepdims=True)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    return ((x - lo) / span).astype(np.float32)
 
 
 def zscore(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -117,6 +131,9 @@ def preprocess_case(images: dict[str, np.ndarray], seg: np.ndarray | None, *, mo
         if normalize == "minmax":
             stats[m] = {"min": float(v.min()), "max": float(v.max())}
             channels.append(minmax(v))
+        elif normalize == "minmax_slice":
+            stats[m] = {"min": float(v.min()), "max": float(v.max())}  # of the volume; each slice has its own
+            channels.append(minmax_slice(v))
         elif normalize == "zscore":
             values = v[brain].astype(np.float64)
             stats[m] = {"mean": float(values.mean()), "std": float(values.std())} if values.size else {}

@@ -1,6 +1,7 @@
-"""The report figures: training curves, LR, class distribution, overlays and the sweep ablation (matplotlib, Agg).
+"""The report figures: curves, LR, class distribution, overlays, the sweep ablation, and the paper's Figure 1
+(network) and Figure 2 (a case) (matplotlib, Agg).
 
-Pure figure builders over what brats_unet.report reads; `brats_unet.cli.report` decides what to write where.
+Pure figure builders over what brats_unet.reporting.runs reads; reporting.writer decides what to write where.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ matplotlib.use("Agg")  # figures are files; never open a window (headless server
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.patches import FancyBboxPatch, Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from brats_unet.data.labels import CLASS_NAMES  # noqa: E402
-from brats_unet.report import Series, epoch_series  # noqa: E402
+from brats_unet.reporting.overlays import CLASS_COLORS, overlay, slice_view, to_unit, tumour_slice  # noqa: E402
+from brats_unet.reporting.runs import Series, epoch_series  # noqa: E402
 from brats_unet.utils import atomic_path  # noqa: E402
-from brats_unet.visualize import CLASS_COLORS, overlay, slice_view, tumour_slice  # noqa: E402
 
 VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))
 
@@ -147,4 +148,82 @@ def plot_ablation(rows: Sequence[Mapping[str, Any]], metric: str, label_keys: Se
     ax.set_xlabel("job")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
+    return fig
+
+
+def _box(ax: Any, x: float, y: float, text: str, colour: str) -> None:
+    ax.add_patch(FancyBboxPatch((x - 0.45, y - 0.32), 0.9, 0.64, boxstyle="round,pad=0.02", facecolor=colour,
+                                edgecolor="black", linewidth=0.8))
+    ax.text(x, y, text, ha="center", va="center", fontsize=7)
+
+
+def _arrow(ax: Any, start: tuple[float, float], end: tuple[float, float], label: str = "", **kw: Any) -> None:
+    ax.annotate("", xy=end, xytext=start, arrowprops={"arrowstyle": "->", "linewidth": 0.9, **kw})
+    if label:
+        ax.text((start[0] + end[0]) / 2, (start[1] + end[1]) / 2, label, fontsize=6, ha="center", va="bottom",
+                color="dimgrey")
+
+
+def plot_network(spec: Mapping[str, Any], patch_size: Sequence[int] | None = None, title: str = "") -> Figure:
+    """The paper's Figure 1 for the configured network: one box per encoder/decoder level with its width, dropout
+    and (given the patch) feature-map size; max-pool down, up-conv up, copy-and-concat skips, the 1x1 head.
+
+    `spec` is reporting.paper.network_spec of the built module, so the drawing follows the model, not a template.
+    """
+    enc, dec, dim = spec["encoder"], spec["decoder"], int(spec["dim"])
+    levels = len(enc)
+    conv = "x".join(["3"] * dim)
+
+    def size(level: int) -> str:
+        if patch_size is None:
+            return ""
+        pooled = [int(p) // 2 ** level if axis < dim else int(p) for axis, p in enumerate(patch_size)]
+        return "\n" + "x".join(str(p) for p in pooled)
+
+    def label(block: Mapping[str, Any], level: int) -> str:
+        norm = "" if block["norm"] == "none" else f", {block['norm']}"
+        return f"{block['width']} ch\ndropout {block['dropout']:g}{norm}{size(level)}"
+
+    fig, ax = plt.subplots(figsize=(1.25 * (2 * levels + 1), 1.1 * levels + 1.6))
+    right = 2 * (levels - 1)  # x of decoder level 0
+    for i, block in enumerate(enc):
+        colour = "#f2d7a6" if i == levels - 1 else "#a9c8e8"
+        _box(ax, i, -i, label(block, i), colour)
+        if i < levels - 1:
+            _arrow(ax, (i + 0.1, -i - 0.33), (i + 0.9, -i - 0.67), "max-pool 2")
+    for i, block in enumerate(dec):
+        _box(ax, right - i, -i, label(block, i), "#b9dfb0")
+        _arrow(ax, (right - i - 0.9, -i - 0.67), (right - i - 0.1, -i - 0.33), "up-conv 2")
+        _arrow(ax, (i + 0.47, -i), (right - i - 0.47, -i), "copy and concat", linestyle="--", color="grey")
+    _arrow(ax, (-1.1, 0), (-0.47, 0), f"in: {spec['in_channels']} ch")
+    _arrow(ax, (right + 0.47, 0), (right + 1.1, 0), f"1x1 conv: {spec['out_channels']} ch")
+    extras = f", deep supervision x{spec['deep_supervision_heads']}" if spec.get("deep_supervision_heads") else ""
+    ax.text(levels - 1, 0.55, f"{spec['name']}: {levels} levels, two {conv} convs + ReLU per box, dropout between "
+            f"them{extras}; {spec['parameters']:,} parameters", ha="center", fontsize=8)
+    ax.set_xlim(-1.3, right + 1.3)
+    ax.set_ylim(-levels + 0.4, 0.9)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def plot_case(case: str, images: Mapping[str, np.ndarray], classes: np.ndarray, axis: int = 2) -> Figure:
+    """The paper's Figure 2: one case's modalities and its label side by side, on the slice with the most tumour
+    (axis 2: axial)."""
+    index = tumour_slice(classes, axis)
+    fig, axes = plt.subplots(1, len(images) + 1, figsize=(2.3 * (len(images) + 1), 2.7))
+    for ax, (name, volume) in zip(axes, images.items(), strict=False):
+        ax.imshow(to_unit(slice_view(volume, index, axis)), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(name.upper(), fontsize=9)
+    axes[-1].imshow(CLASS_COLORS[slice_view(classes, index, axis).astype(np.int64)])
+    axes[-1].set_title("label", fontsize=9)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    view = dict((a, v) for v, a in VIEWS)[axis]
+    handles = [Patch(color=CLASS_COLORS[i], label=CLASS_NAMES[i].upper()) for i in range(1, len(CLASS_NAMES))]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(f"{case}, {view} slice {index}", fontsize=9)
+    fig.subplots_adjust(wspace=0.03, bottom=0.12)
     return fig

@@ -1,6 +1,6 @@
-"""Reading finished runs back: TensorBoard scalars per epoch and sweep ablation tables (figures: brats_unet.plots).
+"""Reading finished runs back: TensorBoard scalars per epoch, metrics, overrides and sweep ablation tables.
 
-Functions here read files and build tables; `brats_unet.cli.report` decides what to write where.
+Functions here read files and build tables; `brats_unet.reporting.writer` decides what to write where.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ import yaml
 
 from brats_unet.utils import BratsError
 
+log = logging.getLogger(__name__)
 Series = list[tuple[int, float]]  # (step, value) in logging order
 EXCLUDED_OVERRIDE_PREFIXES = ("hydra.", "paths.")
 # Final values shown beside the ranking metric; optional ones appear only when some job logged them.
