@@ -1,6 +1,7 @@
 """Run every benchmark one after the other (never in parallel: they would time each other).
 
-    python -m benchmarks.run_all [--quick] [--device auto|cpu|cuda] [--out DIR] [--only data_loading,training,inference]
+    python -m benchmarks.run_all [--quick] [--device auto|cpu|cuda] [--out DIR]
+        [--only data_loading,training,inference,evaluation]
 
 Each benchmark prints its table and writes benchmarks/results/<name>-<device>.json (machine, torch, threads, device).
 """
@@ -12,10 +13,11 @@ import sys
 import time
 from collections.abc import Sequence
 
-from benchmarks import data_loading, inference, training
+from benchmarks import data_loading, evaluation, inference, training
 from benchmarks.common import parse_words
 
-BENCHMARKS = {"data_loading": data_loading.main, "training": training.main, "inference": inference.main}
+BENCHMARKS = {"data_loading": data_loading.main, "training": training.main, "inference": inference.main,
+              "evaluation": evaluation.main}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -33,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     for name in args.only:
         argv_one = (["--quick"] if args.quick else []) + (["--out", args.out] if args.out else [])
         argv_one += ["--threads", str(args.threads)] if args.threads else []
-        if name != "data_loading":
+        if name not in ("data_loading", "evaluation"):  # CPU work
             argv_one += ["--device", args.device]
         print(f"\n=== {name} ===", flush=True)
         start = time.perf_counter()

@@ -11,7 +11,7 @@ import pytest
 
 # benchmarks/ sits beside the package, not inside it: make the checkout importable when pytest is run from elsewhere.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import data_loading, inference, run_all, training  # noqa: E402
+from benchmarks import data_loading, evaluation, inference, run_all, training  # noqa: E402
 from benchmarks.common import format_table  # noqa: E402
 
 # One thread: on a small shared VM, tiny ops with 2 threads can be 100x slower (thread wake-ups dominate).
@@ -93,6 +93,15 @@ def test_inference_benchmark_skips_tta_over_budget(tmp_path: Path) -> None:
                     "--max-case-seconds", "0", *FAST, "--out", str(tmp_path)])
     rows = _load(tmp_path / "inference-cpu.json", "inference")["rows"]
     assert rows[0]["status"] == "ok" and rows[1]["status"].startswith("skipped: ~")
+
+
+def test_evaluation_benchmark_tiny(tmp_path: Path) -> None:
+    evaluation.main(["--challenges", "brats_men_rt", "--cases", "1", "--shape", "40,40,32", "--no-official", *FAST,
+                     "--out", str(tmp_path)])
+    result = _load(tmp_path / "evaluation-cpu.json", "evaluation")
+    (row,) = result["rows"]
+    assert (row["challenge"], row["regions"], row["status"]) == ("brats_men_rt", 1, "official not installed")
+    assert row["ours_cpu_s"] > 0 and row["official_cpu_s"] is None
 
 
 def test_run_all_rejects_unknown_benchmarks(capsys: pytest.CaptureFixture) -> None:

@@ -8,8 +8,20 @@ import torch
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from brats_unet.metrics import HD95_EMPTY, BratsMetrics, _surface_distances, case_metrics, dice, hd95, paper_dice
+from brats_unet.metrics import (
+    HD95_EMPTY,
+    BratsMetrics,
+    _surface_distances,
+    case_metrics,
+    crop_pair,
+    dice,
+    hd95,
+    nsd,
+    paper_dice,
+    surface_distances,
+)
 from brats_unet.module import batch_spacing
+from brats_unet.utils import BratsError
 
 
 def _mask(shape, *voxels):
@@ -216,3 +228,58 @@ def test_brats_metrics_states_concatenate_across_processes():
     assert result["dice_et"].item() == pytest.approx(1 / 3)
     assert result["hd95_et"].item() == pytest.approx(2 * HD95_EMPTY / 3)
     assert sorted(rank0.per_case()["dice_wt"].tolist()) == [0.0, 0.0, 1.0]
+
+
+# ---------------------------------------------------------------- hd95 modes, nsd
+def _point_and_line():
+    # A: one voxel at the start of B, a 10-voxel line (no interior: every voxel is surface).
+    # A->B: [0]; B->A: [0, 1, ..., 9].
+    a = _mask((12, 3, 3), (0, 1, 1))
+    b = np.zeros((12, 3, 3), bool)
+    b[0:10, 1, 1] = True
+    return a, b
+
+
+def test_hd95_max_mode_takes_the_larger_directed_percentile():
+    a, b = _point_and_line()
+    assert hd95(a, b) == pytest.approx(8.5)  # pooled, as before
+    # directed: p95([0]) = 0; p95([0..9]) at rank 0.95 * 9 = 8.55
+    assert hd95(a, b, mode="max") == pytest.approx(8.55)
+    assert hd95(a, b, spacing=(2.0, 1.0, 1.0), mode="max") == pytest.approx(17.1)
+    with pytest.raises(BratsError, match=r"hd95 mode must be one of \['pooled', 'max'\], got 'mean'"):
+        hd95(a, b, mode="mean")
+
+
+def test_nsd_pooled_and_mean_of_fractions():
+    a, b = _point_and_line()
+    # within 1 mm: A 1 of 1, B 2 of 10 (distances 0 and 1; equal to the tolerance counts)
+    assert nsd(a, b, tolerance_mm=1.0) == pytest.approx(3 / 11)
+    assert nsd(a, b, tolerance_mm=1.0, mode="mean") == pytest.approx((1 / 1 + 2 / 10) / 2)
+    assert nsd(a, b, tolerance_mm=2.0) == pytest.approx(4 / 11)
+    assert nsd(a, b, spacing=(0.5, 1.0, 1.0), tolerance_mm=1.0) == pytest.approx(4 / 11)  # B: 0, .5, 1 mm
+    assert nsd(a, a) == 1.0
+    with pytest.raises(BratsError, match="nsd tolerance must be a finite distance >= 0 mm, got -1"):
+        nsd(a, b, tolerance_mm=-1)
+
+
+@pytest.mark.parametrize(("pred_on", "truth_on", "expected"), [(False, False, 1.0), (True, False, 0.0),
+                                                                (False, True, 0.0)])
+def test_nsd_empty_conventions(pred_on, truth_on, expected):
+    pred = _mask((4, 4, 4), *([(1, 1, 1)] if pred_on else []))
+    truth = _mask((4, 4, 4), *([(2, 2, 2)] if truth_on else []))
+    assert nsd(pred, truth) == expected
+    assert surface_distances(pred, truth) is None
+
+
+def test_crop_pair_keeps_every_metric():
+    rng = np.random.default_rng(3)
+    pred = np.zeros((30, 30, 30), np.uint8)
+    truth = np.zeros_like(pred)
+    pred[5:12, 6:14, 8:15] = rng.integers(0, 3, (7, 8, 7))
+    truth[7:13, 5:12, 9:16] = rng.integers(0, 3, (6, 7, 7))
+    small_pred, small_truth = crop_pair(pred, truth)
+    assert small_pred.shape == (10, 11, 10)  # union box x 5..12, y 5..13, z 8..15, plus 1 voxel each side
+    for region in (1, 2):
+        full = (pred == region, truth == region)
+        cut = (small_pred == region, small_truth == region)
+        assert hd95(*cut) == hd95(*full) and nsd(*cut) == nsd(*full) and dice(*cut) == dice(*full)
