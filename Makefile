@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= outputs/demo
 
-.PHONY: install demo test bench
+.PHONY: install demo test test-fast bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ demo: install
 test: install
 	$(BIN)/ruff check brats_unet tests benchmarks
 	$(BIN)/pytest -q
+
+# The inner loop: unit tests only (no end-to-end runs), about a minute; CI runs `make test`.
+test-fast: install
+	$(BIN)/ruff check brats_unet tests benchmarks
+	$(BIN)/pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/python -m benchmarks.run_all

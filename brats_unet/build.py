@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as L
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -34,18 +35,18 @@ def user_instantiate(key: str, build: Callable[[], Any]) -> Any:
         raise BratsError(f"config {key}: {type(e).__name__}: {e}") from e
 
 
-def build_network(model: Mapping[str, Any], in_channels: int, out_channels: int) -> nn.Module:
-    """The network a model config describes (`compile` is how to run it, not what it is)."""
+def build_network(model: Mapping[str, Any], in_channels: int, out_channels: int, channels_last: bool = False
+                  ) -> nn.Module:
+    """The network a model config describes, in the channels-last memory format if asked (runtime.channels_last)."""
     model = OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else dict(model)
-    return instantiate({k: v for k, v in model.items() if k != "compile"}, in_channels=in_channels,
-                       out_channels=out_channels)
+    return instantiate(model, in_channels=in_channels, out_channels=out_channels, channels_last=channels_last)
 
 
 def build_module(cfg: DictConfig, in_channels: int, config: dict[str, Any] | None = None) -> BratsModule:
     """Instantiate loss, network and optimiser partials from the config groups and wrap them in the module."""
     loss = instantiate(cfg.loss)
-    net = build_network(cfg.model, in_channels, loss.num_outputs)
-    compile_net = bool(cfg.model.get("compile", False))
+    runtime = cfg.get("runtime") or {}
+    net = build_network(cfg.model, in_channels, loss.num_outputs, channels_last=bool(runtime.get("channels_last")))
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     return BratsModule(
         net=net,
@@ -53,7 +54,7 @@ def build_module(cfg: DictConfig, in_channels: int, config: dict[str, Any] | Non
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
         patch_size=[int(p) for p in cfg.data.patch_size],
-        compile=compile_net,
+        compile=bool(runtime.get("compile")),
         config=config,
         **OmegaConf.to_container(cfg.module, resolve=True),
     )
@@ -75,5 +76,7 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     if not loggers:  # logger=none: the LR monitor has nowhere to write and Lightning refuses it
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
+    # runtime.cudnn_benchmark (applied by perf.configure_runtime) is the one home of the autotuner switch; Lightning
+    # would otherwise turn it off because deterministic="warn".
     return user_instantiate("trainer", lambda: instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                                           **plugins))
+                                                           benchmark=torch.backends.cudnn.benchmark, **plugins))

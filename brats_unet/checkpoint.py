@@ -36,6 +36,17 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored run config in today's keys: speed knobs once under model/module now live in `runtime`."""
+    config = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    runtime = config.setdefault("runtime", {})
+    for group, key in (("model", "channels_last"), ("model", "compile"), ("module", "channels_last")):
+        if key in (config.get(group) or {}):
+            value = config[group].pop(key)
+            runtime[key] = bool(runtime.get(key)) or bool(value)
+    return config
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint read with the safe unpickler; BratsError naming the file if it is unsafe, damaged or foreign."""
     path = Path(path).expanduser()
@@ -127,7 +138,7 @@ def warn_config_changes(checkpoint: dict[str, Any], current: dict[str, Any], pat
     saved = checkpoint.get("brats_config")
     if not saved:
         return []
-    old, new = flatten(saved), flatten(current)
+    old, new = flatten(upgrade_config(saved)), flatten(current)
     changed = sorted(
         k for k in set(old) | set(new) if old.get(k) != new.get(k) and not k.startswith(RESUME_IGNORED_KEYS)
     )

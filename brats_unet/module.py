@@ -71,7 +71,6 @@ class BratsModule(L.LightningModule):
         log_images_every_n_epochs: int = 5,
         nonfinite_loss: str = "stop",
         compile: bool = False,
-        channels_last: bool = False,
         config: dict | None = None,
     ) -> None:
         super().__init__()
@@ -82,9 +81,6 @@ class BratsModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.patch_size = tuple(int(p) for p in patch_size)
         self.config = config  # the run's resolved Hydra config, stored in every checkpoint for brats-predict
-        self.channels_last = channels_last
-        if channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last_3d)
         # Compile a view of the net without registering it as a submodule: state_dict keys stay `net.*`, so a
         # checkpoint loads whether or not the run that wrote it was compiled.
         object.__setattr__(self, "_forward_net", torch.compile(self.net) if compile else self.net)
@@ -94,8 +90,6 @@ class BratsModule(L.LightningModule):
         self.register_buffer("skipped_batches", torch.tensor(0))
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
         return self._forward_net(x)
 
     # ---- training ---------------------------------------------------------------------------------------------

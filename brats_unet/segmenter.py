@@ -19,7 +19,7 @@ from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
 from brats_unet.build import build_module
-from brats_unet.checkpoint import load_checkpoint, weight_mismatches
+from brats_unet.checkpoint import load_checkpoint, upgrade_config, weight_mismatches
 from brats_unet.data.cases import (
     EXTENSIONS,
     Case,
@@ -42,7 +42,7 @@ CaseInput = str | Path | Mapping[str, Any]
 
 
 # ---- model ---------------------------------------------------------------------------------------------------------
-def load_model(ckpt_path: str | Path) -> tuple[BratsModule, dict[str, Any]]:
+def load_model(ckpt_path: str | Path, channels_last: bool = False) -> tuple[BratsModule, dict[str, Any]]:
     """Rebuild the module from the checkpoint's own config, load its weights strictly: (module in eval mode, config)."""
     path = Path(ckpt_path).expanduser()
     checkpoint = load_checkpoint(path)
@@ -53,8 +53,9 @@ def load_model(ckpt_path: str | Path) -> tuple[BratsModule, dict[str, Any]]:
     absent = [k for k in ("data", "preprocess", "model", "loss", "optimizer") if k not in config]
     if absent:
         raise BratsError(f"checkpoint {path}: its stored config lacks {absent}; was it written by another version?")
-    cfg = OmegaConf.create(config)
-    cfg.model.compile = False  # a one-off inference pass does not repay compilation
+    cfg = OmegaConf.create(upgrade_config(config))
+    cfg.runtime.compile = False  # a one-off inference pass does not repay compilation
+    cfg.runtime.channels_last = bool(channels_last)
     try:
         module = build_module(cfg, in_channels=num_channels(cfg.preprocess))
     except (InstantiationException, ValueError, TypeError) as e:
@@ -194,10 +195,11 @@ class Segmenter:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", tta: bool = False,
-                        postprocess: bool = False, precision: str = "auto", **window: Any) -> Segmenter:
+                        postprocess: bool = False, precision: str = "auto", channels_last: bool = False,
+                        **window: Any) -> Segmenter:
         """Rebuild the model of a brats-train checkpoint (best.ckpt / last.ckpt); `window`: overlap, window_batch."""
         device = resolve_device(device)  # before loading: a bad device is a quick error
-        module, config = load_model(path)
+        module, config = load_model(path, channels_last=channels_last)
         return cls(module, config, device=device, tta=tta, postprocess=postprocess, precision=precision, **window)
 
     @property

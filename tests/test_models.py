@@ -147,8 +147,7 @@ def test_model_configs_instantiate() -> None:
         flat = compose(overrides=["+model=unet2d"]).model
     assert list(paper.filters) == PAPER_FILTERS and list(paper.dropout) == [0.1, 0.1, 0.2, 0.2, 0.2]
     assert paper.norm == "none" and "in_channels" not in paper
-    assert paper.compile is False  # popped by the trainer (cli/train.build_module), not a network argument
-    small, flat = (OmegaConf.masked_copy(c, [k for k in c if k != "compile"]) for c in (small, flat))
+    assert "compile" not in paper and "channels_last" not in paper  # speed knobs live in the runtime group
     model = instantiate(small, in_channels=3, out_channels=4)
     assert isinstance(model, UNet3D) and model.filters == [8, 16, 32, 64, 128] and model.dropout[2] == 0.2
     assert isinstance(instantiate(flat, in_channels=3, out_channels=3), UNet2D)

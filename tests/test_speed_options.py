@@ -112,10 +112,15 @@ def _module(**kwargs) -> BratsModule:
     return BratsModule(net, RegionDiceBCELoss(), optimizer, patch_size=(16, 16, 16), **kwargs)
 
 
-def test_module_with_channels_last_predicts_the_same() -> None:
-    plain, fast = _module(), _module(channels_last=True)
+def test_runtime_channels_last_builds_a_channels_last_net_that_predicts_the_same(tmp_path: Path) -> None:
+    base = tiny_overrides(Path("data"), Path("cache"), tmp_path)
+    plain = build_module(compose_train(base), in_channels=4)
+    fast = build_module(compose_train([*base, "runtime.channels_last=true"]), in_channels=4)
+    assert fast.net.encoders[0].conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert not plain.net.encoders[0].conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
     fast.load_state_dict(plain.state_dict())
-    x, _ = _batch(size=16)
+    plain.eval(), fast.eval()  # no dropout
+    x = torch.randn(1, 4, 32, 32, 32)
     with torch.no_grad():
         assert torch.allclose(fast(x), plain(x), rtol=1e-4, atol=1e-5)
 
@@ -141,10 +146,10 @@ def test_compiled_module_saves_the_same_state_dict_keys_and_loads_either_way() -
     plain.load_state_dict(compiled.state_dict(), strict=True)
 
 
-def test_model_compile_config_key_keeps_checkpoint_keys(tmp_path: Path) -> None:
+def test_runtime_compile_config_key_keeps_checkpoint_keys(tmp_path: Path) -> None:
     base = tiny_overrides(Path("r"), Path("c"), tmp_path)
     plain = build_module(compose_train(base), in_channels=4)
-    compiled = build_module(compose_train([*base, "model.compile=true"]), in_channels=4)
+    compiled = build_module(compose_train([*base, "runtime.compile=true"]), in_channels=4)
     assert type(compiled._forward_net).__name__ == "OptimizedModule"
     assert list(compiled.state_dict()) == list(plain.state_dict())
 
@@ -177,9 +182,11 @@ def test_configure_runtime_sets_threads_cudnn_and_matmul_precision(restore_runti
     state = configure_runtime(threads=1, cudnn_benchmark=True, matmul_precision="high")
     assert torch.get_num_threads() == 1 and torch.backends.cudnn.benchmark is True
     assert torch.get_float32_matmul_precision() == "high"
-    assert state == {"threads": 1, "cudnn_benchmark": True, "matmul_precision": "high"}
+    assert state == {"threads": 1, "cudnn_benchmark": True, "matmul_precision": "high", "channels_last": False,
+                     "compile": False}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, cudnn_benchmark=null turns the autotuner on")
 def test_configure_runtime_with_nones_changes_nothing(restore_runtime) -> None:
     before = (torch.get_num_threads(), torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision())
     configure_runtime(None, None, None)
@@ -190,6 +197,7 @@ def test_configure_runtime_with_nones_changes_nothing(restore_runtime) -> None:
     ({"threads": 0}, r"runtime\.threads must be a positive integer or null, got 0"),
     ({"threads": True}, r"runtime\.threads must be a positive integer"),
     ({"matmul_precision": "tf32"}, r"runtime\.matmul_precision must be one of \['highest', 'high', 'medium'\]"),
+    ({"channels_last": "yes"}, r"runtime\.channels_last must be true or false, got 'yes'"),
 ])
 def test_configure_runtime_rejects_bad_values(restore_runtime, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

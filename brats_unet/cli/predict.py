@@ -28,6 +28,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     log.info("runtime: %s", configure_runtime(**(cfg.get("runtime") or {})))
     segmenter = Segmenter.from_checkpoint(cfg.ckpt_path, device=str(cfg.device), tta=bool(cfg.tta),
                                           postprocess=bool(cfg.postprocess), precision=str(cfg.precision),
+                                          channels_last=bool(cfg.runtime.channels_last),
                                           overlap=float(cfg.overlap), window_batch=int(cfg.window_batch))
     only = read_split(cfg.split_file, cfg.split_subset) if cfg.get("split_file") else None
     if only == []:
