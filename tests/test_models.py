@@ -8,7 +8,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 
 from brats_unet.models.unet2d import UNet2D
