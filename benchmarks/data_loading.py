@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.resources
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from omegaconf import OmegaConf
 
 from benchmarks.common import median, parse_ints, print_table, threads, write_result
 from benchmarks.training import MODELS, Combo, build_net
+from brats_unet.config import compose
 from brats_unet.data import cache
 from brats_unet.data import cases as case_files_io
 from brats_unet.data.datamodule import BratsDataModule
@@ -38,9 +38,8 @@ from brats_unet.data.synthetic import write_dataset
 
 
 def recipe(name: str) -> dict[str, Any]:
-    """A preprocess recipe from the packaged conf/preprocess/<name>.yaml."""
-    text = (importlib.resources.files("brats_unet.conf") / "preprocess" / f"{name}.yaml").read_text()
-    return OmegaConf.to_container(OmegaConf.create(text), resolve=True)  # type: ignore[return-value]
+    """A preprocess recipe as brats-train composes it for BraTS 2021 data (preprocess=<name>)."""
+    return OmegaConf.to_container(compose([f"preprocess={name}", "data=brats2021"]).preprocess, resolve=True)
 
 
 def fit_crop_box(box: list[list[int]], shape: Sequence[int]) -> list[list[int]]:
@@ -58,7 +57,7 @@ def raw_sample(files: case_files_io.CaseFiles, seed: dict[str, Any]) -> np.ndarr
     """The seed's way: decode every modality and the label map, normalise, crop."""
     images, seg, _ = case_files_io.read_case_files(files, seed["modalities"])
     x, _, _ = preprocess_case(images, seg, modalities=seed["modalities"], normalize=seed["normalize"], crop="fixed",
-                              crop_box=seed["crop_box"], foreground_channel=False, et_label=4)
+                              crop_box=seed["crop_box"], foreground_channel=False, schema="brats2021")
     return x
 
 

@@ -15,6 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from brats_unet.checkpoint import AtomicCheckpointIO
+from brats_unet.data.cases import resolve_layout
+from brats_unet.data.labels import resolve_schema
 from brats_unet.module import BratsModule
 from brats_unet.utils import BratsError
 
@@ -35,6 +37,13 @@ def user_instantiate(key: str, build: Callable[[], Any]) -> Any:
         raise BratsError(f"config {key}: {type(e).__name__}: {e}") from e
 
 
+def data_schema(data: Mapping[str, Any]) -> str:
+    """The label schema a data config declares (data.schema), or its layout's own (configs before schemas)."""
+    schema = data.get("schema") or resolve_layout(data["layout"]).schema
+    resolve_schema(schema)  # unknown names fail here, naming the config key
+    return schema
+
+
 def build_network(model: Mapping[str, Any], in_channels: int, out_channels: int, channels_last: bool = False
                   ) -> nn.Module:
     """The network a model config describes, in the channels-last memory format if asked (runtime.channels_last)."""
@@ -44,7 +53,7 @@ def build_network(model: Mapping[str, Any], in_channels: int, out_channels: int,
 
 def build_module(cfg: DictConfig, in_channels: int, config: dict[str, Any] | None = None) -> BratsModule:
     """Instantiate loss, network and optimiser partials from the config groups and wrap them in the module."""
-    loss = instantiate(cfg.loss)
+    loss = instantiate(cfg.loss, schema=data_schema(cfg.data))
     runtime = cfg.get("runtime") or {}
     net = build_network(cfg.model, in_channels, loss.num_outputs, channels_last=bool(runtime.get("channels_last")))
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from brats_unet import metrics
 from brats_unet.data.cases import EXTENSIONS, find_file, layout_order, read_label_map, resolve_layout, subfolders
-from brats_unet.data.labels import Layout, brats_to_classes
+from brats_unet.data.labels import Layout
 from brats_unet.data.split import read_split
 from brats_unet.utils import BratsError, atomic_path, atomic_write_json
 
@@ -85,11 +85,11 @@ def case_metrics(pred_labels: np.ndarray, truth_labels: np.ndarray, spacing: Seq
                  layout: str | Layout = "brats2021", hd95: bool = True) -> dict[str, float]:
     """One metrics.csv row (without `case`) for two label maps in the dataset's own labels (`layout` says which:
     ET 4 for brats2021, 3 for brats2023); spacing in mm. BratsError for values that are not the layout's labels."""
-    layout = resolve_layout(layout)
+    schema = resolve_layout(layout).label_schema
     try:
-        pred, truth = (brats_to_classes(np.asarray(a), layout.et_label) for a in (pred_labels, truth_labels))
+        pred, truth = (schema.to_classes(np.asarray(a)) for a in (pred_labels, truth_labels))
     except ValueError as e:
-        raise BratsError(f"{e}; {layout.name} labels ET as {layout.et_label}") from e
+        raise BratsError(f"{e} (layout {layout})") from e
     if pred.shape != truth.shape:
         raise BratsError(f"prediction shape {pred.shape} != truth shape {truth.shape}")
     return metrics.case_metrics(pred, truth, spacing, with_hd95=hd95)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brats_unet.data.labels import NUM_CLASSES, REGION_NAMES, REGIONS
+from brats_unet.data.labels import SCHEMAS, LabelSchema, resolve_schema
 
 
 def _fp32(device: torch.device) -> torch.autocast:
@@ -52,10 +52,14 @@ def soft_dice(probs: torch.Tensor, onehot: torch.Tensor, smooth: float) -> torch
 
 
 class _SoftmaxHead(nn.Module):
-    """Mutually exclusive classes: softmax probabilities, argmax decoding."""
+    """Mutually exclusive classes of a label schema (background + its labels): softmax probabilities, argmax."""
 
-    num_outputs = NUM_CLASSES
     activation = "softmax"
+
+    def __init__(self, schema: LabelSchema | str = "brats2021") -> None:
+        super().__init__()
+        self.schema = resolve_schema(schema)
+        self.num_outputs = self.schema.num_classes
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         with _fp32(logits.device):
@@ -68,8 +72,9 @@ class _SoftmaxHead(nn.Module):
 class DiceLoss(_SoftmaxHead):
     """Eq. 2: mean over classes of 1 - DiceCoef (eq. 1) of softmax probabilities vs one-hot targets."""
 
-    def __init__(self, smooth: float = 1.0, include_background: bool = True) -> None:
-        super().__init__()
+    def __init__(self, smooth: float = 1.0, include_background: bool = True, schema: LabelSchema | str = "brats2021"
+                 ) -> None:
+        super().__init__(schema)
         self.smooth = _check_smooth(smooth)
         self.include_background = include_background
 
@@ -96,58 +101,60 @@ class CrossEntropyLoss(_SoftmaxHead):
 class CombinedLoss(_SoftmaxHead):
     """Eq. 3: alpha * Dice + (1 - alpha) * CE."""
 
-    def __init__(self, alpha: float = 0.5, smooth: float = 1.0) -> None:
-        super().__init__()
+    def __init__(self, alpha: float = 0.5, smooth: float = 1.0, schema: LabelSchema | str = "brats2021") -> None:
+        super().__init__(schema)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"loss.alpha must be in [0, 1] (weight of Dice vs cross-entropy), got {alpha}")
         self.alpha = float(alpha)
-        self.dice = DiceLoss(smooth=smooth)
-        self.ce = CrossEntropyLoss()
+        self.dice = DiceLoss(smooth=smooth, schema=self.schema)
+        self.ce = CrossEntropyLoss(schema=self.schema)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.alpha * self.dice(logits, target) + (1.0 - self.alpha) * self.ce(logits, target)
 
 
-def region_targets(target: torch.Tensor) -> torch.Tensor:
-    """Float masks (B, 3, *S) for the regions in REGION_NAMES order (wt, tc, et) from internal classes (B, *S)."""
-    masks = [torch.isin(target, torch.tensor(REGIONS[name], device=target.device)) for name in REGION_NAMES]
+def region_targets(target: torch.Tensor, schema: LabelSchema = SCHEMAS["brats2021"]) -> torch.Tensor:
+    """Float masks (B, R, *S) for the schema's regions (brats2021/2023: wt, tc, et) from internal classes (B, *S)."""
+    masks = [torch.isin(target, torch.tensor(schema.region_classes[name], device=target.device))
+             for name in schema.region_names]
     return torch.stack(masks, dim=1).float()
 
 
-def classes_from_region_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Internal classes (B, *S) from region logits (B, 3, *S); like labels.classes_from_regions: ET over TC over WT.
+def classes_from_region_logits(logits: torch.Tensor, schema: LabelSchema = SCHEMAS["brats2021"]) -> torch.Tensor:
+    """Internal classes (B, *S) from region logits (B, R, *S), painted in the schema's decode order (the rule of
+    labels.LabelSchema.classes_from_regions; for WT/TC/ET: ET over TC over WT, NVIDIA's BraTS rule).
 
     sigmoid(l) > 0.5 is tested as l > 0, which is exact (no rounding of the sigmoid near 0.5).
     """
     on = logits > 0
-    wt, tc, et = (on[:, REGION_NAMES.index(name)] for name in ("wt", "tc", "et"))
-    out = torch.zeros(wt.shape, dtype=torch.long, device=logits.device)
-    out[wt] = 2
-    out[tc] = 1
-    out[et] = 3
+    out = torch.zeros((logits.shape[0], *logits.shape[2:]), dtype=torch.long, device=logits.device)
+    for region, cls in schema.decode_order:
+        out[on[:, region]] = cls
     return out
 
 
 class RegionDiceBCELoss(nn.Module):
-    """NVIDIA nnU-Net (BraTS21) loss: channel i is region REGION_NAMES[i] (wt, tc, et) with a sigmoid; per region
-    soft Dice (batch-summed, as eq. 1) + BCE-with-logits, SUMMED over the three regions like NVIDIA's `LossBraTS`
-    (so its scale is about 3x a single-region loss; the paper's losses are means)."""
+    """NVIDIA nnU-Net (BraTS21) loss: channel i is the schema's region i (wt, tc, et for BraTS glioma) with a sigmoid;
+    per region soft Dice (batch-summed, as eq. 1) + BCE-with-logits, SUMMED over the regions like NVIDIA's
+    `LossBraTS` (so its scale is about 3x a single-region loss; the paper's losses are means)."""
 
-    num_outputs = len(REGION_NAMES)
     activation = "sigmoid"
 
-    def __init__(self, smooth: float = 1.0) -> None:
+    def __init__(self, smooth: float = 1.0, schema: LabelSchema | str = "brats2021") -> None:
         super().__init__()
+        self.schema = resolve_schema(schema)
+        self.num_outputs = len(self.schema.region_names)
+        self.schema.decode_order  # noqa: B018  (a schema whose regions cannot be decoded fails here, not at validation)
         self.smooth = _check_smooth(smooth)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         _check(logits, target)
         if logits.shape[1] != self.num_outputs:
-            raise ValueError(f"RegionDiceBCELoss: logits need {self.num_outputs} channels {REGION_NAMES}, "
+            raise ValueError(f"RegionDiceBCELoss: logits need {self.num_outputs} channels {self.schema.region_names}, "
                              f"got {logits.shape[1]}")
         with _fp32(logits.device):
             logits = logits.float()
-            regions = region_targets(target)
+            regions = region_targets(target, self.schema)
             dice = soft_dice(torch.sigmoid(logits), regions, self.smooth)  # (3,)
             dims = (0, *range(2, logits.ndim))
             bce = F.binary_cross_entropy_with_logits(logits, regions, reduction="none").mean(dims)  # (3,)
@@ -158,4 +165,4 @@ class RegionDiceBCELoss(nn.Module):
             return torch.sigmoid(logits.float())
 
     def to_classes(self, logits: torch.Tensor) -> torch.Tensor:
-        return classes_from_region_logits(logits)
+        return classes_from_region_logits(logits, self.schema)

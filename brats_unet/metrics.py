@@ -18,13 +18,12 @@ from scipy.spatial import cKDTree
 from torch import Tensor
 from torchmetrics import Metric
 
-from brats_unet.data.labels import REGION_NAMES, region_masks
+from brats_unet.data.labels import SCHEMAS, LabelSchema
 from brats_unet.utils import BratsError
 
 HD95_EMPTY = 373.13
 HD95_MODES = ("pooled", "max")
 NSD_MODES = ("pooled", "mean")
-METRIC_REGIONS = REGION_NAMES  # wt, tc, et
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -173,31 +172,49 @@ def case_metrics(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     *,
     with_hd95: bool = True,
+    schema: LabelSchema = SCHEMAS["brats2021"],
 ) -> dict[str, float]:
-    """All per-case numbers for one internal class map pair (0 bg, 1 NCR, 2 ED, 3 ET), in metrics.csv order.
+    """All per-case numbers for one internal class map pair of `schema` (brats2021: 0 bg, 1 NCR, 2 ED, 3 ET), in
+    metrics.csv order.
 
-    Keys: dice_<region>, hd95_<region> (unless with_hd95=False), dice_ncr, dice_ed, vol_pred_<region>,
-    vol_true_<region> (mL). Regions are wt, tc, et.
+    Keys: dice_<region>, hd95_<region> (unless with_hd95=False), dice_<class> for each class that is not a region by
+    itself (brats2021: ncr, ed), vol_pred_<region>, vol_true_<region> (mL). Regions: the schema's (wt, tc, et).
     """
     pred_classes, true_classes = np.asarray(pred_classes), np.asarray(true_classes)
     if pred_classes.shape != true_classes.shape:
         raise ValueError(f"prediction shape {pred_classes.shape} != truth shape {true_classes.shape}")
     sampling = _spacing(spacing, pred_classes.ndim)
     voxel_ml = float(np.prod(sampling)) / 1000.0
-    pred_regions = dict(zip(REGION_NAMES, region_masks(pred_classes), strict=True))
-    true_regions = dict(zip(REGION_NAMES, region_masks(true_classes), strict=True))
+    names = schema.region_names
+    pred_regions = dict(zip(names, schema.region_masks(pred_classes), strict=True))
+    true_regions = dict(zip(names, schema.region_masks(true_classes), strict=True))
     out: dict[str, float] = {}
-    for name in METRIC_REGIONS:
+    for name in names:
         out[f"dice_{name}"] = dice(pred_regions[name], true_regions[name])
     if with_hd95:
-        for name in METRIC_REGIONS:
+        for name in names:
             out[f"hd95_{name}"] = hd95(pred_regions[name], true_regions[name], sampling)
-    out["dice_ncr"] = dice(pred_classes == 1, true_classes == 1)
-    out["dice_ed"] = dice(pred_classes == 2, true_classes == 2)
+    for cls in class_columns(schema):
+        index = schema.class_names.index(cls)
+        out[f"dice_{cls}"] = dice(pred_classes == index, true_classes == index)
     for which, regions in (("pred", pred_regions), ("true", true_regions)):
-        for name in METRIC_REGIONS:
+        for name in names:
             out[f"vol_{which}_{name}"] = np.count_nonzero(regions[name]) * voxel_ml
     return out
+
+
+def class_columns(schema: LabelSchema) -> list[str]:
+    """Classes scored on their own beside the regions: those that are not a region by themselves."""
+    singles = {cs[0] for _, cs in schema.regions if len(cs) == 1}
+    return [c for c in schema.class_names[1:] if c not in singles]
+
+
+def metric_columns(schema: LabelSchema, hd95: bool = True) -> list[str]:
+    """metrics.csv's metric columns for a schema, in case_metrics' order."""
+    regions = schema.region_names
+    return [*(f"dice_{r}" for r in regions), *(f"hd95_{r}" for r in regions if hd95),
+            *(f"dice_{c}" for c in class_columns(schema)), *(f"vol_pred_{r}" for r in regions),
+            *(f"vol_true_{r}" for r in regions)]
 
 
 class BratsMetrics(Metric):
@@ -210,12 +227,13 @@ class BratsMetrics(Metric):
     is_differentiable = False
     higher_is_better = True
 
-    def __init__(self, hd95: bool = True, **kwargs) -> None:
+    def __init__(self, hd95: bool = True, schema: LabelSchema = SCHEMAS["brats2021"], **kwargs) -> None:
         super().__init__(**kwargs)
-        self.with_hd95 = hd95
-        self.case_keys = [f"dice_{r}" for r in METRIC_REGIONS]
+        self.with_hd95, self.schema = hd95, schema
+        self.regions = schema.region_names
+        self.case_keys = [f"dice_{r}" for r in self.regions]
         if hd95:
-            self.case_keys += [f"hd95_{r}" for r in METRIC_REGIONS]
+            self.case_keys += [f"hd95_{r}" for r in self.regions]
         for key in self.case_keys:
             self.add_state(key, default=[], dist_reduce_fx="cat")
 
@@ -234,7 +252,7 @@ class BratsMetrics(Metric):
         preds = pred_classes.detach().cpu().numpy()
         truths = true_classes.detach().cpu().numpy()
         rows = [
-            case_metrics(p, t, tuple(s), with_hd95=self.with_hd95)
+            case_metrics(p, t, tuple(s), with_hd95=self.with_hd95, schema=self.schema)
             for p, t, s in zip(preds, truths, spacings, strict=True)
         ]
         for key in self.case_keys:
@@ -249,9 +267,9 @@ class BratsMetrics(Metric):
         cases = {key: _cat(getattr(self, key), self.device) for key in self.case_keys}
         out = {key: values.mean() if values.numel() else torch.tensor(float("nan"), device=self.device)
                for key, values in cases.items()}
-        out["dice_mean"] = torch.stack([out[f"dice_{r}"] for r in METRIC_REGIONS]).mean()
+        out["dice_mean"] = torch.stack([out[f"dice_{r}"] for r in self.regions]).mean()
         # Order for logging: dice_wt, dice_tc, dice_et, dice_mean, hd95_*.
-        order = [f"dice_{r}" for r in METRIC_REGIONS] + ["dice_mean"] + [k for k in self.case_keys if k[:4] == "hd95"]
+        order = [f"dice_{r}" for r in self.regions] + ["dice_mean"] + [k for k in self.case_keys if k[:4] == "hd95"]
         return {key: out[key] for key in order}
 
 

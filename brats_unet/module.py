@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from brats_unet.checkpoint import restore_rng_states, rng_states
-from brats_unet.data.labels import REGION_NAMES, REGIONS
+from brats_unet.data.labels import LabelSchema
 from brats_unet.inference import sliding_window
 from brats_unet.metrics import BratsMetrics, paper_dice
 from brats_unet.reporting.overlays import case_panel
@@ -23,14 +23,13 @@ log = logging.getLogger(__name__)
 NONFINITE_POLICIES = ("stop", "skip")
 
 
-def batch_region_dice(pred: Tensor, target: Tensor) -> Tensor:
-    """Hard Dice of WT/TC/ET summed over the batch, averaged over regions: a cheap training-time signal.
-
-    A region absent from both prediction and truth counts as 1 (the BraTS convention).
+def batch_region_dice(pred: Tensor, target: Tensor, schema: LabelSchema) -> Tensor:
+    """Hard Dice of the schema's regions (WT/TC/ET) summed over the batch, averaged over regions: a cheap
+    training-time signal. A region absent from both prediction and truth counts as 1 (the BraTS convention).
     """
     scores = []
-    for name in REGION_NAMES:
-        classes = torch.tensor(REGIONS[name], device=pred.device)
+    for name in schema.region_names:
+        classes = torch.tensor(schema.region_classes[name], device=pred.device)
         p, t = torch.isin(pred, classes), torch.isin(target, classes)
         denominator = p.sum() + t.sum()
         scores.append(2 * (p & t).sum() / denominator if denominator > 0 else torch.ones((), device=pred.device))
@@ -84,8 +83,9 @@ class BratsModule(L.LightningModule):
         # Compile a view of the net without registering it as a submodule: state_dict keys stay `net.*`, so a
         # checkpoint loads whether or not the run that wrote it was compiled.
         object.__setattr__(self, "_forward_net", torch.compile(self.net) if compile else self.net)
-        self.val_metrics = BratsMetrics(hd95=val_hd95)
-        self.test_metrics = BratsMetrics(hd95=val_hd95)
+        # The label schema (classes, regions) is the loss's: the head it trains is the one metrics decode.
+        self.val_metrics = BratsMetrics(hd95=val_hd95, schema=loss.schema)
+        self.test_metrics = BratsMetrics(hd95=val_hd95, schema=loss.schema)
         self.register_buffer("best_val_dice", torch.tensor(float("-inf")))
         self.register_buffer("skipped_batches", torch.tensor(0))
 
@@ -133,7 +133,7 @@ class BratsModule(L.LightningModule):
         n = image.shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
         with torch.no_grad():
-            dice = batch_region_dice(self.loss.to_classes(logits), target)
+            dice = batch_region_dice(self.loss.to_classes(logits), target, self.loss.schema)
             self.log("train/dice", dice, prog_bar=True, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
             if self.loss.activation == "softmax":
                 dice_paper = paper_dice(self.loss.probabilities(logits), target)

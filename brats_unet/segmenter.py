@@ -29,9 +29,8 @@ from brats_unet.data.cases import (
     load_validated_case,
     resolve_layout,
 )
-from brats_unet.data.labels import CLASS_NAMES, LAYOUTS, MODALITIES, REGION_NAMES, Layout, classes_from_regions
-from brats_unet.data.labels import classes_to_brats as to_dataset_labels
-from brats_unet.data.preprocess import num_channels, preprocess_case, undo_crop
+from brats_unet.data.labels import LAYOUTS, MODALITIES, SCHEMAS, LabelSchema, Layout, compatible
+from brats_unet.data.preprocess import Recipe, undo_crop
 from brats_unet.inference import flip_tta, postprocess_et, sliding_window
 from brats_unet.module import BratsModule
 from brats_unet.utils import BratsError
@@ -57,7 +56,7 @@ def load_model(ckpt_path: str | Path, channels_last: bool = False) -> tuple[Brat
     cfg.runtime.compile = False  # a one-off inference pass does not repay compilation
     cfg.runtime.channels_last = bool(channels_last)
     try:
-        module = build_module(cfg, in_channels=num_channels(cfg.preprocess))
+        module = build_module(cfg, in_channels=Recipe.from_config(cfg.preprocess).num_channels)
     except (InstantiationException, ValueError, TypeError) as e:
         raise BratsError(f"checkpoint {path}: cannot rebuild the model from its stored config: {e}") from e
     state, problems = weight_mismatches(checkpoint["state_dict"], module)
@@ -114,11 +113,31 @@ def predict_probabilities(module: BratsModule, x: np.ndarray, patch_size: Sequen
     return probs[0].float().cpu().numpy()
 
 
-def decode(probs: np.ndarray, activation: str) -> tuple[np.ndarray, np.ndarray]:
-    """(internal classes uint8, ET probability) from softmax class or sigmoid region probabilities."""
+def decode(probs: np.ndarray, activation: str, schema: LabelSchema = SCHEMAS["brats2021"]
+           ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(internal classes uint8, ET probability or None without an ET) from softmax class or sigmoid region
+    probabilities of `schema`."""
     if activation == "sigmoid":
-        return classes_from_regions(probs > 0.5), probs[REGION_NAMES.index("et")]
-    return probs.argmax(0).astype(np.uint8), probs[CLASS_NAMES.index("et")]
+        et = schema.region_names.index("et") if "et" in schema.region_names else None
+        return schema.classes_from_regions(probs > 0.5), None if et is None else probs[et]
+    et = schema.class_index("et")
+    return probs.argmax(0).astype(np.uint8), None if et is None else probs[et]
+
+
+def output_schema(model: LabelSchema, layout: Layout) -> LabelSchema:
+    """The labels to write: the input layout's own when it has the model's classes (a brats2021 model on 2023-named
+    files writes ET as 3, as those files do), else the model's."""
+    return layout.label_schema if compatible(layout.label_schema, model) else model
+
+
+def postprocess(classes: np.ndarray, et_prob: np.ndarray | None, schema: LabelSchema) -> np.ndarray:
+    """NVIDIA's small-ET rule with the schema's classes: unconvincing ET becomes the necrotic/non-enhancing core."""
+    et = schema.class_index("et")
+    core = next((schema.class_index(n) for n in ("ncr", "netc") if n in schema.class_names), None)
+    if et is None or core is None:
+        raise BratsError(f"postprocess=true relabels small enhancing tumour as necrosis, but label schema "
+                         f"{schema.name} has no et/ncr classes ({list(schema.class_names)}): use postprocess=false")
+    return postprocess_et(classes, et_prob, et_class=et, core_class=core)
 
 
 # ---- cases ---------------------------------------------------------------------------------------------------------
@@ -213,6 +232,11 @@ class Segmenter:
         return resolve_layout(self._config["data"]["layout"])
 
     @property
+    def schema(self) -> LabelSchema:
+        """The label schema the model was trained on: its classes, regions and label values."""
+        return self.module.loss.schema
+
+    @property
     def modalities(self) -> list[str]:
         """The input modalities the model needs, in canonical names (t1, t1ce, t2, flair)."""
         return list(self._config["preprocess"]["modalities"])
@@ -221,20 +245,17 @@ class Segmenter:
                 ) -> tuple[Case, np.ndarray, np.ndarray | None]:
         """(the loaded case, labels in its geometry and labels, probabilities (K, *S) or None)."""
         loaded = load_input(case, self.modalities, resolve_layout(layout) if layout else self.layout)
-        pre = self._config["preprocess"]
-        x, _, meta = preprocess_case(loaded.images, None, modalities=pre["modalities"], normalize=pre["normalize"],
-                                     crop=pre["crop"], crop_box=pre.get("crop_box"),
-                                     foreground_channel=bool(pre.get("foreground_channel", False)),
-                                     et_label=loaded.layout.et_label)
+        schema = self.schema
+        x, _, meta = Recipe.from_config(self._config["preprocess"]).apply(loaded.images, None, schema)
         probs = predict_probabilities(self.module, x, self._config["data"]["patch_size"], overlap=self.overlap,
                                       window_batch=self.window_batch, tta=self.tta, device=self.device,
                                       autocast=self._autocast)
-        classes, et_prob = decode(probs, self.module.loss.activation)
+        classes, et_prob = decode(probs, self.module.loss.activation, schema)
         if self.postprocess:
-            classes = postprocess_et(classes, et_prob)
+            classes = postprocess(classes, et_prob, schema)
         box, shape = meta["crop_box"], meta["original_shape"]
         # Outside the crop is background: the model never saw it (the seed's fixed crop, the nonzero box of modern).
-        labels = to_dataset_labels(undo_crop(classes, box, shape, fill=0), loaded.layout.et_label)
+        labels = output_schema(schema, loaded.layout).from_classes(undo_crop(classes, box, shape, fill=0))
         full = None
         if probabilities:
             full = undo_crop(probs, box, shape, fill=0)
@@ -243,8 +264,9 @@ class Segmenter:
         return loaded, labels, full
 
     def predict(self, case: CaseInput, layout: str | Layout | None = None) -> nib.Nifti1Image:
-        """uint8 label map in the dataset's own labels (ET 4 for 2021 names, 3 for 2023), the input's shape, affine
-        and header. `layout` says which labels to write for an in-memory case (default: the training data's)."""
+        """uint8 label map in the dataset's own labels (the model's schema; ET 4 for 2021 names, 3 for 2023), the
+        input's shape, affine and header. `layout` says which naming an in-memory case has (default: the training
+        data's)."""
         loaded, labels, _ = self.segment(case, layout)
         return label_image(labels, loaded)
 

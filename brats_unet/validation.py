@@ -93,7 +93,7 @@ def _volume_shapes(cfg: DictConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
         box = [list(b) for b in pre.crop_box]
         yield "every case (preprocess.crop_box)", tuple(int(b) - int(a) for a, b in box)
         return
-    folder = cache.cache_path(data.cache_dir, data.layout, data.root, pre)
+    folder = cache.cache_path(data.cache_dir, data.layout, data.root, pre, data.get("schema"))
     cases = cache.cached_cases(folder)
     for case in cases:
         x = np.load(folder / f"{case}_x.npy", mmap_mode="r")  # reads the header only

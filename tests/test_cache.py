@@ -82,7 +82,7 @@ def test_build_cache_files_match_preprocessing(root, tmp_path):
     files = case_files(root / "BraTS2021_00001", "brats2021")
     images, seg, _ = read_case_files(files, MODERN["modalities"])
     ex, ey, _ = preprocess_case(images, seg, modalities=MODERN["modalities"], normalize="zscore", crop="nonzero",
-                                crop_box=None, foreground_channel=False, et_label=4)
+                                crop_box=None, foreground_channel=False, schema="brats2021")
     assert x.shape == (4, 14, 11, 12) == ex.shape
     np.testing.assert_array_equal(x, ex.astype(np.float16))
     np.testing.assert_array_equal(y, ey)

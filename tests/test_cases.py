@@ -46,7 +46,7 @@ def write_case(root: Path, case: str, layout: str = "brats2021", ext: str = ".ni
                overrides: dict | None = None, seg: bool = True, affine: np.ndarray = AFFINE) -> Path:
     """Write one case; `overrides` maps modality/"seg" -> array (or None to leave the file out)."""
     lay = LAYOUTS[layout]
-    images, labels = make_arrays(seed, et_label=lay.et_label)
+    images, labels = make_arrays(seed, et_label=dict((n, v) for v, n in lay.label_schema.labels)["et"])
     arrays = {**images, **({"seg": labels} if seg else {}), **(overrides or {})}
     folder = root / case
     folder.mkdir(parents=True, exist_ok=True)

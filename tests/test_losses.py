@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
-from brats_unet.data.labels import classes_from_regions
+from brats_unet.data.labels import SCHEMAS
 from brats_unet.losses import (
     CombinedLoss,
     CrossEntropyLoss,
@@ -127,7 +127,7 @@ def test_to_classes_sigmoid_matches_labels() -> None:
     classes = RegionDiceBCELoss().to_classes(logits)
     # (wt,tc,et): 000->0, 001->3, 010->1, 011->3, 100->2, 101->3, 110->1, 111->3
     assert classes.tolist() == [[0, 3, 1, 3, 2, 3, 1, 3]]
-    assert classes.tolist()[0] == classes_from_regions(combos).tolist()
+    assert classes.tolist()[0] == SCHEMAS["brats2021"].classes_from_regions(combos).tolist()
     assert classes_from_region_logits(torch.zeros(1, 3, 1)).tolist() == [[0]]  # exactly 0.5 is not "on"
     torch.testing.assert_close(RegionDiceBCELoss().probabilities(torch.zeros(1, 3, 1)), torch.full((1, 3, 1), 0.5))
 

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from brats_unet.build import build_module
 from brats_unet.data import cache
+from brats_unet.data.labels import SCHEMAS
 from brats_unet.losses import CombinedLoss, DiceLoss, RegionDiceBCELoss
 from brats_unet.metrics import dice, paper_dice
 from brats_unet.module import batch_region_dice
@@ -141,7 +142,7 @@ def test_metric_dice_on_empty_masks_never_divides_by_zero() -> None:
     full = np.ones((4, 4, 4), dtype=bool)
     assert dice(empty, empty) == 1.0 and dice(full, empty) == 0.0 and dice(empty, full) == 0.0
     classes = torch.zeros(1, 4, 4, 4, dtype=torch.long)
-    assert batch_region_dice(classes, classes).item() == 1.0
+    assert batch_region_dice(classes, classes, SCHEMAS["brats2021"]).item() == 1.0
     assert paper_dice(torch.softmax(saturated_background((1, 4, 4, 4)), 1), classes).item() == 1.0
 
 

@@ -8,9 +8,10 @@ import pytest
 from brats_unet.data.preprocess import minmax, minmax_slice, nonzero_bbox, preprocess_case, undo_crop, zscore
 from brats_unet.utils import BratsError
 
-SEED = dict(modalities=["t1ce", "t2", "flair"], normalize="minmax", crop="fixed", foreground_channel=False, et_label=4)
+SEED = dict(modalities=["t1ce", "t2", "flair"], normalize="minmax", crop="fixed", foreground_channel=False,
+            schema="brats2021")
 MODERN = dict(modalities=["t1", "t1ce", "t2", "flair"], normalize="zscore", crop="nonzero", crop_box=None,
-              et_label=4)
+              schema="brats2021")
 
 
 def test_minmax_hand_computed():
@@ -132,11 +133,11 @@ def test_modern_nonzero_crop_zscore_over_brain_and_foreground_channel():
     assert meta["norm_stats"]["t1"]["mean"] == pytest.approx(mean)
 
 
-@pytest.mark.parametrize("et_label", [4, 3])
-def test_label_mapping(et_label):
+@pytest.mark.parametrize(("et_label", "schema"), [(4, "brats2021"), (3, "brats2023")])
+def test_label_mapping(et_label, schema):
     seg = np.array([0, 1, 2, et_label, 0, 2], dtype=np.int16).reshape(1, 2, 3)
     images = {m: np.ones((1, 2, 3), np.float32) for m in ("t1", "t1ce", "t2", "flair")}
-    _, y, _ = preprocess_case(images, seg, **{**MODERN, "et_label": et_label}, foreground_channel=False)
+    _, y, _ = preprocess_case(images, seg, **{**MODERN, "schema": schema}, foreground_channel=False)
     np.testing.assert_array_equal(y.ravel(), [0, 1, 2, 3, 0, 2])
 
 
@@ -144,7 +145,7 @@ def test_bad_labels_and_bad_options():
     images = {m: np.ones((2, 2, 2), np.float32) for m in ("t1", "t1ce", "t2", "flair")}
     seg = np.zeros((2, 2, 2), np.int16)
     seg[0, 0, 0] = 3
-    with pytest.raises(BratsError, match=r"label map: label values \[3\] are not BraTS labels"):
+    with pytest.raises(BratsError, match=r"label map: label values \[3\] are not brats2021 labels \(allowed \[0, 1, 2, 4\]\)"):
         preprocess_case(images, seg, **MODERN, foreground_channel=False)
     with pytest.raises(BratsError, match=r"unknown preprocess.normalize 'robust'"):
         preprocess_case(images, None, **{**MODERN, "normalize": "robust"}, foreground_channel=False)
@@ -174,8 +175,19 @@ def test_undo_crop_round_trip():
         undo_crop(cropped[:, :5], box, (10, 9, 8))
 
 
-def test_channel_count_of_each_recipe() -> None:
-    from brats_unet.data.preprocess import num_channels
+def test_recipe_is_checked_once_and_counts_its_channels() -> None:
+    from brats_unet.data.preprocess import Recipe
 
-    assert num_channels({"modalities": ["t1ce", "t2", "flair"]}) == 3  # the seed recipe
-    assert num_channels({"modalities": ["t1", "t1ce", "t2", "flair"], "foreground_channel": True}) == 5
+    seed = Recipe.from_config({"name": "seed", "modalities": ["t1ce", "t2", "flair"], "normalize": "minmax",
+                               "crop": "fixed", "crop_box": [[0, 2], [0, 2], [0, 2]]})
+    assert seed.num_channels == 3 and seed.crop_box == ((0, 2), (0, 2), (0, 2))
+    modern = Recipe.from_config({"name": "modern", "modalities": ["t1", "t1ce", "t2", "flair"], "normalize": "zscore",
+                                 "crop": "nonzero", "foreground_channel": True})
+    assert modern.num_channels == 5
+    images = {m: np.arange(8, dtype=np.float32).reshape(2, 2, 2) + 1 for m in ("t1", "t1ce", "t2", "flair")}
+    x, _, meta = modern.apply(images, None, "brats2021")
+    assert x.shape == (5, 2, 2, 2) and meta["channels"][-1] == "foreground" and meta["schema"] == "brats2021"
+    with pytest.raises(BratsError, match=r"unknown preprocess.crop 'box'"):
+        Recipe.from_config({"name": "x", "modalities": ["t1"], "normalize": "zscore", "crop": "box"})
+    with pytest.raises(BratsError, match=r"preprocess config needs 'name', 'modalities' \(non-empty\)"):
+        Recipe.from_config({"name": "x", "modalities": [], "normalize": "zscore", "crop": "none"})

@@ -21,7 +21,7 @@ def preprocess(cfg: DictConfig) -> Path:
     data = cfg.data
     out = build_cache(root=data.root, layout=data.layout, cache_dir=data.cache_dir, preprocess=cfg.preprocess,
                       num_workers=int(cfg.num_workers), skip_bad_cases=bool(data.skip_bad_cases),
-                      check_only=bool(cfg.check_only))
+                      check_only=bool(cfg.check_only), schema=data.get("schema"))
     if cfg.check_only:
         n = len(list_case_dirs(data.root, data.layout))
         note = "bad cases, if any, are logged above" if data.skip_bad_cases else "all valid"

@@ -18,7 +18,7 @@ from brats_unet.utils import atomic_write_json
 
 def stats(cfg: DictConfig) -> dict:
     """Compute the class distribution of cfg.data, print it and write <paths.output_dir>/stats.json."""
-    result = dataset_stats(cfg.data.root, cfg.data.layout, progress=True)
+    result = dataset_stats(cfg.data.root, cfg.data.layout, progress=True, schema=cfg.data.get("schema"))
     print(format_table(result))
     out = Path(cfg.paths.output_dir) / "stats.json"
     atomic_write_json(out, result)

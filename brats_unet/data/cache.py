@@ -24,9 +24,16 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from brats_unet.data.cases import case_files, list_case_dirs, load_validated_case, note_extra_files, resolve_layout
-from brats_unet.data.labels import CLASS_NAMES, brats_to_classes
-from brats_unet.data.preprocess import preprocess_case
+from brats_unet.data.cases import (
+    case_files,
+    list_case_dirs,
+    load_validated_case,
+    note_extra_files,
+    resolve_layout,
+    schema_of,
+)
+from brats_unet.data.labels import resolve_schema
+from brats_unet.data.preprocess import Recipe
 from brats_unet.utils import BratsError, atomic_save_npy, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -47,15 +54,19 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-def cache_key(layout: str, root: str | Path, preprocess: Mapping) -> str:
-    """Short stable hash (12 hex) of the layout, the resolved absolute data root and the preprocess recipe."""
+def cache_key(layout: str, root: str | Path, preprocess: Mapping, schema: str | None = None) -> str:
+    """Short stable hash (12 hex) of the layout, the resolved absolute data root, the preprocess recipe and the label
+    schema (only when it is not the layout's own, so caches built before schemas existed keep their key)."""
     payload = {"version": CACHE_VERSION, "layout": str(layout), "root": str(Path(root).expanduser().resolve()),
                "preprocess": to_plain(preprocess)}
+    if schema is not None and schema != resolve_layout(layout).schema:
+        payload["schema"] = str(schema)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def cache_path(cache_dir: str | Path, layout: str, root: str | Path, preprocess: Mapping) -> Path:
-    return Path(cache_dir).expanduser() / f"{preprocess['name']}-{cache_key(layout, root, preprocess)}"
+def cache_path(cache_dir: str | Path, layout: str, root: str | Path, preprocess: Mapping, schema: str | None = None
+               ) -> Path:
+    return Path(cache_dir).expanduser() / f"{preprocess['name']}-{cache_key(layout, root, preprocess, schema)}"
 
 
 def cached_cases(cache_dir_for_key: Path) -> list[str]:
@@ -93,24 +104,22 @@ class _Task:
     layout: str
     preprocess: dict
     out: Path | None  # None: check only, write nothing
+    schema: str
 
 
 def _process(task: _Task) -> tuple[str, str | None]:
     """Validate, preprocess and write one case; returns (case, None) or (case, reason). Runs in a worker."""
     case = task.case_dir.name
-    p = task.preprocess
+    recipe, schema = Recipe.from_config(task.preprocess), resolve_schema(task.schema)
     layout = resolve_layout(task.layout)
     try:
         files = case_files(task.case_dir, layout, require_seg=True)
-        images, seg, load_meta = load_validated_case(files, layout, p["modalities"])
-        x, y, meta = preprocess_case(images, seg, modalities=p["modalities"], normalize=p["normalize"],
-                                     crop=p["crop"], crop_box=p.get("crop_box"),
-                                     foreground_channel=bool(p.get("foreground_channel", False)),
-                                     et_label=layout.et_label)
+        images, seg, load_meta = load_validated_case(files, layout, recipe.modalities, schema=schema)
+        x, y, meta = recipe.apply(images, seg, schema)
     except BratsError as e:
         message = str(e)
         return case, message if message.startswith(case) else f"{case}: {message}"
-    dtype = np.dtype(p.get("dtype", "float32"))
+    dtype = np.dtype(recipe.dtype)
     with np.errstate(over="ignore"):  # reported below with the case name instead of a bare RuntimeWarning
         x_stored = x.astype(dtype, copy=False)
     if not np.all(np.isfinite(x_stored)):  # x is finite, so the storage type overflowed (float16 tops out at 65504)
@@ -118,7 +127,7 @@ def _process(task: _Task) -> tuple[str, str | None]:
                          f"preprocess.dtype {dtype}; use float32 or a normalising recipe")
     if task.out is None:
         return case, None
-    counts = np.bincount(brats_to_classes(seg, layout.et_label).ravel(), minlength=len(CLASS_NAMES))
+    counts = np.bincount(schema.to_classes(seg).ravel(), minlength=schema.num_classes)
     meta = {
         "case": case,
         **meta,
@@ -126,7 +135,7 @@ def _process(task: _Task) -> tuple[str, str | None]:
         "spacing": load_meta["spacing"],
         "source_files": load_meta["files"],
         "dtype": str(dtype),
-        "class_voxels": {name: int(n) for name, n in zip(CLASS_NAMES, counts, strict=True)},
+        "class_voxels": {name: int(n) for name, n in zip(schema.class_names, counts, strict=True)},
         "foreground_coords_sample": foreground_sample(y, case),
     }
     atomic_save_npy(task.out / f"{case}_x.npy", x_stored)
@@ -153,7 +162,8 @@ def _run(tasks: list[_Task], num_workers: int, progress: bool, desc: str) -> Ite
 
 
 def build_cache(root: str | Path, layout: str, cache_dir: str | Path, preprocess: Mapping, num_workers: int = 2,
-                skip_bad_cases: bool = False, check_only: bool = False, progress: bool = True) -> Path:
+                skip_bad_cases: bool = False, check_only: bool = False, progress: bool = True,
+                schema: str | None = None) -> Path:
     """Validate and preprocess every case of `root` not cached yet; return the cache folder for this recipe.
 
     A bad case raises its BratsError, or with skip_bad_cases is skipped and listed in bad_cases.json. check_only
@@ -161,14 +171,14 @@ def build_cache(root: str | Path, layout: str, cache_dir: str | Path, preprocess
     """
     layout_obj = resolve_layout(layout)
     recipe = to_plain(preprocess)
-    for key in ("name", "modalities", "normalize", "crop"):
-        if key not in recipe:
-            raise BratsError(f"preprocess config has no {key!r} key (got {sorted(recipe)})")
+    Recipe.from_config(recipe)  # checked here once, not in every worker
+    schema = schema_of(layout_obj, schema).name
     case_dirs = list_case_dirs(root, layout_obj)
     note_extra_files(case_dirs, layout_obj)
-    out = cache_path(cache_dir, layout_obj.name, root, recipe)
+    out = cache_path(cache_dir, layout_obj.name, root, recipe, schema)
     done = set() if check_only else set(cached_cases(out))
-    todo = [_Task(d, layout_obj.name, recipe, None if check_only else out) for d in case_dirs if d.name not in done]
+    todo = [_Task(d, layout_obj.name, recipe, None if check_only else out, schema)
+            for d in case_dirs if d.name not in done]
     if done:
         log.info("%d of %d cases already cached in %s", len(done & {d.name for d in case_dirs}), len(case_dirs), out)
 
@@ -203,6 +213,6 @@ def build_cache(root: str | Path, layout: str, cache_dir: str | Path, preprocess
                          f"(see {out / 'bad_cases.json'})")
     atomic_write_json(out / "config.json", {
         "version": CACHE_VERSION, "layout": layout_obj.name, "root": str(Path(root).expanduser().resolve()),
-        "preprocess": recipe, "key": cache_key(layout_obj.name, root, recipe), "cases": cases,
+        "preprocess": recipe, "schema": schema, "key": cache_key(layout_obj.name, root, recipe, schema), "cases": cases,
     })
     return out

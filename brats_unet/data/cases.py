@@ -16,7 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from brats_unet.data.labels import LAYOUTS, MODALITIES, Layout, allowed_labels, brats_to_classes
+from brats_unet.data.labels import LAYOUTS, MODALITIES, LabelSchema, Layout, resolve_schema
 from brats_unet.utils import BratsError, atomic_path
 
 log = logging.getLogger(__name__)
@@ -230,28 +230,39 @@ def _as_labels(seg: np.ndarray) -> np.ndarray:
     return seg.astype(np.int16)
 
 
-def _check_labels(data: np.ndarray, layout: Layout) -> np.ndarray:
-    """Integer label map with only `layout`'s label values; raises _Problem."""
+def _check_labels(data: np.ndarray, schema: LabelSchema) -> np.ndarray:
+    """Integer label map with only `schema`'s label values; raises _Problem."""
     seg = _as_labels(data)
-    allowed = allowed_labels(layout.et_label)
-    bad = sorted(set(np.unique(seg).tolist()) - set(allowed))
+    bad = sorted(set(np.unique(seg).tolist()) - set(schema.values))
     if bad:
-        raise _Problem(f"label values {bad} are not {layout.name} labels (allowed {list(allowed)}; {layout.name} "
-                       f"cases label ET as {layout.et_label})")
+        et = dict((n, v) for v, n in schema.labels).get("et")
+        hint = f"; {schema.name} cases label ET as {et}" if et is not None else ""
+        raise _Problem(f"label values {bad} are not {schema.name} labels (allowed {list(schema.values)}{hint})")
     return seg
 
 
-def read_label_map(path: str | Path, layout: Layout | str) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
-    """(internal classes 0..3 uint8, affine, header) of a label map: THE reader every command uses for truth and
+def schema_of(layout: Layout | str, schema: LabelSchema | str | None = None) -> LabelSchema:
+    """The given schema, or the layout's own (brats2021 names: ET 4; brats2023 names: ET 3)."""
+    if schema is not None:
+        try:
+            return resolve_schema(schema)
+        except ValueError as e:
+            raise BratsError(str(e)) from None
+    return resolve_layout(layout).label_schema
+
+
+def read_label_map(path: str | Path, layout: Layout | str, schema: LabelSchema | str | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
+    """(internal classes uint8, affine, header) of a label map: THE reader every command uses for truth and
     predictions. BratsError naming the file for a float map with non-integer values, values outside int16 (which
-    would wrap: 65540.0 -> 4), or labels outside the layout's set."""
-    path, layout = Path(path), resolve_layout(layout)
+    would wrap: 65540.0 -> 4), or labels outside the schema (default: the layout's)."""
+    path, schema = Path(path), schema_of(layout, schema)
     try:
         data, affine, header = _read(path)
-        seg = _check_labels(data, layout)
+        seg = _check_labels(data, schema)
     except _Problem as e:
         raise BratsError(f"{path}: {e}") from e
-    return brats_to_classes(seg, layout.et_label), affine, header
+    return schema.to_classes(seg), affine, header
 
 
 def _meta(affine: np.ndarray, shape: Sequence[int], header: nib.Nifti1Header, files: dict[str, Path]) -> dict:
@@ -264,7 +275,8 @@ def _meta(affine: np.ndarray, shape: Sequence[int], header: nib.Nifti1Header, fi
     }
 
 
-def _check_case(files: CaseFiles, layout: Layout, atol: float, keep: Sequence[str]) -> tuple[dict, np.ndarray | None,
+def _check_case(files: CaseFiles, layout: Layout, atol: float, keep: Sequence[str], schema: LabelSchema
+                ) -> tuple[dict, np.ndarray | None,
                                                                                              dict]:
     """Read every file of a case once, check all of it, keep the images in `keep` (float32)."""
     case = files.case
@@ -288,7 +300,7 @@ def _check_case(files: CaseFiles, layout: Layout, atol: float, keep: Sequence[st
                 raise _Problem(f"affine differs from {ref_key} by up to {np.abs(affine - ref_affine).max():.4g} "
                                f"(tolerance {atol})")
             if key == "seg":
-                seg = _check_labels(data, layout)
+                seg = _check_labels(data, schema)
                 continue
             if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
                 raise _Problem(f"{int((~np.isfinite(data)).sum())} NaN or Inf voxels")
@@ -301,16 +313,18 @@ def _check_case(files: CaseFiles, layout: Layout, atol: float, keep: Sequence[st
     return images, seg, _meta(ref_affine, ref_shape, ref_header, dict(entries))
 
 
-def validate_case(files: CaseFiles, layout: Layout | str, atol: float = 1e-3) -> None:
+def validate_case(files: CaseFiles, layout: Layout | str, atol: float = 1e-3, schema: LabelSchema | str | None = None
+                  ) -> None:
     """Every modality present, same shape and affine (within atol), 3D, finite, not all-zero; seg integer-valued and
     within the layout's labels. BratsError: f"{case}: {file}: {problem}"."""
-    _check_case(files, resolve_layout(layout), atol, keep=())
+    _check_case(files, resolve_layout(layout), atol, keep=(), schema=schema_of(layout, schema))
 
 
-def load_validated_case(files: CaseFiles, layout: Layout | str, modalities: Sequence[str], atol: float = 1e-3
+def load_validated_case(files: CaseFiles, layout: Layout | str, modalities: Sequence[str], atol: float = 1e-3,
+                        schema: LabelSchema | str | None = None
                         ) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict]:
     """validate_case + read_case_files reading each file once (what the cache builder uses)."""
-    return _check_case(files, resolve_layout(layout), atol, keep=tuple(modalities))
+    return _check_case(files, resolve_layout(layout), atol, keep=tuple(modalities), schema=schema_of(layout, schema))
 
 
 def read_case_files(files: CaseFiles, modalities: Sequence[str]
@@ -357,10 +371,11 @@ def detect_case_files(case_dir: str | Path, modalities: Sequence[str] = MODALITI
                      f"any known layout {sorted(LAYOUTS)} (expected e.g. {want})")
 
 
-def load_case(path: str | Path, layout: Layout | str | None = None, modalities: Sequence[str] = MODALITIES) -> Case:
+def load_case(path: str | Path, layout: Layout | str | None = None, modalities: Sequence[str] = MODALITIES,
+              schema: LabelSchema | str | None = None) -> Case:
     """One case folder, validated as brats-preprocess validates it (shapes, affines, NaNs, label values); the layout
     (file naming, ET label) is detected from the file names unless given."""
     files, found = detect_case_files(path, modalities, layout)
-    images, seg, meta = load_validated_case(files, found, modalities)
+    images, seg, meta = load_validated_case(files, found, modalities, schema=schema)
     header = nib.load(files.images[modalities[0]]).header
     return Case(files.case, images, np.asarray(meta["affine"]), header, found, seg)

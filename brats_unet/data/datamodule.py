@@ -22,8 +22,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from brats_unet.data import cache
-from brats_unet.data.cases import list_case_dirs
-from brats_unet.data.preprocess import num_channels as recipe_channels
+from brats_unet.data.cases import list_case_dirs, schema_of
+from brats_unet.data.preprocess import Recipe
 from brats_unet.data.sampling import PatchSampler, choose_patch_start, crop_or_pad
 from brats_unet.data.split import load_split, make_split
 from brats_unet.data.transforms import Augment, build_augment
@@ -123,6 +123,8 @@ class BratsDataModule(L.LightningDataModule):
         layout: str,
         cache_dir: str | Path,
         preprocess: Mapping | DictConfig,
+        schema: str | None = None,
+        modalities: Sequence[str] | None = None,
         augment: Mapping | DictConfig | None = None,
         patch_size: Sequence[int] = (128, 128, 128),
         batch_size: int = 2,
@@ -157,8 +159,12 @@ class BratsDataModule(L.LightningDataModule):
             raise BratsError(f"data.steps_per_epoch must be positive or null, got {steps_per_epoch}")
         self.root, self.layout, self.cache_dir = Path(root), layout, Path(cache_dir)
         self.preprocess, self.augment_cfg = cache.to_plain(preprocess), cache.to_plain(augment or {})
-        if not self.preprocess.get("modalities") or "name" not in self.preprocess:
-            raise BratsError(f"preprocess config needs 'name' and a non-empty 'modalities' list, got {preprocess!r}")
+        self.recipe = Recipe.from_config(self.preprocess)
+        self.schema = schema_of(layout, schema)
+        absent = [m for m in self.recipe.modalities if modalities is not None and m not in modalities]
+        if absent:
+            raise BratsError(f"preprocess.modalities {list(self.recipe.modalities)} asks for {absent}, which this "
+                             f"dataset does not have (data.modalities {list(modalities)}): set preprocess.modalities")
         self.patch_size = tuple(int(p) for p in patch)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
@@ -181,11 +187,11 @@ class BratsDataModule(L.LightningDataModule):
 
     @property
     def num_channels(self) -> int:
-        return recipe_channels(self.preprocess)
+        return self.recipe.num_channels
 
     @property
     def cache_path(self) -> Path:
-        return cache.cache_path(self.cache_dir, self.layout, self.root, self.preprocess)
+        return cache.cache_path(self.cache_dir, self.layout, self.root, self.preprocess, self.schema.name)
 
     def prepare_data(self) -> None:
         path = self.cache_path
@@ -204,6 +210,7 @@ class BratsDataModule(L.LightningDataModule):
                 self.preprocess,
                 num_workers=max(1, self.num_workers),
                 skip_bad_cases=self.skip_bad_cases,
+                schema=self.schema.name,
             )
 
     def _make_or_load_split(self) -> dict[str, Any]:

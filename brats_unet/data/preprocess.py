@@ -12,11 +12,12 @@ Normalisation always sees the whole volume, before cropping, so a crop never cha
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from brats_unet.data.labels import brats_to_classes
+from brats_unet.data.labels import LabelSchema, resolve_schema
 from brats_unet.utils import BratsError
 
 NORMALIZE = ("minmax", "minmax_slice", "zscore", "none")
@@ -84,11 +85,6 @@ def _crop(x: np.ndarray, box: Sequence[Sequence[int]]) -> np.ndarray:
     return x[..., x0:x1, y0:y1, z0:z1]
 
 
-def num_channels(preprocess: Mapping[str, Any]) -> int:
-    """Network input channels a preprocessing recipe produces: its modalities, plus the optional brain-mask channel."""
-    return len(preprocess["modalities"]) + int(bool(preprocess.get("foreground_channel", False)))
-
-
 def undo_crop(cropped: np.ndarray, crop_box: Sequence[Sequence[int]], original_shape: Sequence[int],
               fill: float = 0) -> np.ndarray:
     """Put a cropped array (last 3 axes) back into a volume of `original_shape` filled with `fill`."""
@@ -102,9 +98,48 @@ def undo_crop(cropped: np.ndarray, crop_box: Sequence[Sequence[int]], original_s
     return out
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """A preprocessing recipe (conf/preprocess/*.yaml), checked once where it is built: what the cache builder and
+    brats-predict apply, and how many input channels the network gets."""
+
+    name: str
+    modalities: tuple[str, ...]
+    normalize: str
+    crop: str
+    crop_box: tuple[tuple[int, int], ...] | None = None
+    foreground_channel: bool = False
+    dtype: str = "float32"
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Recipe:
+        missing = [k for k in ("name", "modalities", "normalize", "crop") if k not in config]
+        if missing or not config.get("modalities"):
+            raise BratsError(f"preprocess config needs 'name', 'modalities' (non-empty), 'normalize' and 'crop'; got "
+                             f"{sorted(config)}")
+        if config["normalize"] not in NORMALIZE:
+            raise BratsError(f"unknown preprocess.normalize {config['normalize']!r}; choose one of {list(NORMALIZE)}")
+        if config["crop"] not in CROPS:
+            raise BratsError(f"unknown preprocess.crop {config['crop']!r}; choose one of {list(CROPS)}")
+        box = config.get("crop_box")
+        return cls(str(config["name"]), tuple(str(m) for m in config["modalities"]), str(config["normalize"]),
+                   str(config["crop"]), tuple((int(a), int(b)) for a, b in box) if box is not None else None,
+                   bool(config.get("foreground_channel", False)), str(config.get("dtype", "float32")))
+
+    @property
+    def num_channels(self) -> int:
+        """Network input channels: the modalities, plus the optional brain-mask channel."""
+        return len(self.modalities) + int(self.foreground_channel)
+
+    def apply(self, images: dict[str, np.ndarray], seg: np.ndarray | None, schema: LabelSchema | str
+              ) -> tuple[np.ndarray, np.ndarray | None, dict]:
+        return preprocess_case(images, seg, modalities=self.modalities, normalize=self.normalize, crop=self.crop,
+                               crop_box=self.crop_box, foreground_channel=self.foreground_channel, schema=schema)
+
+
 def preprocess_case(images: dict[str, np.ndarray], seg: np.ndarray | None, *, modalities: Sequence[str],
                     normalize: str, crop: str, crop_box: Sequence[Sequence[int]] | None, foreground_channel: bool,
-                    et_label: int) -> tuple[np.ndarray, np.ndarray | None, dict]:
+                    schema: LabelSchema | str) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """One case -> x (C, *cropped) float32, y (*cropped) uint8 internal classes (or None), meta to undo it."""
     if normalize not in NORMALIZE:
         raise BratsError(f"unknown preprocess.normalize {normalize!r}; choose one of {list(NORMALIZE)}")
@@ -156,7 +191,7 @@ def preprocess_case(images: dict[str, np.ndarray], seg: np.ndarray | None, *, mo
     y = None
     if seg is not None:
         try:
-            y = np.ascontiguousarray(_crop(brats_to_classes(seg, et_label), box))
+            y = np.ascontiguousarray(_crop(resolve_schema(schema).to_classes(seg), box))
         except ValueError as e:
             raise BratsError(f"label map: {e}") from e
     meta = {
@@ -169,6 +204,6 @@ def preprocess_case(images: dict[str, np.ndarray], seg: np.ndarray | None, *, mo
         "normalize": normalize,
         "norm_stats": stats,
         "foreground_channel": bool(foreground_channel),
-        "et_label": int(et_label),
+        "schema": resolve_schema(schema).name,
     }
     return x, y, meta

@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from brats_unet.data.cases import resolve_layout
-from brats_unet.data.labels import MODALITIES
+from brats_unet.data.labels import MODALITIES, SCHEMAS
 from brats_unet.data.preprocess import nonzero_bbox
 from brats_unet.utils import BratsError, atomic_path
 
@@ -267,7 +267,7 @@ def _write_case(out: Path, layout: str, seed: int, index: int, shape: tuple[int,
     images, seg, affine = make_case(case_rng(seed, index), shape)
     for modality in MODALITIES:
         _save(out / name / lay.filename(name, modality), images[modality], affine, _tag(seed, index))
-    seg = np.where(seg == 4, lay.et_label, seg).astype(np.uint8)
+    seg = lay.label_schema.from_classes(SCHEMAS['brats2021'].to_classes(seg))
     _save(out / name / lay.filename(name, "seg"), seg, affine, _tag(seed, index))
     return time.perf_counter() - start
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-# Internal classes 0..3 -> RGB; the usual BraTS viewer colours: NCR red, ED green, ET yellow.
-CLASS_COLORS = np.array([[0, 0, 0], [1.0, 0.1, 0.1], [0.1, 0.8, 0.1], [1.0, 0.9, 0.0]], dtype=np.float32)
+# Internal classes -> RGB; the usual BraTS viewer colours for glioma classes 1-3 (NCR red, ED green, ET yellow), then
+# blue and magenta for the 4th and 5th class of the 2024+ schemas (resection cavity, paediatric oedema).
+CLASS_COLORS = np.array([[0, 0, 0], [1.0, 0.1, 0.1], [0.1, 0.8, 0.1], [1.0, 0.9, 0.0], [0.2, 0.4, 1.0],
+                         [1.0, 0.3, 0.9]], dtype=np.float32)
 
 
 def to_unit(image: np.ndarray) -> np.ndarray:

@@ -91,13 +91,17 @@ def build_network(config: Mapping[str, Any]) -> Any:
     the real module structure at no memory cost."""
     import torch
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
-    from brats_unet.build import build_network
-    from brats_unet.data.preprocess import num_channels
+    from brats_unet.build import build_network, data_schema
+    from brats_unet.data.preprocess import Recipe
 
-    loss = instantiate(config["loss"])
+    # .hydra/config.yaml is stored unresolved (preprocess.modalities: ${data.modalities}): resolve what is needed.
+    cfg = OmegaConf.create(dict(config))
+    pre, model = (OmegaConf.to_container(cfg[k], resolve=True) for k in ("preprocess", "model"))
+    loss = instantiate(config["loss"], schema=data_schema({k: cfg.data.get(k) for k in ("layout", "schema")}))
     with torch.device("meta"):
-        return build_network(config["model"], num_channels(config["preprocess"]), loss.num_outputs)
+        return build_network(model, Recipe.from_config(pre).num_channels, loss.num_outputs)
 
 
 def network_spec(net: Any) -> dict[str, Any]:
@@ -141,7 +145,7 @@ def load_example_case(data_root: str | Path, layout: str, case: str | None = Non
     """(case, {modality: volume}, internal classes) of `case` (default: the first labelled case), read and
     validated the way brats-preprocess reads it."""
     from brats_unet.data.cases import find_cases, load_validated_case, resolve_layout
-    from brats_unet.data.labels import MODALITIES, brats_to_classes
+    from brats_unet.data.labels import MODALITIES
 
     layout_obj = resolve_layout(layout)
     cases = {c.case: c for c in find_cases(data_root, layout_obj, require_seg=True)}
@@ -151,4 +155,4 @@ def load_example_case(data_root: str | Path, layout: str, case: str | None = Non
         raise BratsError(f"case {case!r} is not a labelled case under {data_root} (config key case; e.g. "
                          f"{sorted(cases)[0]})")
     images, seg, _ = load_validated_case(cases[case], layout_obj, MODALITIES)
-    return case, {m: images[m] for m in MODALITIES}, brats_to_classes(seg, layout_obj.et_label)
+    return case, {m: images[m] for m in MODALITIES}, layout_obj.label_schema.to_classes(seg)

@@ -19,11 +19,12 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import FancyBboxPatch, Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from brats_unet.data.labels import CLASS_NAMES  # noqa: E402
+from brats_unet.data.labels import SCHEMAS  # noqa: E402
 from brats_unet.reporting.overlays import CLASS_COLORS, overlay, slice_view, to_unit, tumour_slice  # noqa: E402
 from brats_unet.reporting.runs import Series, epoch_series  # noqa: E402
 from brats_unet.utils import atomic_path  # noqa: E402
 
+GLIOMA_CLASSES = SCHEMAS["brats2021"].class_names  # overlays colour BraTS glioma classes 1-3
 VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))
 
 
@@ -90,10 +91,11 @@ def plot_lr(scalars: Mapping[str, Series], title: str = "") -> Figure | None:
 
 def plot_class_distribution(mean_percent: Mapping[str, float], cases: int | None = None) -> Figure:
     """Bar chart of the mean share of voxels per class (the paper's Figure 3), on a log axis so tumour shows."""
-    names = list(CLASS_NAMES)
+    names = list(mean_percent)  # the dataset's classes, background first
     values = [float(mean_percent[n]) for n in names]
     fig, ax = plt.subplots(figsize=(6, 4))
-    colours = [(0.6, 0.6, 0.6), *CLASS_COLORS[1:].tolist()]
+    tumour = CLASS_COLORS[1:].tolist()
+    colours = [(0.6, 0.6, 0.6), *(tumour[i % len(tumour)] for i in range(len(names) - 1))]
     bars = ax.bar([n.upper() if n != "background" else n for n in names], values, color=colours, edgecolor="black")
     for bar, value in zip(bars, values, strict=True):
         ax.annotate(f"{value:.2f}%", (bar.get_x() + bar.get_width() / 2, max(value, 1e-3)), ha="center",
@@ -126,7 +128,7 @@ def plot_overlays(cases: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]
                 if row == 0:
                     ax.set_title(f"{view} {label}", fontsize=9)
         axes[row, 0].set_ylabel(case, fontsize=8)
-    handles = [Patch(color=CLASS_COLORS[i], label=CLASS_NAMES[i].upper()) for i in range(1, len(CLASS_NAMES))]
+    handles = [Patch(color=CLASS_COLORS[i], label=GLIOMA_CLASSES[i].upper()) for i in range(1, len(GLIOMA_CLASSES))]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
     fig.subplots_adjust(wspace=0.03, hspace=0.08, bottom=0.08 if len(cases) > 1 else 0.14)
     return fig
@@ -222,7 +224,7 @@ def plot_case(case: str, images: Mapping[str, np.ndarray], classes: np.ndarray, 
         ax.set_xticks([])
         ax.set_yticks([])
     view = dict((a, v) for v, a in VIEWS)[axis]
-    handles = [Patch(color=CLASS_COLORS[i], label=CLASS_NAMES[i].upper()) for i in range(1, len(CLASS_NAMES))]
+    handles = [Patch(color=CLASS_COLORS[i], label=GLIOMA_CLASSES[i].upper()) for i in range(1, len(GLIOMA_CLASSES))]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle(f"{case}, {view} slice {index}", fontsize=9)
     fig.subplots_adjust(wspace=0.03, bottom=0.12)
