@@ -232,25 +232,40 @@ def _as_labels(seg: np.ndarray) -> np.ndarray:
 
 def _check_labels(data: np.ndarray, layout: Layout) -> np.ndarray:
     """Integer label map with only `layout`'s label values; raises _Problem."""
+    return _check_allowed(data, allowed_labels(layout.et_label), layout.name, et_hint(layout))
+
+
+def et_hint(layout: Layout) -> str:
+    return f"; {layout.name} cases label ET as {layout.et_label}"
+
+
+def _check_allowed(data: np.ndarray, allowed: Sequence[int], name: str, hint: str = "") -> np.ndarray:
     seg = _as_labels(data)
-    allowed = allowed_labels(layout.et_label)
     bad = sorted(set(np.unique(seg).tolist()) - set(allowed))
     if bad:
-        raise _Problem(f"label values {bad} are not {layout.name} labels (allowed {list(allowed)}; {layout.name} "
-                       f"cases label ET as {layout.et_label})")
+        raise _Problem(f"label values {bad} are not {name} labels (allowed {sorted(allowed)}{hint})")
     return seg
+
+
+def read_labels(path: str | Path, allowed: Sequence[int], name: str = "allowed", hint: str = ""
+                ) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
+    """(integer labels as in the file, affine, header) of a label map whose values must lie in `allowed` (0 included
+    by the caller): the checks of `read_label_map` for any label schema; `name` and `hint` go into the message.
+    BratsError naming the file for a float map with non-integer values, values outside int16 or other labels."""
+    path = Path(path)
+    try:
+        data, affine, header = _read(path)
+        return _check_allowed(data, allowed, name, hint), affine, header
+    except _Problem as e:
+        raise BratsError(f"{path}: {e}") from e
 
 
 def read_label_map(path: str | Path, layout: Layout | str) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
     """(internal classes 0..3 uint8, affine, header) of a label map: THE reader every command uses for truth and
     predictions. BratsError naming the file for a float map with non-integer values, values outside int16 (which
     would wrap: 65540.0 -> 4), or labels outside the layout's set."""
-    path, layout = Path(path), resolve_layout(layout)
-    try:
-        data, affine, header = _read(path)
-        seg = _check_labels(data, layout)
-    except _Problem as e:
-        raise BratsError(f"{path}: {e}") from e
+    layout = resolve_layout(layout)
+    seg, affine, header = read_labels(path, allowed_labels(layout.et_label), layout.name, et_hint(layout))
     return brats_to_classes(seg, layout.et_label), affine, header
 
 
