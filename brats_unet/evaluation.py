@@ -122,12 +122,8 @@ def case_metrics(pred_labels: np.ndarray, truth_labels: np.ndarray, spacing: Seq
 
 
 def columns_of(rows: list[dict[str, Any]]) -> list[str]:
-    """Today's columns first (those the rows hold), then every other key in the order the rows first hold it."""
-    keys = dict.fromkeys(k for row in rows for k in row)
-    if not keys:
-        return list(CSV_COLUMNS)
-    first = [c for c in CSV_COLUMNS if c in keys]
-    return first + [k for k in keys if k not in first]
+    """Every key in the order the rows first hold it (rows of brats2021/2023 start with CSV_COLUMNS)."""
+    return list(dict.fromkeys(k for row in rows for k in row)) or list(CSV_COLUMNS)
 
 
 def summarize(rows: list[dict[str, Any]], columns: Sequence[str] | None = None
