@@ -2,6 +2,8 @@
 
 Predictions use the dataset's own labels (ET 4 for BraTS 2021 names, 3 for 2023), as brats-predict writes them.
 Cases are never dropped silently: truth cases without a prediction and predictions without truth are listed.
+The label set and regions come from a challenge (brats_unet.challenges), by default the one of each case's detected
+file layout (brats2021 or brats2023); the numbers of a row come from brats_unet.scoring.
 """
 
 from __future__ import annotations
@@ -16,18 +18,23 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from brats_unet import metrics
-from brats_unet.data.cases import EXTENSIONS, find_file, layout_order, read_label_map, resolve_layout, subfolders
-from brats_unet.data.labels import Layout
+from brats_unet.challenges import CHALLENGES, Challenge
+from brats_unet.data.cases import EXTENSIONS, et_hint, find_file, layout_order, read_labels, resolve_layout, subfolders
+from brats_unet.data.labels import LAYOUTS, Layout
 from brats_unet.data.split import read_split
+from brats_unet.scoring import check_options, resolve_challenge, score_labels
 from brats_unet.utils import BratsError, atomic_path, atomic_write_json
 
 log = logging.getLogger("brats_unet.evaluate")
 
+# Today's columns, always first and unchanged for brats2021/2023 data; extra columns follow (see brats_unet.scoring).
 CSV_COLUMNS = ("case", "dice_wt", "dice_tc", "dice_et", "hd95_wt", "hd95_tc", "hd95_et", "dice_ncr", "dice_ed",
                "vol_pred_wt", "vol_pred_tc", "vol_pred_et", "vol_true_wt", "vol_true_tc", "vol_true_et")
 METRIC_COLUMNS = CSV_COLUMNS[1:]
 AFFINE_ATOL = 1e-3
+STATISTICS_NOTE = ("per metric over the cases with a finite value: NaN (undefined, e.g. the lesion-wise Dice of a "
+                   "region empty in both maps) is skipped, as the official BraTS leaderboard does; n counts the values "
+                   "used")
 
 
 def find_predictions(pred_dir: str | Path) -> dict[str, Path]:
@@ -64,41 +71,69 @@ def find_truth(root: str | Path, layout: str | None) -> dict[str, tuple[Path, La
     return truth
 
 
-def score_case(case: str, pred: Path | None, seg: Path, layout: Layout, hd95: bool) -> dict[str, Any]:
-    """One metrics.csv row; `pred` None scores an empty prediction (the BraTS convention for a missing case)."""
-    true_classes, true_affine, header = read_label_map(seg, layout)
+def challenge_for(layout: Layout, challenge: str | None) -> Challenge:
+    """The challenge a case is scored by: the one named, else the one of its file layout (brats2021/brats2023)."""
+    if challenge:
+        return resolve_challenge(challenge)
+    return CHALLENGES[layout.name]
+
+
+def default_lesionwise(challenges: Sequence[Challenge]) -> bool:
+    """Lesion-wise metrics by default when any case's challenge has an official config (2023 and later)."""
+    return any(c.official_config for c in challenges)
+
+
+def read_case_labels(path: Path, challenge: Challenge) -> tuple[np.ndarray, np.ndarray, Any]:
+    """(labels as in the file, affine, header) through the one label-map reader, with the challenge's label set."""
+    others = ", ".join(c for c in CHALLENGES if c != challenge.name)
+    hint = et_hint(LAYOUTS[challenge.name]) if challenge.name in LAYOUTS else ""
+    return read_labels(path, (0, *challenge.labels), challenge.name,
+                       f"{hint}; another label set? challenge= one of {others}")
+
+
+def score_case(case: str, pred: Path | None, seg: Path, challenge: Challenge, **options: Any) -> dict[str, Any]:
+    """One metrics.csv row; `pred` None scores an empty prediction (the BraTS convention for a missing case).
+    `options` go to brats_unet.scoring.score_labels (hd95, hd95_mode, nsd_tolerance, lesionwise)."""
+    truth_labels, true_affine, header = read_case_labels(seg, challenge)
     spacing = tuple(float(z) for z in header.get_zooms()[:3])
     if pred is None:
-        pred_classes = np.zeros_like(true_classes)
+        pred_labels = np.zeros_like(truth_labels)
     else:
-        pred_classes, pred_affine, _ = read_label_map(pred, layout)
-        if pred_classes.shape != true_classes.shape:
-            raise BratsError(f"prediction {pred} has shape {pred_classes.shape} but truth {seg} has "
-                             f"{true_classes.shape}: was it written in another geometry?")
+        pred_labels, pred_affine, _ = read_case_labels(pred, challenge)
+        if pred_labels.shape != truth_labels.shape:
+            raise BratsError(f"prediction {pred} has shape {pred_labels.shape} but truth {seg} has "
+                             f"{truth_labels.shape}: was it written in another geometry?")
         if not np.allclose(pred_affine, true_affine, atol=AFFINE_ATOL):
             raise BratsError(f"prediction {pred} and truth {seg} have different affines (max difference "
                              f"{np.abs(pred_affine - true_affine).max():.4g}): they are not in the same space")
-    return {"case": case, **metrics.case_metrics(pred_classes, true_classes, spacing, with_hd95=hd95)}
+    return {"case": case, **score_labels(pred_labels, truth_labels, challenge, spacing, **options)}
 
 
 def case_metrics(pred_labels: np.ndarray, truth_labels: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
-                 layout: str | Layout = "brats2021", hd95: bool = True) -> dict[str, float]:
-    """One metrics.csv row (without `case`) for two label maps in the dataset's own labels (`layout` says which:
-    ET 4 for brats2021, 3 for brats2023); spacing in mm. BratsError for values that are not the layout's labels."""
-    schema = resolve_layout(layout).label_schema
-    try:
-        pred, truth = (schema.to_classes(np.asarray(a)) for a in (pred_labels, truth_labels))
-    except ValueError as e:
-        raise BratsError(f"{e} (layout {layout})") from e
-    if pred.shape != truth.shape:
-        raise BratsError(f"prediction shape {pred.shape} != truth shape {truth.shape}")
-    return metrics.case_metrics(pred, truth, spacing, with_hd95=hd95)
+                 layout: str | Layout = "brats2021", hd95: bool = True, *, challenge: str | None = None,
+                 lesionwise: bool = False, hd95_mode: str = "pooled", nsd_tolerance: float | None = None
+                 ) -> dict[str, float | None]:
+    """One metrics.csv row (without `case`) for two label maps in the dataset's own labels; spacing in mm.
+
+    `challenge` names the label set and regions (default: `layout`'s, i.e. brats2021 with ET 4 or brats2023 with
+    ET 3); options as brats-evaluate's keys. BratsError for values that are not the challenge's labels."""
+    return score_labels(pred_labels, truth_labels, challenge_for(resolve_layout(layout), challenge), spacing,
+                        hd95=hd95, hd95_mode=hd95_mode, nsd_tolerance=nsd_tolerance, lesionwise=lesionwise)
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | int | None]]:
-    """Per metric: mean, std (population), median, p25, p75 (linear interpolation) and n over finite values."""
+def columns_of(rows: list[dict[str, Any]]) -> list[str]:
+    """Every key in the order the rows first hold it (rows of brats2021/2023 start with CSV_COLUMNS)."""
+    return list(dict.fromkeys(k for row in rows for k in row)) or list(CSV_COLUMNS)
+
+
+def summarize(rows: list[dict[str, Any]], columns: Sequence[str] | None = None
+              ) -> dict[str, dict[str, float | int | None]]:
+    """Per metric: mean, std (population), median, p25, p75 (linear interpolation) and n over finite values (see
+    STATISTICS_NOTE)."""
     out: dict[str, dict[str, float | int | None]] = {}
-    for name in METRIC_COLUMNS:
+    for name in (columns or columns_of(rows)):
+        if name == "case":
+            continue
         values = np.array([r[name] for r in rows if r.get(name) is not None and math.isfinite(r[name])], dtype=float)
         if values.size == 0:
             out[name] = {"mean": None, "std": None, "median": None, "p25": None, "p75": None, "n": 0}
@@ -109,20 +144,31 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | int | N
     return out
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> None:
+    """One row per case; an empty cell is a metric not computed (hd95=false), `nan` one that is undefined."""
+    columns = list(columns or columns_of(rows))
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
+        writer.writerow(columns)
         for row in rows:
-            writer.writerow([row["case"], *("" if row.get(k) is None else repr(float(row[k])) for k in METRIC_COLUMNS)])
+            writer.writerow([row["case"], *("" if row.get(k) is None else repr(float(row[k])) for k in columns[1:])])
 
 
 def evaluate(pred: str | Path, truth: str | Path, *, output: str | Path | None = None, layout: str | None = None,
              split_file: str | Path | None = None, split_subset: str = "test", hd95: bool = True,
-             missing_as_empty: bool = False, overwrite: bool = False, progress: bool = False
-             ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+             missing_as_empty: bool = False, overwrite: bool = False, progress: bool = False,
+             challenge: str | None = None, lesionwise: bool | None = None, hd95_mode: str = "pooled",
+             nsd_tolerance: float | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Score every prediction in `pred` that has a truth case in scope -> (rows as in metrics.csv, summary as in
-    summary.json); with `output`, also write `<output>/metrics.csv` and `<output>/summary.json` (atomically)."""
+    summary.json); with `output`, also write `<output>/metrics.csv` and `<output>/summary.json` (atomically).
+
+    challenge: label set and regions (None: each case's layout's, brats2021 or brats2023); lesionwise: the official
+    lesion-wise columns (None: on when a challenge has an official config, i.e. not for brats2021); hd95_mode:
+    "pooled" (medpy, official) or "max" (MONAI); nsd_tolerance: mm, adds nsd_<region> (None: none, and 1 mm for
+    the lesion-wise NSD)."""
+    check_options(hd95_mode, nsd_tolerance)
+    if challenge:
+        resolve_challenge(challenge)  # an unknown name fails before any file is read
     targets = [Path(output).expanduser() / name for name in ("metrics.csv", "summary.json")] if output else []
     if targets and not overwrite and any(p.exists() for p in targets):
         raise BratsError(f"{targets[0].parent} already holds metrics.csv/summary.json; pass overwrite=true to replace "
@@ -154,11 +200,24 @@ def evaluate(pred: str | Path, truth: str | Path, *, output: str | Path | None =
     if extra:
         log.warning("%d predictions have no truth case: %s", len(extra), ", ".join(extra[:5]))
 
-    rows = [score_case(c, preds.get(c), *truths[c], hd95=hd95)
+    challenges = {c: challenge_for(truths[c][1], challenge) for c in scored}
+    if lesionwise is None:
+        lesionwise = default_lesionwise(list(challenges.values()))
+    if lesionwise and nsd_tolerance is None:
+        nsd_tolerance = 1.0  # lesion-wise runs report NSD everywhere, at the official tolerance on 1 mm data
+    options = dict(hd95=hd95, hd95_mode=hd95_mode, nsd_tolerance=nsd_tolerance, lesionwise=bool(lesionwise))
+    rows = [score_case(c, preds.get(c), truths[c][0], challenges[c], **options)
             for c in tqdm(scored, desc="evaluate", disable=not progress)]
+    columns = columns_of(rows)
     summary = {
-        "metrics": summarize(rows),
+        "metrics": summarize(rows, columns),
+        "statistics": STATISTICS_NOTE,
         "n_cases": len(rows),
+        "challenges": sorted({c.name for c in challenges.values()}),
+        "lesionwise": bool(lesionwise),
+        "hd95": bool(hd95),
+        "hd95_mode": hd95_mode,
+        "nsd_tolerance": nsd_tolerance,
         "missing_predictions": missing,
         "extra_predictions": extra,
         "outside_split_predictions": outside,
@@ -170,7 +229,7 @@ def evaluate(pred: str | Path, truth: str | Path, *, output: str | Path | None =
     }
     if targets:
         targets[0].parent.mkdir(parents=True, exist_ok=True)
-        write_csv(targets[0], rows)
+        write_csv(targets[0], rows, columns)
         atomic_write_json(targets[1], summary)
         log.info("wrote %s and %s", *targets)
     return rows, summary

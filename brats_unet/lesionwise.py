@@ -86,8 +86,11 @@ def region_lesion_metrics(
     global_nsd_tolerance_mm: float | None = None,
     hd95_mode: str = "pooled",
     nsd_mode: str = "mean",
+    distances: bool = True,
 ) -> dict[str, float]:
-    """Official per-region numbers for two boolean masks; keys without the `_<region>` suffix (see module doc)."""
+    """Official per-region numbers for two boolean masks; keys without the `_<region>` suffix (see module doc).
+
+    distances=False skips every surface distance (brats-evaluate hd95=false): HD95 and NSD values are then NaN."""
     pred, truth = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
     if pred.shape != truth.shape:
         raise BratsError(f"mask shapes differ: prediction {pred.shape}, truth {truth.shape}")
@@ -106,7 +109,7 @@ def region_lesion_metrics(
     matches = match_lesions(pred_labels, n_pred, truth_labels, n_truth)
     tp = len(matches)
     out = _detection(tp, n_pred, n_truth)
-    global_ = _global(pred, truth, sampling, global_tol, hd95_mode, nsd_mode)
+    global_ = _global(pred, truth, sampling, global_tol, hd95_mode, nsd_mode, distances)
     if parser == "seg":  # the official CSV's column order
         out.update(global_)
 
@@ -116,6 +119,9 @@ def region_lesion_metrics(
     for t, p, dsc in matches:
         box = tuple(slice(min(a.start, b.start), max(a.stop, b.stop))
                     for a, b in zip(truth_boxes[t - 1], pred_boxes[p - 1], strict=True))
+        if not distances:
+            scores[t] = (dsc, NAN, NAN)
+            continue
         box = _grow(box, pred.shape)
         d_p, d_t = surface_distances(pred_labels[box] == p, truth_labels[box] == t, sampling)
         scores[t] = (dsc, hd95_from_distances(d_p, d_t, hd95_mode),
@@ -139,7 +145,8 @@ def lesionwise_metrics(
 ) -> dict[str, float]:
     """All official per-case numbers for two label maps in the challenge's own labels, keyed `<metric>_<region>`.
 
-    `options` go to `region_lesion_metrics` (nsd_tolerance_mm, global_nsd_tolerance_mm, hd95_mode, nsd_mode).
+    `options` go to `region_lesion_metrics` (nsd_tolerance_mm, global_nsd_tolerance_mm, hd95_mode, nsd_mode,
+    distances).
     """
     if isinstance(challenge, str):
         if challenge not in CHALLENGES:
@@ -176,14 +183,17 @@ def _detection(tp: int, n_pred: int, n_truth: int) -> dict[str, float]:
 
 
 def _global(pred: np.ndarray, truth: np.ndarray, sampling: tuple[float, ...], tolerance: float, hd95_mode: str,
-            nsd_mode: str) -> dict[str, float]:
+            nsd_mode: str, distances: bool = True) -> dict[str, float]:
     if not (pred & truth).any():  # panoptica's zero-TP edge case, also for disjoint non-empty masks
         if not pred.any() and not truth.any():
             return {"global_dsc": NAN, "global_nsd": NAN, "global_hd95": NAN}
         return {"global_dsc": 0.0, "global_nsd": 0.0, "global_hd95": OFFICIAL_HD95_PENALTY}
+    dsc = 2.0 * np.count_nonzero(pred & truth) / (np.count_nonzero(pred) + np.count_nonzero(truth))
+    if not distances:
+        return {"global_dsc": dsc, "global_nsd": NAN, "global_hd95": NAN}
     d_p, d_t = surface_distances(pred, truth, sampling)
     return {
-        "global_dsc": 2.0 * np.count_nonzero(pred & truth) / (np.count_nonzero(pred) + np.count_nonzero(truth)),
+        "global_dsc": dsc,
         "global_nsd": nsd_from_distances(d_p, d_t, tolerance, nsd_mode),
         "global_hd95": hd95_from_distances(d_p, d_t, hd95_mode),
     }

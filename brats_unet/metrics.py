@@ -45,7 +45,7 @@ def hd95(
     cross; distances from every surface voxel of one mask to the nearest surface voxel of the other, in both
     directions. mode="pooled" pools both directions, then takes the 95th percentile (linear interpolation);
     mode="max" takes the larger of the two directed 95th percentiles (MONAI's `compute_hausdorff_distance`; DeepMind's
-    surface-distance does the same on surfel-area-weighted surfaces), which is >= pooled.
+    surface-distance does the same on surfel-area-weighted surfaces): usually >= pooled, not always (interpolation).
     Both empty -> 0.0, exactly one empty -> HD95_EMPTY.
     """
     _check_mode(mode, HD95_MODES, "hd95 mode")

@@ -145,7 +145,8 @@ def test_bad_labels_and_bad_options():
     images = {m: np.ones((2, 2, 2), np.float32) for m in ("t1", "t1ce", "t2", "flair")}
     seg = np.zeros((2, 2, 2), np.int16)
     seg[0, 0, 0] = 3
-    with pytest.raises(BratsError, match=r"label map: label values \[3\] are not brats2021 labels \(allowed \[0, 1, 2, 4\]\)"):
+    with pytest.raises(BratsError, match=r"label map: label values \[3\] are not brats2021 labels "
+                                         r"\(allowed \[0, 1, 2, 4\]\)"):
         preprocess_case(images, seg, **MODERN, foreground_channel=False)
     with pytest.raises(BratsError, match=r"unknown preprocess.normalize 'robust'"):
         preprocess_case(images, None, **{**MODERN, "normalize": "robust"}, foreground_channel=False)

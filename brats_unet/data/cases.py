@@ -230,15 +230,25 @@ def _as_labels(seg: np.ndarray) -> np.ndarray:
     return seg.astype(np.int16)
 
 
+def _check_allowed(data: np.ndarray, allowed: Sequence[int], name: str, hint: str = "") -> np.ndarray:
+    """Integer label map with only `allowed` values; raises _Problem naming the label set."""
+    seg = _as_labels(data)
+    bad = sorted(set(np.unique(seg).tolist()) - set(allowed))
+    if bad:
+        raise _Problem(f"label values {bad} are not {name} labels (allowed {list(allowed)}{hint})")
+    return seg
+
+
+def et_hint(schema: LabelSchema | Layout) -> str:
+    """'; brats2023 cases label ET as 3': the usual cause of a wrong label value (2021 and 2023 files differ)."""
+    schema = schema.label_schema if isinstance(schema, Layout) else schema
+    et = dict((n, v) for v, n in schema.labels).get("et")
+    return f"; {schema.name} cases label ET as {et}" if et is not None else ""
+
+
 def _check_labels(data: np.ndarray, schema: LabelSchema) -> np.ndarray:
     """Integer label map with only `schema`'s label values; raises _Problem."""
-    seg = _as_labels(data)
-    bad = sorted(set(np.unique(seg).tolist()) - set(schema.values))
-    if bad:
-        et = dict((n, v) for v, n in schema.labels).get("et")
-        hint = f"; {schema.name} cases label ET as {et}" if et is not None else ""
-        raise _Problem(f"label values {bad} are not {schema.name} labels (allowed {list(schema.values)}{hint})")
-    return seg
+    return _check_allowed(data, schema.values, schema.name, et_hint(schema))
 
 
 def schema_of(layout: Layout | str, schema: LabelSchema | str | None = None) -> LabelSchema:
@@ -251,17 +261,26 @@ def schema_of(layout: Layout | str, schema: LabelSchema | str | None = None) -> 
     return resolve_layout(layout).label_schema
 
 
+def read_labels(path: str | Path, allowed: Sequence[int], name: str = "allowed", hint: str = ""
+                ) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
+    """(integer labels as in the file, affine, header) of a label map whose values must lie in `allowed` (0 included
+    by the caller): the checks of `read_label_map` for any label set; `name` and `hint` go into the message.
+    BratsError naming the file for a float map with non-integer values, values outside int16 or other labels."""
+    path = Path(path)
+    try:
+        data, affine, header = _read(path)
+        return _check_allowed(data, allowed, name, hint), affine, header
+    except _Problem as e:
+        raise BratsError(f"{path}: {e}") from e
+
+
 def read_label_map(path: str | Path, layout: Layout | str, schema: LabelSchema | str | None = None
                    ) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
     """(internal classes uint8, affine, header) of a label map: THE reader every command uses for truth and
     predictions. BratsError naming the file for a float map with non-integer values, values outside int16 (which
     would wrap: 65540.0 -> 4), or labels outside the schema (default: the layout's)."""
-    path, schema = Path(path), schema_of(layout, schema)
-    try:
-        data, affine, header = _read(path)
-        seg = _check_labels(data, schema)
-    except _Problem as e:
-        raise BratsError(f"{path}: {e}") from e
+    schema = schema_of(layout, schema)
+    seg, affine, header = read_labels(path, schema.values, schema.name, et_hint(schema))
     return schema.to_classes(seg), affine, header
 
 

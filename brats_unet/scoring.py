@@ -1,0 +1,125 @@
+"""One metrics.csv row from two label maps in a challenge's own labels: region-wise Dice / HD95 / NSD / volumes, then
+(optionally) the lesion-wise numbers of the official BraTS parsers. Pure: arrays in, numbers out, no IO.
+
+Columns come from the challenge's regions (brats_unet.challenges), outermost region first: for brats2021/2023 that
+reproduces today's metrics.csv exactly (dice_wt, dice_tc, dice_et, hd95_*, dice_ncr, dice_ed, vol_pred_*,
+vol_true_*). Extra columns follow: nsd_<region> (with an NSD tolerance), then lesion-wise keys named like the official
+parser's CSV (all_instance_tp_et, global_dsc_et, lesionwise_dsc_mean_et, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from brats_unet.challenges import CHALLENGES, Challenge
+from brats_unet.lesionwise import lesionwise_metrics
+from brats_unet.metrics import (
+    HD95_EMPTY,
+    HD95_MODES,
+    _check_mode,
+    _spacing,
+    crop_pair,
+    dice,
+    hd95_from_distances,
+    nsd_from_distances,
+    surface_distances,
+)
+from brats_unet.utils import BratsError
+
+Row = dict[str, float | None]
+
+
+def resolve_challenge(challenge: str | Challenge) -> Challenge:
+    if isinstance(challenge, Challenge):
+        return challenge
+    if challenge not in CHALLENGES:
+        raise BratsError(f"unknown challenge {challenge!r}; choose one of {sorted(CHALLENGES)} (config key challenge)")
+    return CHALLENGES[challenge]
+
+
+def region_order(challenge: Challenge) -> list[str]:
+    """Regions with the most labels first (wt, tc, et for gliomas: today's column order), ties in official order."""
+    return sorted(challenge.regions, key=lambda r: -len(challenge.regions[r]))
+
+
+def label_columns(challenge: Challenge) -> dict[str, int]:
+    """Labels that are no single-label region get a Dice column of their own (brats2021: dice_ncr, dice_ed)."""
+    singles = {labels[0] for labels in challenge.regions.values() if len(labels) == 1}
+    return {name: value for value, name in challenge.labels.items() if value not in singles}
+
+
+def check_options(hd95_mode: str, nsd_tolerance: float | None) -> None:
+    _check_mode(hd95_mode, HD95_MODES, "hd95_mode")
+    if nsd_tolerance is not None and not (np.isfinite(nsd_tolerance) and nsd_tolerance >= 0):
+        raise BratsError(f"nsd_tolerance must be a distance >= 0 in mm (or null), got {nsd_tolerance}")
+
+
+def region_row(pred: np.ndarray, truth: np.ndarray, challenge: Challenge, spacing: Sequence[float], *,
+               hd95: bool = True, hd95_mode: str = "pooled", nsd_tolerance: float | None = None) -> Row:
+    """dice_<r>, hd95_<r>, dice_<label>, vol_pred_<r>, vol_true_<r> (mL)[, nsd_<r>] with brats_unet.metrics'
+    conventions for empty masks (both empty: Dice 1, HD95 0, NSD 1; one empty: 0, HD95_EMPTY, 0). Distance columns
+    are None (not computed) with hd95=False."""
+    sampling = _spacing(spacing, pred.ndim)
+    voxel_ml = float(np.prod(sampling)) / 1000.0
+    order = region_order(challenge)
+    masks = {r: (np.isin(pred, challenge.regions[r]), np.isin(truth, challenge.regions[r])) for r in order}
+    distances = {r: surface_distances(*masks[r], sampling) for r in order} if hd95 else {}
+    out: Row = {f"dice_{r}": dice(*masks[r]) for r in order}
+    for r in order:
+        out[f"hd95_{r}"] = _empty_or(masks[r], distances, r, 0.0, HD95_EMPTY,
+                                     lambda d: hd95_from_distances(*d, mode=hd95_mode))
+    for name, value in label_columns(challenge).items():
+        out[f"dice_{name}"] = dice(pred == value, truth == value)
+    for which, side in (("pred", 0), ("true", 1)):
+        for r in order:
+            out[f"vol_{which}_{r}"] = np.count_nonzero(masks[r][side]) * voxel_ml
+    if nsd_tolerance is not None:
+        for r in order:
+            out[f"nsd_{r}"] = _empty_or(masks[r], distances, r, 1.0, 0.0,
+                                        lambda d: nsd_from_distances(*d, tolerance_mm=nsd_tolerance, mode="pooled"))
+    return out
+
+
+def _empty_or(masks, distances, region, both_empty, one_empty, compute) -> float | None:
+    if region not in distances:
+        return None
+    if distances[region] is None:
+        return both_empty if not masks[0].any() and not masks[1].any() else one_empty
+    return compute(distances[region])
+
+
+def score_labels(pred_labels: np.ndarray, truth_labels: np.ndarray, challenge: str | Challenge,
+                 spacing: Sequence[float] = (1.0, 1.0, 1.0), *, hd95: bool = True, hd95_mode: str = "pooled",
+                 nsd_tolerance: float | None = None, lesionwise: bool = False) -> Row:
+    """The metrics.csv row (without `case`) of two label maps in `challenge`'s own labels; spacing in mm.
+
+    nsd_tolerance (mm) adds nsd_<region> and sets the lesion-wise NSD tolerance (None: 1 mm there); hd95_mode applies
+    to region-wise and lesion-wise HD95; hd95=False leaves every distance column (HD95, NSD) None.
+    """
+    challenge = resolve_challenge(challenge)
+    check_options(hd95_mode, nsd_tolerance)
+    pred, truth = np.asarray(pred_labels), np.asarray(truth_labels)
+    if pred.shape != truth.shape:
+        raise BratsError(f"prediction shape {pred.shape} != truth shape {truth.shape}")
+    # Every metric is unchanged by cutting both maps to the box of their non-zero voxels (plus a 1-voxel margin);
+    # outside it both are 0, so the label check below sees every value at a few percent of the cost.
+    pred, truth = crop_pair(pred, truth)
+    allowed = {0, *challenge.labels}
+    for what, arr in (("prediction", pred), ("truth", truth)):
+        bad = sorted(set(np.unique(arr).tolist()) - allowed)
+        if bad:
+            raise BratsError(f"{what} holds label values {bad} that are not {challenge.name} labels "
+                             f"(allowed {sorted(allowed)})")
+    out = region_row(pred, truth, challenge, spacing, hd95=hd95, hd95_mode=hd95_mode, nsd_tolerance=nsd_tolerance)
+    if lesionwise:
+        tolerance = 1.0 if nsd_tolerance is None else nsd_tolerance
+        lesion = lesionwise_metrics(pred, truth, challenge, spacing, nsd_tolerance_mm=tolerance, hd95_mode=hd95_mode,
+                                    distances=hd95)
+        out.update({k: None if not hd95 and _is_distance(k) else v for k, v in lesion.items()})
+    return out
+
+
+def _is_distance(key: str) -> bool:
+    return key.startswith(("global_hd95_", "global_nsd_", "lesionwise_hd95_", "lesionwise_nsd_"))
