@@ -8,9 +8,7 @@ import time
 from collections.abc import Sequence
 
 from brats_unet.cli.common import user_errors
-from brats_unet.data.synthetic import FULL_SHAPE, write_dataset
-
-LAYOUT_NAMES = {"2021": "brats2021", "2023": "brats2023", "brats2021": "brats2021", "brats2023": "brats2023"}
+from brats_unet.data.synthetic import FULL_SHAPE, RELEASE_ALIASES, RELEASES, write_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,8 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data/synthetic", help="output folder (default: %(default)s)")
     p.add_argument("--cases", type=int, default=20, help="number of cases (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed; case i is the same for any --cases")
-    p.add_argument("--layout", choices=sorted(LAYOUT_NAMES), default="2021",
-                   help="BraTS release naming: 2021 (ET label 4) or 2023 (ET label 3); default %(default)s")
+    p.add_argument("--layout", choices=sorted([*RELEASES, *RELEASE_ALIASES]), default="2021",
+                   help="release: file naming and labels of a BraTS (sub-)challenge (2021: ET 4; 2023: ET 3; see the "
+                   "README's dataset table); default %(default)s")
     p.add_argument("--shape", type=int, nargs=3, default=list(FULL_SHAPE), metavar=("X", "Y", "Z"),
                    help="volume size in voxels (default: 240 240 155, BraTS size)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files in the case folders")
@@ -37,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     with user_errors():
         start = time.perf_counter()
-        folders = write_dataset(args.out, args.cases, args.seed, layout=LAYOUT_NAMES[args.layout],
+        folders = write_dataset(args.out, args.cases, args.seed, layout=args.layout,
                                 shape=args.shape, overwrite=args.overwrite, progress=not args.quiet,
                                 workers=args.workers)
         root = folders[0].parent.resolve()

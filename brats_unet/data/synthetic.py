@@ -1,8 +1,11 @@
-"""Synthetic BraTS-like cases: a skull-stripped head with a glioma, four MRI sequences and a BraTS label map.
+"""Synthetic BraTS-like cases: a real-anatomy head with a glioma, four MRI sequences and a BraTS label map.
 
-Real BraTS cannot be downloaded here, so demos and tests use these stand-ins. Anatomy is laid out in millimetres of
-a full-size 240x240x155 grid and sampled at the requested shape, so a small shape is the same head at coarser
-resolution (class shares are kept). Contrasts follow DESIGN.md: no single sequence separates every class.
+Real BraTS cannot be downloaded here, so demos and tests use these stand-ins. A case is generated in three steps:
+anatomy (data/anatomy.py: the MNI152 template's tissue maps, posed and warped per case), lesions (data/tumour.py:
+placed by anatomy, with mass effect) and appearance (data/appearance.py: a randomised scanner per case). The head is
+laid out in millimetres of the 240x240x155 BraTS field of view and sampled at the requested shape, so a small shape is
+the same head at coarser resolution. Generation returns canonical modalities and internal classes (`SynthCase`);
+the layout step below names and labels the files, so a new BraTS release is a small change there.
 """
 
 from __future__ import annotations
@@ -11,33 +14,23 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage as ndi
 
+from brats_unet.data.anatomy import FULL_MM, FULL_SHAPE, Pose, grid_axes, load_atlas, sample_tissue, tissue_for_spacing
+from brats_unet.data.appearance import render
 from brats_unet.data.cases import resolve_layout
-from brats_unet.data.labels import MODALITIES, SCHEMAS
-from brats_unet.data.preprocess import nonzero_bbox
+from brats_unet.data.labels import MODALITIES, LabelSchema, Layout, resolve_schema
+from brats_unet.data.tumour import BG, TISSUE_CLASS, TISSUES, draw_lesions, paint_lesions
 from brats_unet.utils import BratsError, atomic_path
 
-FULL_SHAPE = (240, 240, 155)
-TISSUES = ("background", "wm", "gm", "csf", "ed", "et", "ncr")  # tissue-map values 0..6
-BG, WM, GM, CSF, ED, ET, NCR = range(7)
-# Mean intensity relative to white matter, columns in MODALITIES order (t1, t1ce, t2, flair); rows WM..NCR.
-CONTRAST = np.array(
-    [
-        [1.00, 1.00, 1.00, 1.00],  # wm
-        [0.80, 0.84, 1.30, 1.12],  # gm
-        [0.35, 0.38, 3.00, 0.45],  # csf
-        [0.70, 0.74, 2.30, 2.10],  # ed
-        [0.62, 1.70, 2.00, 1.85],  # et
-        [0.45, 0.48, 2.70, 1.30],  # ncr
-    ],
-    dtype=np.float32,
-)
-_VERSION = "v1"  # bump when the generator changes, so old folders are not mistaken for complete new cases
+__all__ = ["FULL_SHAPE", "TISSUES", "SynthCase", "brats_affine", "case_name", "case_rng", "generate_case",
+           "make_case", "physical_spacing", "write_dataset"]
+_VERSION = "v2"  # bump when the generator changes, so old folders are not mistaken for complete new cases
+COARSE_MM = 6.0  # grid on which lesions are placed (anatomy is smooth at that scale)
 
 
 def brats_affine(shape: Sequence[int] = FULL_SHAPE, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
@@ -47,151 +40,61 @@ def brats_affine(shape: Sequence[int] = FULL_SHAPE, spacing: Sequence[float] = (
     return affine
 
 
-def _smooth_field(rng: np.random.Generator, axes: Sequence[np.ndarray], corr_mm: float) -> np.ndarray:
-    """Unit-variance smooth random field on the grid `axes` (mm): iid normals on knots `corr_mm` apart, summed with
-    Gaussian weights. Separable, so it costs three matrix products instead of a full-size filter or zoom."""
-    mats = []
-    for a in axes:
-        knots = np.arange(a[0] - 2 * corr_mm, a[-1] + 3 * corr_mm, corr_mm, dtype=np.float32)
-        m = np.exp(-0.5 * ((a[:, None] - knots[None, :]) / corr_mm) ** 2).astype(np.float32)
-        # Row-normalising each axis makes the variance exactly 1 everywhere (the weights are a product over axes).
-        mats.append(m / np.sqrt((m**2).sum(axis=1, keepdims=True)))
-    coarse = rng.standard_normal(tuple(m.shape[1] for m in mats), dtype=np.float32)
-    # Contract one axis at a time as a single 2D product each (batched products are slow with threaded BLAS).
-    (k0, k1, k2), (n0, n1, n2) = coarse.shape, (len(a) for a in axes)
-    f = (coarse.reshape(k0 * k1, k2) @ mats[2].T).reshape(k0, k1, n2)
-    f = (mats[1] @ f.transpose(1, 0, 2).reshape(k1, k0 * n2)).reshape(n1, k0, n2)
-    f = np.ascontiguousarray(f.transpose(1, 0, 2)).reshape(k0, n1 * n2)
-    return (mats[0] @ f).reshape(n0, n1, n2)
-
-
-def _ellipsoid_r2(axes: Sequence[np.ndarray], centre: Sequence[float], semi: Sequence[float]) -> np.ndarray:
-    x, y, z = ((a - c) / s for a, c, s in zip(axes, centre, semi, strict=True))
-    return x[:, None, None] ** 2 + y[None, :, None] ** 2 + z[None, None, :] ** 2
-
-
-def _box(centre: Sequence[float], half: Sequence[float], mm: np.ndarray, shape: Sequence[int]) -> tuple[slice, ...]:
-    lo = [max(int(np.floor((c - h) / v)), 0) for c, h, v in zip(centre, half, mm, strict=True)]
-    hi = [min(int(np.ceil((c + h) / v)) + 1, n) for c, h, v, n in zip(centre, half, mm, shape, strict=True)]
-    return tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-
-
-def make_tissue(rng: np.random.Generator, shape: Sequence[int] = FULL_SHAPE) -> np.ndarray:
-    """Tissue map (uint8, values index TISSUES): brain with WM/GM/CSF and one nested glioma (ED > ET rim > NCR)."""
-    shape = tuple(int(n) for n in shape)
-    mm = np.array(FULL_SHAPE, np.float32) / np.array(shape, np.float32)  # reference mm per voxel
-    centre = np.array([120, 122, 75], np.float32) + rng.uniform(-4, 4, 3).astype(np.float32)
-    semi = np.array([68, 84, 61], np.float32) * rng.uniform(0.92, 1.05, 3).astype(np.float32)
-    box = _box(centre, semi * 1.2, mm, shape)
-    axes = [((np.arange(s.start, s.stop) + 0.5) * v).astype(np.float32) for s, v in zip(box, mm, strict=True)]
-
-    # Brain: a randomly warped ellipsoid; `depth` ~ mm below the brain surface drives the cortex and sulci.
-    warp = 1 + 0.045 * _smooth_field(rng, axes, 28.0)
-    r = np.sqrt(_ellipsoid_r2(axes, centre, semi)) * warp
-    depth = (1 - r) * 70.0
-    brain = depth > 0
-    # Sulci are thin sheets at zero crossings of a smooth field; grey matter lines them and the outer surface.
-    gyri = np.abs(_smooth_field(rng, axes, 4.0))
-    sulcal_depth = 14 + 4 * _smooth_field(rng, axes, 20.0)
-    in_sulcus = depth < sulcal_depth
-    tissue = np.where(brain, WM, BG).astype(np.uint8)
-    tissue[brain & ((depth < 4.0) | (in_sulcus & (gyri < 0.75)))] = GM
-    for side in (-1, 1):  # deep grey matter (thalamus, basal ganglia) and lateral ventricles, bilateral
-        for off, half in (((11, -6, -4), (9, 15, 10)), ((23, 10, 2), (6, 15, 11))):
-            _paint_ellipsoid(tissue, axes, mm, warp, centre + [side * off[0], off[1], off[2]],
-                             np.array(half) * rng.uniform(0.9, 1.1), GM)
-    for side in (-1, 1):
-        _paint_ellipsoid(tissue, axes, mm, warp**2, centre + [side * 8, 2, 10],
-                         np.array([7, 26, 10]) * rng.uniform(0.8, 1.2), CSF)
-    tissue[brain & ((depth < 1.2) | (in_sulcus & (gyri < 0.12)))] = CSF
-
-    _add_tumour(rng, tissue, axes, mm, centre, semi)
-    out = np.zeros(shape, np.uint8)
-    out[box] = tissue
-    return out
-
-
-def _paint_ellipsoid(tissue: np.ndarray, axes: Sequence[np.ndarray], mm: np.ndarray, warp: np.ndarray,
-                     centre: np.ndarray, semi: np.ndarray, label: int) -> None:
-    """Set brain voxels inside a warped ellipsoid to `label`, touching only its bounding box (speed)."""
-    origin = np.array([a[0] for a in axes], np.float32)
-    box = _box(centre - origin, semi * 1.3, mm, tissue.shape)
-    region = tissue[box]  # a view
-    inside = _ellipsoid_r2([a[b] for a, b in zip(axes, box, strict=True)], centre, semi) * warp[box] < 1
-    region[inside & (region > BG)] = label
-
-
-def _add_tumour(rng: np.random.Generator, tissue: np.ndarray, axes: Sequence[np.ndarray], mm: np.ndarray,
-                centre: np.ndarray, semi: np.ndarray) -> None:
-    """Paint one glioma into `tissue` in place: oedema around an enhancing rim around a necrotic core."""
-    while True:  # uniform point in the inner half of the brain ellipsoid
-        v = rng.uniform(-1, 1, 3)
-        if v @ v < 1:
-            break
-    c = centre + 0.45 * semi * v.astype(np.float32)
-    radius = (3 * rng.uniform(45e3, 130e3) / (4 * np.pi)) ** (1 / 3)  # whole tumour ~45-130 cm3 before clipping
-    origin = np.array([a[0] for a in axes], np.float32)  # mm of the crop's first voxel: local index = (p - origin)/mm
-    box = _box(c - origin, [1.7 * radius] * 3, mm, tissue.shape)
-    sub = [a[s] for a, s in zip(axes, box, strict=True)]
-    dist = np.sqrt(_ellipsoid_r2(sub, c, [radius] * 3))  # in units of the tumour radius
-    core_ratio = rng.uniform(0.62, 0.82)
-    # Necrosis is usually a large share of the core, occasionally small or absent.
-    ncr_ratio = rng.uniform(0.6, 0.82) if rng.random() < 0.85 else rng.uniform(0.0, 0.4)
-    wt = dist * np.clip(1 + 0.2 * _smooth_field(rng, sub, 12.0), 0.6, None) < 1
-    t_core = dist / core_ratio * np.clip(1 + 0.2 * _smooth_field(rng, sub, 8.0), 0.6, None)
-    tc = t_core < 1
-    ncr = (t_core < ncr_ratio * (1 + 0.1 * np.clip(_smooth_field(rng, sub, 6.0), -1.5, 1.5))) & ndi.binary_erosion(tc)
-    region = tissue[box]  # a view: writes below go into `tissue`
-    brain = region > BG
-    region[brain & (wt | tc)] = ED
-    region[brain & tc] = ET
-    region[brain & ncr] = NCR
-
-
-def tissue_to_seg(tissue: np.ndarray, et_label: int = 4) -> np.ndarray:
-    """BraTS label map (uint8 {0, 1, 2, et_label}) from a tissue map."""
-    lut = np.zeros(len(TISSUES), np.uint8)
-    lut[ED], lut[ET], lut[NCR] = 2, et_label, 1
-    return lut[tissue]
-
-
-def render_images(rng: np.random.Generator, tissue: np.ndarray) -> dict[str, np.ndarray]:
-    """int16 images per canonical modality: per-case contrasts, texture, partial-volume blur, bias and Rician noise."""
-    shape = tissue.shape
-    brain_full = tissue > BG
-    box = tuple(slice(a, b) for a, b in nonzero_bbox([brain_full]))
-    t = tissue[box]
-    brain = t > BG
-    mm = np.array(FULL_SHAPE, np.float32) / np.array(shape, np.float32)
-    axes = [((np.arange(s.start, s.stop) + 0.5) * v).astype(np.float32) for s, v in zip(box, mm, strict=True)]
-    contrast = CONTRAST * rng.uniform(0.88, 1.12, CONTRAST.shape).astype(np.float32)
-    contrast[0] = 1.0  # intensities are relative to WM
-    wm_level = rng.uniform(400, 1000, len(MODALITIES)).astype(np.float32)
-    # Tissue texture, stronger in the (heterogeneous) tumour; shared by all sequences like real microstructure.
-    texture = 1 + np.where(t >= ED, 0.07, 0.025).astype(np.float32) * _smooth_field(rng, axes, 2.5)
-    images = {}
-    for m, name in enumerate(MODALITIES):
-        lut = np.concatenate([[0.0], contrast[:, m]]).astype(np.float32) * wm_level[m]
-        img = lut[t] * texture
-        img = ndi.gaussian_filter(img, 0.6, truncate=2.0)  # partial volume at the voxel scale (3-tap kernel)
-        img *= np.exp(0.12 * _smooth_field(rng, axes, 70.0))  # scanner bias field
-        values = img[brain]  # noise only where it is kept: outside the brain is zero (skull-stripped like BraTS)
-        sigma = wm_level[m] * rng.uniform(0.02, 0.04)
-        real = values + sigma * rng.standard_normal(values.shape, dtype=np.float32)
-        imag = sigma * rng.standard_normal(values.shape, dtype=np.float32)
-        values = np.sqrt(real * real + imag * imag)  # magnitude of complex Gaussian noise: Rician
-        np.minimum(np.rint(values, out=values), np.iinfo(np.int16).max, out=values)
-        crop = np.zeros(t.shape, np.int16)
-        crop[brain] = values
-        out = np.zeros(shape, np.int16)
-        out[box] = crop
-        images[name] = out
-    return images
-
-
 def physical_spacing(shape: Sequence[int]) -> list[float]:
     """Voxel size (mm) at which `shape` covers the 240 x 240 x 155 mm BraTS field of view."""
     return [full / n for full, n in zip(FULL_SHAPE, shape, strict=True)]
+
+
+@dataclass
+class SynthCase:
+    """One generated case before any file layout: what a layout writer needs to name and label it."""
+
+    images: dict[str, np.ndarray]  # int16 per canonical modality (MODALITIES order)
+    classes: np.ndarray  # uint8 internal classes: 0 background, 1 NCR (incl. non-enhancing), 2 ED, 3 ET
+    tissue: np.ndarray  # uint8, values index TISSUES (healthy tissue by majority, lesion tissues, cavity)
+    healthy: np.ndarray  # uint8, the majority healthy tissue (WM, GM, CSF) each voxel had before the lesions
+    affine: np.ndarray
+
+    def seg(self, et_label: int = 4) -> np.ndarray:
+        """BraTS label map with ET as `et_label` (4: BraTS 2021, 3: BraTS 2023)."""
+        return np.where(self.classes == 3, et_label, self.classes).astype(np.uint8)
+
+
+def generate_case(rng: np.random.Generator, shape: Sequence[int] = FULL_SHAPE,
+                  spacing: Sequence[float] | None = None, cavity: bool = False) -> SynthCase:
+    """One synthetic case on a `shape` grid covering the BraTS field of view (a small shape is the same head at a
+    coarser resolution). `spacing` only sets the affine's voxel size (default: the physical one, 240 / shape[0]
+    mm ...). `cavity` adds a resection cavity (tissue "cavity", class 0) at the main tumour's centre."""
+    shape = tuple(int(n) for n in shape)
+    mm = tuple(float(v) for v in FULL_MM / np.array(shape))
+    tissue_for_spacing(tuple(round(v, 3) for v in mm))  # the pre-blurred atlas for this resolution (cached)
+    pose = Pose.draw(rng)
+    coarse = grid_axes([int(np.ceil(f / COARSE_MM)) for f in FULL_MM])
+    cprobs, ccoords = sample_tissue(pose, coarse, mm)
+    atlas = load_atlas()
+    lesions = draw_lesions(rng, coarse, cprobs, ccoords[2] > atlas.centre[2] + atlas.brain_z_mm, cavity)
+    # Work in the brain's bounding box (plus a margin for the warp and mass effect): most of the grid is empty.
+    inside = np.argwhere(cprobs.sum(0) > 0.02)
+    lo_mm = np.array([coarse[i][j] for i, j in enumerate(inside.min(0))]) - COARSE_MM - 6
+    hi_mm = np.array([coarse[i][j] for i, j in enumerate(inside.max(0))]) + COARSE_MM + 6
+    step = FULL_MM / np.array(shape)
+    box = tuple(slice(max(int(np.floor(a / s)), 0), min(int(np.ceil(b / s)) + 1, n))
+                for a, b, s, n in zip(lo_mm, hi_mm, step, shape, strict=True))
+    axes = grid_axes(shape, box)
+    probs, _ = sample_tissue(pose, axes, mm, [les.push for les in lesions])
+    lesion_map = paint_lesions(rng, lesions, axes, probs, mm)
+    crop_images = render(rng, probs, lesion_map, axes, mm)
+    brain = (probs.sum(0) > 0.5) | (lesion_map > 0)
+    crop_healthy = np.where(brain, np.argmax(probs, axis=0).astype(np.uint8) + 1, BG).astype(np.uint8)
+    crop_tissue = np.where(lesion_map > 0, lesion_map, crop_healthy)
+    images = {}
+    for name in MODALITIES:
+        images[name] = np.zeros(shape, np.int16)
+        images[name][box] = crop_images[name]
+    tissue, healthy = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
+    tissue[box], healthy[box] = crop_tissue, crop_healthy
+    affine = brats_affine(shape, physical_spacing(shape) if spacing is None else spacing)
+    return SynthCase(images, TISSUE_CLASS[tissue], tissue, healthy, affine)
 
 
 def make_case(
@@ -202,14 +105,75 @@ def make_case(
     The head has the same physical size whatever `shape`; by default the affine's voxel size says so
     (240 / shape[0] mm ...), so a 120 x 120 x 78 case is the same head at 2 mm and HD95 stays in mm.
     """
-    spacing = physical_spacing(shape) if spacing is None else spacing
-    tissue = make_tissue(rng, shape)
-    return render_images(rng, tissue), tissue_to_seg(tissue, 4), brats_affine(shape, spacing)
+    case = generate_case(rng, shape, spacing)
+    return case.images, case.seg(4), case.affine
+
+
+@dataclass(frozen=True)
+class Release:
+    """How one BraTS release stores a case: file naming, label schema, case names, the sequences it ships."""
+
+    files: str  # a data.labels.LAYOUTS name
+    schema: str  # a data.labels.SCHEMAS name
+    case_pattern: str  # str.format pattern of the case folder name, given the index
+    modalities: tuple[str, ...] = MODALITIES
+
+    @property
+    def layout(self) -> Layout:
+        return resolve_layout(self.files)
+
+    @property
+    def label_schema(self) -> LabelSchema:
+        return resolve_schema(self.schema)
+
+
+# brats-synth --layout NAME (data=... in brackets): each sub-challenge's naming and labels.
+RELEASES: dict[str, Release] = {
+    "2021": Release("brats2021", "brats2021", "BraTS2021_{:05d}"),  # data=brats2021
+    "2023": Release("brats2023", "brats2023", "BraTS-GLI-{:05d}-000"),  # data=brats2023
+    "2024_gli": Release("brats2023", "brats2024_gli", "BraTS-GLI-{:05d}-100"),  # data=brats2024_gli
+    "met": Release("brats2023", "brats_met", "BraTS-MET-{:05d}-000"),  # data=brats_met
+    "men": Release("brats2023", "brats_men", "BraTS-MEN-{:05d}-000"),  # data=brats_men
+    "men_rt": Release("brats2023", "brats_men_rt", "BraTS-MEN-RT-{:04d}-1", ("t1ce",)),  # data=brats_men_rt
+    "ped": Release("brats2023", "brats_ped", "BraTS-PED-{:05d}-000"),  # data=brats_ped
+    "ssa": Release("brats2023", "brats2023", "BraTS-SSA-{:05d}-000"),  # data=brats_ssa
+}
+RELEASE_ALIASES = {"brats2021": "2021", "brats2023": "2023"}
+# Each schema class is painted from the generator's tissues: its glioma classes (1 NCR incl. non-enhancing core,
+# 2 oedema, 3 ET) or the resection cavity. A class with no source (paediatric cysts, CC) stays absent.
+CLASS_SOURCES = {"ncr": (1,), "netc": (1,), "ed": (2,), "snfh": (2,), "et": (3,), "gtv": (1, 3), "rc": ("cavity",)}
+
+
+def resolve_release(layout: str) -> Release:
+    key = RELEASE_ALIASES.get(layout, layout)
+    if key not in RELEASES:
+        raise BratsError(f"unknown layout {layout!r}; choose one of {sorted(RELEASES)}")
+    return RELEASES[key]
+
+
+def schema_seg(case: SynthCase, schema: LabelSchema) -> np.ndarray:
+    """The case's label map in `schema`'s values (uint8)."""
+    out = np.zeros(case.classes.shape, np.uint8)
+    for value, name in schema.labels:
+        for source in CLASS_SOURCES.get(name, ()):
+            mask = case.tissue == TISSUES.index(source) if source == "cavity" else case.classes == source
+            out[mask] = value
+    return out
+
+
+def layout_files(release: Release, name: str) -> dict[str, str]:
+    """Array key -> file name of one case; the seg comes last (written last, it marks a complete case)."""
+    return {key: release.layout.filename(name, key) for key in (*release.modalities, "seg")}
+
+
+def layout_arrays(case: SynthCase, release: Release) -> dict[str, np.ndarray]:
+    """Array key -> data as the release stores it (seg in its own label values)."""
+    return {**{m: case.images[m] for m in release.modalities}, "seg": schema_seg(case, release.label_schema)}
 
 
 def case_name(layout: str, index: int) -> str:
-    """Folder name of case `index` as the release names it (BraTS2021_00000, BraTS-GLI-00000-000)."""
-    return f"BraTS2021_{index:05d}" if resolve_layout(layout).name == "brats2021" else f"BraTS-GLI-{index:05d}-000"
+    """Folder name of case `index` as the release names it (BraTS2021_00000, BraTS-GLI-00000-000, ...)."""
+    return resolve_release(layout).case_pattern.format(index)
 
 
 def case_rng(seed: int, index: int) -> np.random.Generator:
@@ -262,13 +226,12 @@ def _case_done(folder: Path, files: dict[str, Path], tag: bytes, shape: tuple[in
 def _write_case(out: Path, layout: str, seed: int, index: int, shape: tuple[int, ...]) -> float:
     """Generate and save case `index` (images first, seg last: the seg file marks a complete case); returns seconds."""
     start = time.perf_counter()
-    lay = resolve_layout(layout)
+    release = resolve_release(layout)
     name = case_name(layout, index)
-    images, seg, affine = make_case(case_rng(seed, index), shape)
-    for modality in MODALITIES:
-        _save(out / name / lay.filename(name, modality), images[modality], affine, _tag(seed, index))
-    seg = lay.label_schema.from_classes(SCHEMAS['brats2021'].to_classes(seg))
-    _save(out / name / lay.filename(name, "seg"), seg, affine, _tag(seed, index))
+    case = generate_case(case_rng(seed, index), shape, cavity="rc" in release.label_schema.class_names)
+    arrays = layout_arrays(case, release)
+    for key, filename in layout_files(release, name).items():
+        _save(out / name / filename, arrays[key], case.affine, _tag(seed, index))
     return time.perf_counter() - start
 
 
@@ -287,7 +250,8 @@ def write_dataset(
     Re-running the same command skips finished cases (resumes after a kill); a folder holding anything else is
     refused unless `overwrite`.
     """
-    lay = resolve_layout(layout)
+    release = resolve_release(layout)
+    layout = RELEASE_ALIASES.get(layout, layout)
     shape = tuple(int(n) for n in shape)
     if int(cases) < 1:
         raise BratsError(f"cases must be at least 1, got {cases}")
@@ -303,20 +267,22 @@ def write_dataset(
 
     def report(i: int, status: str) -> None:
         if progress:
-            print(f"[{i + 1}/{cases}] {case_name(lay.name, i)}: {status}", flush=True)
+            print(f"[{i + 1}/{cases}] {case_name(layout, i)}: {status}", flush=True)
 
     pending = []  # check every folder before writing anything, so a refusal comes first
     for i in range(int(cases)):
-        name = case_name(lay.name, i)
+        name = case_name(layout, i)
         folder = out / name
-        files = {key: folder / lay.filename(name, key) for key in (*MODALITIES, "seg")}
+        files = {key: folder / filename for key, filename in layout_files(release, name).items()}
         if folder.exists() and not folder.is_dir():
             raise BratsError(f"{folder} exists and is not a case folder")
         if folder.is_dir() and not overwrite and _case_done(folder, files, _tag(seed, i), shape):
             report(i, "complete, skipped")
         else:
             pending.append(i)
-    jobs = [(out, lay.name, seed, i, shape) for i in pending]
+    jobs = [(out, layout, seed, i, shape) for i in pending]
+    if pending:  # load the atlas before forking workers: they inherit it instead of each reading it again
+        tissue_for_spacing(tuple(round(float(v), 3) for v in FULL_MM / np.array(shape)))
     if workers > 1 and len(pending) > 1:
         with ProcessPoolExecutor(min(workers, len(pending))) as pool:
             for i, seconds in zip(pending, pool.map(_write_case, *zip(*jobs, strict=True)), strict=True):
@@ -324,4 +290,4 @@ def write_dataset(
     else:
         for job in jobs:
             report(job[3], f"written in {_write_case(*job):.1f} s")
-    return [out / case_name(lay.name, i) for i in range(int(cases))]
+    return [out / case_name(layout, i) for i in range(int(cases))]
