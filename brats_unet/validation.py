@@ -107,7 +107,7 @@ def _volume_shapes(cfg: DictConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
     layout = case_files_io.resolve_layout(data.layout)
     for case_dir in dirs:
         try:
-            path = case_files_io.case_files(case_dir, layout, require_seg=False).images[pre.modalities[0]]
+            path = case_files_io.case_files(case_dir, layout, False, pre.modalities[:1]).images[pre.modalities[0]]
             yield case_dir.name, tuple(int(s) for s in nib.load(path).shape[:3])  # header only
         except (BratsError, OSError, ValueError, nib.filebasedimages.ImageFileError):
             continue  # preprocessing names the broken case

@@ -113,7 +113,7 @@ def _process(task: _Task) -> tuple[str, str | None]:
     recipe, schema = Recipe.from_config(task.preprocess), resolve_schema(task.schema)
     layout = resolve_layout(task.layout)
     try:
-        files = case_files(task.case_dir, layout, require_seg=True)
+        files = case_files(task.case_dir, layout, require_seg=True, modalities=recipe.modalities)
         images, seg, load_meta = load_validated_case(files, layout, recipe.modalities, schema=schema)
         x, y, meta = recipe.apply(images, seg, schema)
     except BratsError as e:

@@ -123,11 +123,13 @@ def _missing_message(case_dir: Path, layout: Layout, key: str) -> str:
     return f"{case}: {expected}: missing {key} file (expected {case_dir / expected})"
 
 
-def case_files(case_dir: str | Path, layout: Layout | str, require_seg: bool = True) -> CaseFiles:
-    """The files of one case folder; BratsError naming the case and the missing file."""
+def case_files(case_dir: str | Path, layout: Layout | str, require_seg: bool = True,
+               modalities: Sequence[str] = MODALITIES) -> CaseFiles:
+    """The files of one case folder (`modalities`: the sequences needed; MEN-RT ships T1c only); BratsError naming
+    the case and the missing file."""
     layout, case_dir = resolve_layout(layout), Path(case_dir)
     images: dict[str, Path] = {}
-    for mod in MODALITIES:
+    for mod in modalities:
         path = find_file(case_dir, layout, mod)
         if path is None:
             raise BratsError(_missing_message(case_dir, layout, mod))
@@ -138,12 +140,13 @@ def case_files(case_dir: str | Path, layout: Layout | str, require_seg: bool = T
     return CaseFiles(case_dir.name, images, seg)
 
 
-def find_cases(root: str | Path, layout: Layout | str, require_seg: bool = True) -> list[CaseFiles]:
+def find_cases(root: str | Path, layout: Layout | str, require_seg: bool = True,
+               modalities: Sequence[str] = MODALITIES) -> list[CaseFiles]:
     """All cases under `root`, sorted by case name. Unknown extra files are ignored (logged once)."""
     layout = resolve_layout(layout)
     dirs = list_case_dirs(root, layout)
     note_extra_files(dirs, layout)
-    return [case_files(d, layout, require_seg) for d in dirs]
+    return [case_files(d, layout, require_seg, modalities) for d in dirs]
 
 
 def note_extra_files(case_dirs: list[Path], layout: Layout) -> list[str]:

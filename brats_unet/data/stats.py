@@ -20,7 +20,8 @@ def dataset_stats(root: str | Path, layout: str, progress: bool = False, schema:
     labels = schema_of(layout_obj, schema)
     names = labels.class_names
     per_case = []
-    for files in tqdm(find_cases(root, layout_obj, require_seg=True), desc="stats", unit="case", disable=not progress):
+    cases = find_cases(root, layout_obj, require_seg=True, modalities=())  # the label maps are all it reads
+    for files in tqdm(cases, desc="stats", unit="case", disable=not progress):
         classes, _, _ = read_label_map(files.seg, layout_obj, labels)
         counts = np.bincount(classes.ravel(), minlength=len(names))
         per_case.append({"case": files.case, "voxels": int(classes.size),
