@@ -1,4 +1,5 @@
-"""Predict a folder of cases to `<output>/<case>.nii.gz` (brats-predict): case discovery, resume, atomic writes."""
+"""Predict a folder of cases to `<output>/<case>.nii.gz` (brats-predict): case discovery, resume, atomic writes; and
+a cross-validation sweep's out-of-fold predictions (each fold's validation cases by that fold's model)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -13,6 +15,7 @@ from tqdm import tqdm
 
 from brats_unet.data.cases import expected_pattern, resolve_layout, subfolders
 from brats_unet.data.labels import LAYOUTS
+from brats_unet.ensemble import out_of_fold_jobs
 from brats_unet.segmenter import Case, Segmenter, is_case_folder, label_image, output_header
 from brats_unet.utils import BratsError, atomic_path, check_writable_output
 
@@ -83,3 +86,21 @@ def predict_folder(segmenter: Segmenter, input_path: str | Path, output: str | P
     per_case = f" ({seconds / len(todo):.1f} s/case)" if todo else ""
     log.info("predicted %d cases in %.1f s%s on %s -> %s", len(todo), seconds, per_case, segmenter.device, out_dir)
     return outputs
+
+
+def predict_out_of_fold(sweep: str | Path, input_path: str | Path, output: str | Path, *, layout: str | None = None,
+                        probabilities: bool = False, overwrite: bool = False, resume: bool = False,
+                        **options: Any) -> list[Path]:
+    """Each fold's validation cases (its split.json) predicted by that fold's checkpoints/best.ckpt, all into one
+    `output`: every non-test case once, by the model that did not train on it. `options` go to
+    Segmenter.from_checkpoint (device, tta, postprocess, precision, overlap, window_batch)."""
+    jobs = out_of_fold_jobs(sweep)
+    outputs: list[Path] = []
+    for i, (ckpt, cases) in enumerate(jobs):
+        log.info("out-of-fold %d/%d: %d validation cases with %s", i + 1, len(jobs), len(cases), ckpt)
+        segmenter = Segmenter.from_checkpoint(ckpt, **options)
+        # The first fold checks the output folder; later folds add their own (disjoint) cases to it.
+        outputs += predict_folder(segmenter, input_path, output, only=cases, layout=layout,
+                                  probabilities=probabilities, overwrite=overwrite if i == 0 else not resume,
+                                  resume=resume)
+    return sorted(outputs)

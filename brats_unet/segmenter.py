@@ -3,6 +3,8 @@
 The checkpoint carries its training config (`brats_config`): it rebuilds the network and says how to preprocess, so a
 prediction always matches what the model was trained on. Windows are blended as logits (as whole-volume validation
 does), so without TTA the labels equal what validation scored; with TTA the 8 flips are averaged as probabilities.
+Several checkpoints (a list or a sweep dir) make an ensemble: their probabilities (every flip of every model) are
+averaged before decoding, with one running sum per case.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from brats_unet.data.cases import (
 )
 from brats_unet.data.labels import LAYOUTS, MODALITIES, SCHEMAS, LabelSchema, Layout, compatible
 from brats_unet.data.preprocess import Recipe, undo_crop
+from brats_unet.ensemble import CheckpointSpec, check_compatible, resolve_checkpoints
 from brats_unet.inference import flip_tta, postprocess_et, sliding_window
 from brats_unet.module import BratsModule
 from brats_unet.utils import BratsError
@@ -200,26 +203,41 @@ class Segmenter:
 
     >>> seg = Segmenter.from_checkpoint("outputs/demo/train/checkpoints/best.ckpt", tta=True)
     >>> img = seg.predict("data/synthetic/BraTS2021_00000")      # nibabel image, uint8, the dataset's labels
+    >>> ensemble = Segmenter.from_checkpoint(["fold0/best.ckpt", "fold1/best.ckpt"])  # or a sweep dir
     """
 
-    def __init__(self, module: BratsModule, config: Mapping[str, Any], *, device: str | torch.device = "auto",
-                 tta: bool = False, postprocess: bool = False, precision: str = "auto", overlap: float = 0.5,
-                 window_batch: int = 2) -> None:
+    def __init__(self, module: BratsModule | Sequence[BratsModule], config: Mapping[str, Any] | Sequence[Mapping],
+                 *, device: str | torch.device = "auto", tta: bool = False, postprocess: bool = False,
+                 precision: str = "auto", overlap: float = 0.5, window_batch: int = 2,
+                 names: Sequence[str] | None = None) -> None:
+        """One module and its run config, or equal-length lists of them (an ensemble; `names` for its errors)."""
+        modules = [module] if isinstance(module, BratsModule) else list(module)
+        configs = [dict(config)] if isinstance(config, Mapping) else [dict(c) for c in config]
+        if not modules or len(modules) != len(configs):
+            raise BratsError(f"a Segmenter needs one config per model, got {len(modules)} models, {len(configs)} "
+                             "configs")
+        names = list(names) if names is not None else [f"model {i}" for i in range(len(modules))]
+        check_compatible(names, configs, [m.loss.activation for m in modules])
         self.device = resolve_device(device)
         self._autocast = autocast_for(self.device, precision)
-        self.module = module.to(self.device).eval()
-        self._config = dict(config)
+        self.modules = [m.to(self.device).eval() for m in modules]
+        self.module = self.modules[0]  # the decoding head, shared by every member
+        self.configs, self.names = configs, names
+        self._config = configs[0]
         self.tta, self.postprocess = bool(tta), bool(postprocess)
         self.overlap, self.window_batch = float(overlap), int(window_batch)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", tta: bool = False,
+    def from_checkpoint(cls, path: CheckpointSpec, device: str | torch.device = "auto", tta: bool = False,
                         postprocess: bool = False, precision: str = "auto", channels_last: bool = False,
                         **window: Any) -> Segmenter:
-        """Rebuild the model of a brats-train checkpoint (best.ckpt / last.ckpt); `window`: overlap, window_batch."""
+        """Rebuild the model of a brats-train checkpoint (best.ckpt / last.ckpt), or an ensemble of several: a list
+        of checkpoints or a sweep dir (each job's checkpoints/best.ckpt); `window`: overlap, window_batch."""
         device = resolve_device(device)  # before loading: a bad device is a quick error
-        module, config = load_model(path, channels_last=channels_last)
-        return cls(module, config, device=device, tta=tta, postprocess=postprocess, precision=precision, **window)
+        paths = resolve_checkpoints(path)
+        models = [load_model(p, channels_last=channels_last) for p in paths]
+        return cls([m for m, _ in models], [c for _, c in models], device=device, tta=tta, postprocess=postprocess,
+                   precision=precision, names=[str(p) for p in paths], **window)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -247,9 +265,7 @@ class Segmenter:
         loaded = load_input(case, self.modalities, resolve_layout(layout) if layout else self.layout)
         schema = self.schema
         x, _, meta = Recipe.from_config(self._config["preprocess"]).apply(loaded.images, None, schema)
-        probs = predict_probabilities(self.module, x, self._config["data"]["patch_size"], overlap=self.overlap,
-                                      window_batch=self.window_batch, tta=self.tta, device=self.device,
-                                      autocast=self._autocast)
+        probs = self._mean_probabilities(x)
         classes, et_prob = decode(probs, self.module.loss.activation, schema)
         if self.postprocess:
             classes = postprocess(classes, et_prob, schema)
@@ -262,6 +278,22 @@ class Segmenter:
             if self.module.loss.activation == "softmax":
                 full[0] = undo_crop(probs[0], box, shape, fill=1)
         return loaded, labels, full
+
+    def _mean_probabilities(self, x: np.ndarray) -> np.ndarray:
+        """The members' mean (K, *S) probabilities; one running sum, so memory does not grow with the models."""
+        total: np.ndarray | None = None
+        for module, config in zip(self.modules, self.configs, strict=True):  # each model its own patch size
+            probs = predict_probabilities(module, x, config["data"]["patch_size"], overlap=self.overlap,
+                                          window_batch=self.window_batch, tta=self.tta, device=self.device,
+                                          autocast=self._autocast)
+            if total is None:
+                total = probs
+            else:
+                total += probs
+        assert total is not None
+        if len(self.modules) > 1:
+            total /= len(self.modules)
+        return total
 
     def predict(self, case: CaseInput, layout: str | Layout | None = None) -> nib.Nifti1Image:
         """uint8 label map in the dataset's own labels (the model's schema; ET 4 for 2021 names, 3 for 2023), the

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig
 
 from brats_unet.data import cache
 from brats_unet.data import cases as case_files_io
+from brats_unet.data.split import check_folds
 from brats_unet.losses import SMOOTH_RULE
 from brats_unet.utils import BratsError
 
@@ -67,6 +68,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     check_positive_int("data.steps_per_epoch", data.get("steps_per_epoch"), allow_none=True)
     if not _is_int(data.get("num_workers", 0)) or data.get("num_workers", 0) < 0:
         raise BratsError(f"data.num_workers must be an integer >= 0, got {data.get('num_workers')!r}")
+    check_folds(data.get("num_folds", 1), data.get("fold", 0))
     filters = check_positive_ints("model.filters", model.get("filters"), min_length=2)
     if "alpha" in loss:
         check_unit_interval("loss.alpha", loss.alpha)

@@ -7,6 +7,7 @@ import torch
 
 from brats_unet.data import cache
 from brats_unet.data.datamodule import BratsDataModule, make_split
+from brats_unet.data.split import load_split
 from brats_unet.utils import BratsError
 
 PRE = {"name": "modern", "modalities": ["t1ce", "t2", "flair"], "normalize": "zscore", "crop": "nonzero",
@@ -55,6 +56,74 @@ def test_kfold_folds_are_disjoint_and_cover_the_non_test_cases():
         assert not set(s["train"]) & set(s["val"]) and len(s["train"]) + len(s["val"]) == 10
     with pytest.raises(BratsError, match=r"data\.fold must be in \[0, 5\)"):
         make_split(_names(11), seed=3, num_folds=5, fold=5)
+
+
+def _pick(indices):
+    return [_names(10)[i] for i in indices]
+
+
+def test_default_single_split_is_the_one_finished_runs_used():
+    # Written by the code before k-fold support: existing runs' cases (and so their numbers) must not move.
+    split = make_split(_names(10), seed=0, val_fraction=0.2, test_fraction=0.2)
+    assert (split["train"], split["val"], split["test"]) == (_pick([0, 1, 3, 5, 8, 9]), _pick([2, 7]), _pick([4, 6]))
+    split = make_split(_names(10), seed=7, train_cases=5, val_cases=3, test_fraction=0.1)
+    assert (split["train"], split["val"], split["test"]) == (_pick([2, 3, 4, 5, 6]), _pick([0, 1, 7]), _pick([8]))
+    assert (split["fold"], split["num_folds"]) == (0, 1)
+
+
+def test_kfold_assignment_is_the_same_on_every_machine():
+    # SHA-256 of "<seed>:<case>" ranks the cases, so these lists hold on any machine, Python or numpy version.
+    splits = [make_split(_names(10), seed=0, test_fraction=0.2, num_folds=3, fold=k) for k in range(3)]
+    assert [s["val"] for s in splits] == [_pick([4, 5, 8]), _pick([0, 2, 7]), _pick([1, 3])]
+    assert all(s["test"] == _pick([6, 9]) for s in splits)
+    assert splits[1] == {"train": _pick([1, 3, 4, 5, 8]), "val": _pick([0, 2, 7]), "test": _pick([6, 9]), "seed": 0,
+                         "fold": 1, "num_folds": 3}
+    assert make_split(_names(10), seed=1, test_fraction=0.2, num_folds=3, fold=0)["val"] != splits[0]["val"]
+
+
+@pytest.mark.parametrize(("n", "k", "test_fraction", "seed"), [(6, 2, 0.2, 0), (20, 3, 0.2, 0), (23, 5, 0.0, 4),
+                                                               (50, 5, 0.1, 123)])
+def test_kfold_partition_properties(n, k, test_fraction, seed):
+    names = [f"case_{i:03d}" for i in range(n)]
+    splits = [make_split(list(reversed(names)), seed=seed, test_fraction=test_fraction, num_folds=k, fold=f)
+              for f in range(k)]
+    assert splits == [make_split(names, seed=seed, test_fraction=test_fraction, num_folds=k, fold=f) for f in range(k)]
+    test = set(splits[0]["test"])
+    assert len(test) == (max(1, round(test_fraction * n)) if test_fraction else 0)
+    assert all(set(s["test"]) == test for s in splits)  # held out identically for every fold
+    vals = [set(s["val"]) for s in splits]
+    assert sorted(c for v in vals for c in v) == sorted(set(names) - test)  # each non-test case in exactly one fold
+    assert max(map(len, vals)) - min(map(len, vals)) <= 1
+    for s in splits:
+        assert set(s["train"]) | set(s["val"]) == set(names) - test and not set(s["train"]) & set(s["val"])
+        assert (s["seed"], s["num_folds"]) == (seed, k)
+
+
+@pytest.mark.parametrize(("num_folds", "fold", "message"), [
+    (1, 1, r"data\.fold must be in \[0, 1\) for data\.num_folds=1, got 1 \(data\.fold picks a fold of a k-fold split: "
+           r"set data\.num_folds too\)"),
+    (3, -1, r"data\.fold must be in \[0, 3\) for data\.num_folds=3, got -1"),
+    (0, 0, r"data\.num_folds must be an integer >= 1, got 0"),
+])
+def test_bad_folds_are_refused(num_folds, fold, message):
+    with pytest.raises(BratsError, match=message):
+        make_split(_names(10), seed=0, num_folds=num_folds, fold=fold)
+
+
+def test_a_fold_without_num_folds_stops_brats_train_before_caching(tmp_path):
+    from helpers import compose_train, tiny_overrides
+
+    from brats_unet.validation import validate_train_config
+
+    cfg = compose_train([*tiny_overrides(tmp_path, tmp_path, tmp_path), "data.fold=1"])
+    with pytest.raises(BratsError, match=r"data\.fold must be in \[0, 1\) for data\.num_folds=1, got 1 \(data\.fold "):
+        validate_train_config(cfg)
+
+
+def test_split_files_from_before_folds_read_as_one_fold(tmp_path):
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps({"train": ["a"], "val": ["b"], "test": [], "seed": 0, "fold": 0}))
+    assert load_split(path)["num_folds"] == 1
 
 
 def test_split_rejects_fractions_that_leave_nothing():

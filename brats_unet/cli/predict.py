@@ -1,21 +1,24 @@
 """brats-predict: segment BraTS cases with a trained checkpoint; one uint8 label map per case in the input's geometry.
 
     brats-predict ckpt_path=<run>/checkpoints/best.ckpt input=<BraTS root or one case folder> output=<dir> [tta=true]
+    brats-predict ckpt_path='[a.ckpt,b.ckpt]' ...          an ensemble (also ckpt_path=<sweep dir>: every job's best)
+    brats-predict ckpt_path=<cv sweep dir> oof=true ...    each fold's validation cases with that fold's model
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from brats_unet.cli.common import require, user_errors
 from brats_unet.config import CONFIG_PATH
 from brats_unet.data.split import read_split
 from brats_unet.perf import configure_runtime
-from brats_unet.prediction import predict_folder
+from brats_unet.prediction import predict_folder, predict_out_of_fold
 from brats_unet.segmenter import Segmenter
 from brats_unet.utils import BratsError
 
@@ -26,10 +29,21 @@ def predict(cfg: DictConfig) -> list[Path]:
     """Predict every case in scope; return the prediction files (including those a resume skipped)."""
     require(cfg, "ckpt_path", "input", "output", usage="brats-predict ckpt_path=<ckpt> input=<root|case> output=<dir>")
     log.info("runtime: %s", configure_runtime(**(cfg.get("runtime") or {})))
-    segmenter = Segmenter.from_checkpoint(cfg.ckpt_path, device=str(cfg.device), tta=bool(cfg.tta),
-                                          postprocess=bool(cfg.postprocess), precision=str(cfg.precision),
-                                          channels_last=bool(cfg.runtime.channels_last),
-                                          overlap=float(cfg.overlap), window_batch=int(cfg.window_batch))
+    # A list (an ensemble) arrives as a ListConfig; a file or sweep dir as a string.
+    ckpt: Any = [str(p) for p in cfg.ckpt_path] if isinstance(cfg.ckpt_path, ListConfig) else str(cfg.ckpt_path)
+    options = {"device": str(cfg.device), "tta": bool(cfg.tta), "postprocess": bool(cfg.postprocess),
+               "precision": str(cfg.precision), "overlap": float(cfg.overlap), "window_batch": int(cfg.window_batch),
+               "channels_last": bool(cfg.runtime.channels_last)}
+    if cfg.get("oof"):
+        if cfg.get("split_file") or not isinstance(ckpt, str):
+            raise BratsError("oof=true predicts each fold's own split.json validation cases: pass ckpt_path=<cross-"
+                             "validation sweep dir> and no split_file")
+        return predict_out_of_fold(ckpt, cfg.input, cfg.output, layout=cfg.get("layout"),
+                                   probabilities=bool(cfg.save_probabilities), overwrite=bool(cfg.overwrite),
+                                   resume=bool(cfg.resume), **options)
+    segmenter = Segmenter.from_checkpoint(ckpt, **options)
+    if len(segmenter.modules) > 1:
+        log.info("ensemble of %d checkpoints: %s", len(segmenter.modules), ", ".join(segmenter.names))
     only = read_split(cfg.split_file, cfg.split_subset) if cfg.get("split_file") else None
     if only == []:
         raise BratsError(f"split_file {cfg.split_file} holds no {cfg.split_subset} cases: nothing to predict (a run "

@@ -1,10 +1,16 @@
 """split.json: which cases train, validate and test a run. One schema, one writer, one reader.
 
-{"train": [case, ...], "val": [...], "test": [...], "seed": <split seed>, "fold": <validation fold>}
+{"train": [case, ...], "val": [...], "test": [...], "seed": <split seed>, "fold": <validation fold>,
+ "num_folds": <number of folds, 1 for a single split>}
+
+K-fold splits rank cases by a SHA-256 of (seed, case name), so the same seed puts the same cases in the same folds on
+any machine, Python or numpy (a Generator's stream may change between numpy releases). The single split keeps its
+numpy permutation: it predates the folds, and finished runs must keep their cases.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -22,6 +28,25 @@ def _count(fraction: float, n: int) -> int:
     return max(1, round(fraction * n)) if fraction > 0 and n > 0 else 0
 
 
+def hash_order(cases: Sequence[str], seed: int) -> list[str]:
+    """Case names ranked by SHA-256 of "<seed>:<name>": a seeded shuffle that is the same everywhere."""
+    return sorted((str(c) for c in cases), key=lambda c: (hashlib.sha256(f"{seed}:{c}".encode()).hexdigest(), c))
+
+
+def fold_of(cases: Sequence[str], seed: int, num_folds: int) -> dict[str, int]:
+    """Validation fold of each case: round-robin over the hash order, so fold sizes differ by at most one."""
+    return {c: i % num_folds for i, c in enumerate(hash_order(cases, seed))}
+
+
+def check_folds(num_folds: Any, fold: Any) -> None:
+    """BratsError naming the key unless 0 <= fold < num_folds (integers); brats-train checks this before caching."""
+    if not _is_int(num_folds) or num_folds < 1:
+        raise BratsError(f"data.num_folds must be an integer >= 1, got {num_folds!r}")
+    if not _is_int(fold) or not 0 <= fold < num_folds:
+        hint = " (data.fold picks a fold of a k-fold split: set data.num_folds too)" if num_folds == 1 else ""
+        raise BratsError(f"data.fold must be in [0, {num_folds}) for data.num_folds={num_folds}, got {fold!r}{hint}")
+
+
 def make_split(
     cases: Sequence[str],
     *,
@@ -34,27 +59,32 @@ def make_split(
     fold: int = 0,
 ) -> dict[str, Any]:
     """Seeded split of case names. Test cases are held out first; the rest is split by fractions, by absolute
-    counts (train_cases/val_cases win over val_fraction), or into `num_folds` folds with `fold` as validation."""
+    counts (train_cases/val_cases win over val_fraction), or into `num_folds` folds with `fold` as validation.
+
+    With folds, val_fraction is unused: the test cases (test_fraction, the first of the hash order) are the same for
+    every fold, and each other case is in exactly one fold's validation set."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise BratsError(
             f"data.val_fraction ({val_fraction}) and data.test_fraction ({test_fraction}) must be in [0, 1) "
             "and sum to less than 1"
         )
-    order = [str(c) for c in np.random.default_rng(seed).permutation(sorted(cases))]
-    n_test = _count(test_fraction, len(order))
-    test, rest = order[:n_test], order[n_test:]
+    check_folds(num_folds, fold)
     if num_folds > 1:
         if train_cases is not None or val_cases is not None:
             raise BratsError("data.train_cases/data.val_cases cannot be combined with data.num_folds > 1")
-        if not 0 <= fold < num_folds:
-            raise BratsError(f"data.fold must be in [0, {num_folds}) for data.num_folds={num_folds}, got {fold}")
+        order = hash_order(cases, seed)
+        n_test = _count(test_fraction, len(order))
+        test, rest = order[:n_test], order[n_test:]  # the same test cases for every fold
         if len(rest) < num_folds:
             raise BratsError(f"data.num_folds={num_folds} needs at least {num_folds} non-test cases, have {len(rest)}")
-        folds = np.array_split(np.arange(len(rest)), num_folds)
-        held = set(folds[fold].tolist())
-        val = [c for i, c in enumerate(rest) if i in held]
-        train = [c for i, c in enumerate(rest) if i not in held]
-    elif train_cases is not None or val_cases is not None:
+        folds = fold_of(rest, seed, num_folds)
+        val = [c for c in rest if folds[c] == fold]
+        train = [c for c in rest if folds[c] != fold]
+        return _finish(train, val, test, seed, fold, num_folds, len(order))
+    order = [str(c) for c in np.random.default_rng(seed).permutation(sorted(cases))]
+    n_test = _count(test_fraction, len(order))
+    test, rest = order[:n_test], order[n_test:]
+    if train_cases is not None or val_cases is not None:
         n_val = val_cases if val_cases is not None else _count(val_fraction, len(order))
         n_train = train_cases if train_cases is not None else len(rest) - n_val
         if n_train < 1 or n_val < 0 or n_train + n_val > len(rest):
@@ -67,9 +97,19 @@ def make_split(
     else:
         n_val = _count(val_fraction, len(order))
         val, train = rest[:n_val], rest[n_val:]
+    return _finish(train, val, test, seed, fold, num_folds, len(order))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _finish(train: list[str], val: list[str], test: list[str], seed: int, fold: int, num_folds: int, n: int
+            ) -> dict[str, Any]:
     if not train:
-        raise BratsError(f"no training cases left: {len(order)} cached cases, check data.val_fraction/test_fraction")
-    return {"train": sorted(train), "val": sorted(val), "test": sorted(test), "seed": seed, "fold": fold}
+        raise BratsError(f"no training cases left: {n} cached cases, check data.val_fraction/test_fraction")
+    return {"train": sorted(train), "val": sorted(val), "test": sorted(test), "seed": seed, "fold": fold,
+            "num_folds": num_folds}
 
 
 def load_split(path: str | Path, cached: Collection[str] | None = None, cache_path: Path | None = None,
@@ -99,6 +139,7 @@ def load_split(path: str | Path, cached: Collection[str] | None = None, cache_pa
         "test": [str(c) for c in split.get("test", [])],
         "seed": split.get("seed"),
         "fold": split.get("fold"),
+        "num_folds": split.get("num_folds", 1),  # split files written before k-fold support hold one split
     }
 
 

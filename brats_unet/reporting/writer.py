@@ -3,6 +3,7 @@
     run dir    -> <output>/{summary.md, figures/curves.png, figures/lr.png}
     sweep dir  -> <output>/{ablation.csv, ablation.md, figures/ablation.png}
                   + table1.csv, table1.md when the sweep sets data.train_cases or augment
+                  + cv.csv, cv.md when the sweep varies data.fold (cross-validation)
     either     -> figures/network.png (Figure 1) from the run's (first job's) config
     data_root  -> figures/class_distribution.png (Figure 3), figures/case.png (Figure 2)
     predictions + data_root -> figures/overlays.png (Figure 7)
@@ -18,6 +19,7 @@ import numpy as np
 
 from brats_unet.data.cases import EXTENSIONS, find_cases, read_case_files, read_label_map, resolve_layout
 from brats_unet.data.stats import dataset_stats
+from brats_unet.reporting.cv import cv_csv, cv_markdown, cv_rows, is_cv_sweep
 from brats_unet.reporting.paper import is_table1_sweep, load_example_case, network_of, table1, table1_markdown
 from brats_unet.reporting.plots import (
     plot_ablation,
@@ -139,6 +141,11 @@ def sweep_report(sweep: Path, output: Path, metric: str) -> dict[str, Path]:
         written |= {"table1_csv": output / "table1.csv", "table1_md": output / "table1.md"}
         atomic_write_text(written["table1_csv"], format_csv(t_columns, t_rows))
         atomic_write_text(written["table1_md"], table1_markdown(sweep, t_columns, t_rows))
+    if is_cv_sweep(sweep):
+        fold_rows, num_folds = cv_rows(sweep)
+        written |= {"cv_csv": output / "cv.csv", "cv_md": output / "cv.md"}
+        atomic_write_text(written["cv_csv"], cv_csv(fold_rows))
+        atomic_write_text(written["cv_md"], cv_markdown(sweep, fold_rows, num_folds))
     incomplete = [r["job"] for r in rows if r["status"] != "complete"]
     if incomplete:
         log.warning("%s: incomplete jobs (no metrics.json): %s", sweep, ", ".join(incomplete))

@@ -1,0 +1,120 @@
+"""Several checkpoints as one model: what a `ckpt_path` names, whether the models can be averaged, and the jobs of a
+cross-validation sweep (each fold's best checkpoint and validation cases, for out-of-fold prediction).
+
+    ckpt_path=a.ckpt                  one model
+    ckpt_path='[a.ckpt,b.ckpt]'       an ensemble of the listed checkpoints
+    ckpt_path=<sweep dir>             an ensemble of every job's checkpoints/best.ckpt
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from brats_unet.build import data_schema
+from brats_unet.data.preprocess import Recipe
+from brats_unet.data.split import load_split
+from brats_unet.reporting.runs import find_jobs
+from brats_unet.utils import BratsError
+
+BEST = Path("checkpoints") / "best.ckpt"
+# Settings that do not change what a model is fed at prediction: the cache's storage precision.
+PREPROCESS_IGNORED = ("dtype",)
+CheckpointSpec = str | Path | Sequence[str | Path]
+
+
+def sweep_checkpoints(sweep: Path) -> list[Path]:
+    """Each job's checkpoints/best.ckpt, in job order; BratsError naming the jobs that have none."""
+    jobs = find_jobs(sweep)
+    if not jobs:
+        hint = f" (a run dir? pass {sweep / BEST})" if (sweep / BEST).is_file() else ""
+        raise BratsError(f"ckpt_path {sweep} is a folder but not a sweep (job folders with .hydra/overrides.yaml)"
+                         f"{hint}")
+    missing = [job.name for job in jobs if not (job / BEST).is_file()]
+    if missing:
+        raise BratsError(f"ckpt_path {sweep}: jobs {', '.join(missing)} have no {BEST} (still training, or failed?); "
+                         "finish them (rerun the sweep with the same hydra.sweep.dir and ckpt_path=last), or list the "
+                         "checkpoints to use: ckpt_path='[a.ckpt,b.ckpt]'")
+    return [job / BEST for job in jobs]
+
+
+def resolve_checkpoints(spec: CheckpointSpec) -> list[Path]:
+    """ckpt_path as typed -> checkpoint files: a file, a sweep dir, or a list of either (flattened, in order)."""
+    if isinstance(spec, str | Path):
+        path = Path(spec).expanduser()
+        return sweep_checkpoints(path) if path.is_dir() else [path]  # load_checkpoint names a missing file
+    items = list(spec)
+    if not items:
+        raise BratsError("ckpt_path is an empty list: name at least one checkpoint")
+    return [path for item in items for path in resolve_checkpoints(str(item))]
+
+
+def head_of(activation: str) -> str:
+    """What a model's output channels mean, in words for error messages."""
+    return "sigmoid regions (wt, tc, et)" if activation == "sigmoid" else "softmax classes (background, ncr, ed, et)"
+
+
+def _recipe(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in dict(config["preprocess"]).items() if k not in PREPROCESS_IGNORED}
+
+
+def _differences(a: Any, b: Any) -> tuple[str, str]:
+    """Only the keys that differ, for dicts; the values themselves otherwise."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        return (", ".join(f"{k}={a.get(k)!r}" for k in keys), ", ".join(f"{k}={b.get(k)!r}" for k in keys))
+    return str(a), str(b)
+
+
+def check_compatible(names: Sequence[str], configs: Sequence[Mapping[str, Any]], activations: Sequence[str]) -> None:
+    """BratsError naming two checkpoints that cannot be averaged: a voxel's probabilities from different inputs,
+    channels, outputs or label layouts mean different things. Patch sizes may differ (each model its own window)."""
+    facts = {
+        "the layout (data.layout)": [c["data"]["layout"] for c in configs],
+        "the label schema (data.schema)": [data_schema(c["data"]) for c in configs],
+        "the input channels": [Recipe.from_config(c["preprocess"]).num_channels for c in configs],
+        "the output head": [head_of(a) for a in activations],
+        "the preprocessing (preprocess)": [_recipe(c) for c in configs],
+    }
+    for what, values in facts.items():
+        for name, value in zip(names[1:], values[1:], strict=True):
+            if value != values[0]:
+                first, other = _differences(values[0], value)
+                raise BratsError(f"cannot ensemble {names[0]} and {name}: they disagree on {what}: {first} vs "
+                                 f"{other}. An ensemble averages the models' probabilities per voxel, so every model "
+                                 "must read the same input and predict the same outputs")
+
+
+def out_of_fold_jobs(sweep: str | Path) -> list[tuple[Path, list[str]]]:
+    """(best checkpoint, validation cases) of each fold of a cross-validation sweep (`data.fold=0,1,...`).
+
+    Refuses a sweep whose jobs are not the folds of one k-fold split, each fold once: the out-of-fold estimate
+    predicts every non-test case exactly once, with the one model that did not train on it.
+    """
+    sweep = Path(sweep).expanduser()
+    if not sweep.is_dir():
+        raise BratsError(f"oof=true needs ckpt_path=<cross-validation sweep dir>; {sweep} is not a folder")
+    checkpoints = sweep_checkpoints(sweep)
+    jobs, by_fold = [], {}
+    for ckpt in checkpoints:
+        job = ckpt.parent.parent
+        split = load_split(job / "split.json", need_train=False)
+        if split["num_folds"] < 2:
+            raise BratsError(f"{job / 'split.json'} is not a k-fold split (num_folds={split['num_folds']}): oof=true "
+                             "needs a sweep such as brats-train -m data.num_folds=5 data.fold=0,1,2,3,4")
+        key = (split["num_folds"], split["seed"], tuple(split["test"]))
+        first = jobs[0][2] if jobs else key
+        if key != first:
+            raise BratsError(f"{job / 'split.json'} is not a fold of the same split as {jobs[0][0] / 'split.json'} "
+                             "(different data.num_folds, data.split_seed or test cases)")
+        if split["fold"] in by_fold:
+            raise BratsError(f"jobs {by_fold[split['fold']].name} and {job.name} of {sweep} both validate fold "
+                             f"{split['fold']}: each case must be predicted by one model")
+        by_fold[split["fold"]] = job
+        jobs.append((job, ckpt, key, split["val"]))
+    absent = sorted(set(range(first[0])) - set(by_fold))
+    if absent:
+        raise BratsError(f"{sweep} has no job for folds {absent} of data.num_folds={first[0]}: train them first "
+                         "(out-of-fold predictions must cover every fold)")
+    return [(ckpt, val) for _, ckpt, _, val in jobs]

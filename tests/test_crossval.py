@@ -1,0 +1,124 @@
+"""Cross-validation end to end on a real tiny 2-fold sweep: split files, cv.md/cv.csv, out-of-fold predictions and the
+sweep as an ensemble (brats-train -m data.num_folds=2 data.fold=0,1)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from helpers import compose_cli, tiny_overrides
+
+import brats_unet
+from brats_unet.cli.evaluate import evaluate as evaluate_command
+from brats_unet.cli.predict import predict as predict_command
+from brats_unet.reporting.writer import write_report
+from brats_unet.utils import BratsError
+
+pytestmark = pytest.mark.slow
+REGIONS = ("val/dice_wt", "val/dice_tc", "val/dice_et", "val/dice_mean", "val/hd95_wt", "val/hd95_tc", "val/hd95_et")
+
+
+@pytest.fixture(scope="module")
+def sweep(synthetic_root: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("cv")
+    overrides = [o for o in tiny_overrides(synthetic_root, cache_dir, tmp)
+                 if not o.startswith(("paths.output", "module.val_hd95"))]  # HD95 on: cv.md reports it
+    folder = tmp / "sweep"
+    cmd = [sys.executable, "-m", "brats_unet.cli.train", "-m", *overrides, "logger=none", "data.num_folds=2",
+           "data.fold=0,1", f"hydra.sweep.dir={folder}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder
+
+
+def split(job: Path) -> dict:
+    return json.loads((job / "split.json").read_text())
+
+
+def labels(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj)
+
+
+def test_each_job_validates_its_own_fold_with_the_same_test_cases(sweep: Path, synthetic_root: Path) -> None:
+    a, b = split(sweep / "0"), split(sweep / "1")
+    assert (a["fold"], b["fold"], a["num_folds"], b["num_folds"], a["seed"], b["seed"]) == (0, 1, 2, 2, 0, 0)
+    assert a["test"] == b["test"] and len(a["test"]) == 1  # data=synthetic: test_fraction 0.2 of 6 cases
+    assert not set(a["val"]) & set(b["val"])
+    assert sorted(a["val"] + b["val"] + a["test"]) == sorted(p.name for p in synthetic_root.iterdir())
+    assert set(a["train"]) == set(b["val"]) and set(b["train"]) == set(a["val"])
+
+
+def test_report_writes_per_fold_metrics_with_mean_and_std(sweep: Path, tmp_path: Path) -> None:
+    finals = [json.loads((sweep / job / "metrics.json").read_text()) for job in ("0", "1")]
+    write_report(sweep, tmp_path / "report")
+    with open(tmp_path / "report" / "cv.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["fold"] for r in rows] == ["0", "1", "mean", "std"]
+    assert [r["status"] for r in rows[:2]] == ["complete", "complete"]
+    for metric in REGIONS:
+        values = [m["final"][metric] for m in finals]
+        assert [float(r[metric]) for r in rows[:2]] == values
+        assert float(rows[2][metric]) == pytest.approx((values[0] + values[1]) / 2)
+        assert float(rows[3][metric]) == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)  # sample std, n=2
+    best = [m["best"]["val/dice_mean"] for m in finals]
+    assert [float(r["best val/dice_mean"]) for r in rows[:2]] == best
+    text = (tmp_path / "report" / "cv.md").read_text()
+    assert "2 of 2 folds finished (data.num_folds=2)" in text and "Did not finish" not in text
+    mean_row = next(line for line in text.splitlines() if line.startswith("| mean ± std"))
+    assert f"{np.mean(best):.4f} ± {np.std(best, ddof=1):.4f}" in mean_row
+
+    # An interrupted fold (no metrics.json) is named and left out of the mean.
+    partial = tmp_path / "partial"
+    shutil.copytree(sweep, partial)
+    (partial / "1" / "metrics.json").unlink()
+    write_report(partial, tmp_path / "partial_report")
+    text = (tmp_path / "partial_report" / "cv.md").read_text()
+    assert "1 of 2 folds finished" in text
+    assert "Did not finish (no metrics.json; left out of the mean): fold 1 (job 1)." in text
+    with open(tmp_path / "partial_report" / "cv.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[1]["status"] == "incomplete" and rows[1]["val/dice_wt"] == ""
+    assert float(rows[2]["val/dice_wt"]) == finals[0]["final"]["val/dice_wt"] and rows[3]["val/dice_wt"] == ""
+
+
+def test_out_of_fold_predicts_each_case_with_the_model_that_did_not_train_on_it(
+        sweep: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "oof"
+    predict_command(compose_cli("predict", [f"ckpt_path={sweep}", "oof=true", f"input={synthetic_root}",
+                                            f"output={out}", "device=cpu"]))
+    folds = [split(sweep / job) for job in ("0", "1")]
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{c}.nii.gz" for f in folds for c in f["val"])
+    for job, fold in zip(("0", "1"), folds, strict=True):
+        own = brats_unet.Segmenter.from_checkpoint(sweep / job / "checkpoints" / "best.ckpt", device="cpu")
+        case = fold["val"][0]
+        assert np.array_equal(labels(out / f"{case}.nii.gz"), np.asarray(own.predict(synthetic_root / case).dataobj))
+
+    summary = evaluate_command(compose_cli("evaluate", [f"pred={out}", f"truth={synthetic_root}",
+                                                        f"output={tmp_path / 'eval'}"]))
+    assert summary["n_cases"] == 5 and summary["missing_predictions"] == folds[0]["test"]
+    with pytest.raises(BratsError, match=r"already holds 5 files; pass overwrite=true"):
+        predict_command(compose_cli("predict", [f"ckpt_path={sweep}", "oof=true", f"input={synthetic_root}",
+                                                f"output={out}", "device=cpu"]))
+    one_split = f"split_file={sweep / '0' / 'split.json'}"
+    with pytest.raises(BratsError, match=r"oof=true predicts each fold's own split\.json validation cases"):
+        predict_command(compose_cli("predict", [f"ckpt_path={sweep}", "oof=true", f"input={synthetic_root}",
+                                                f"output={tmp_path / 'x'}", one_split]))
+
+
+def test_the_sweep_dir_is_an_ensemble_of_its_folds(sweep: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    test_case = split(sweep / "0")["test"][0]
+    out = tmp_path / "ensemble"
+    predict_command(compose_cli("predict", [f"ckpt_path={sweep}", f"input={synthetic_root}", f"output={out}",
+                                            f"split_file={sweep / '0' / 'split.json'}", "device=cpu"]))
+    assert [p.name for p in out.iterdir()] == [f"{test_case}.nii.gz"]
+    best = [sweep / job / "checkpoints" / "best.ckpt" for job in ("0", "1")]
+    listed = brats_unet.Segmenter.from_checkpoint(best, device="cpu")
+    assert np.array_equal(labels(out / f"{test_case}.nii.gz"),
+                          np.asarray(listed.predict(synthetic_root / test_case).dataobj))
