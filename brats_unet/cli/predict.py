@@ -14,9 +14,10 @@ from omegaconf import DictConfig
 from brats_unet.cli.common import require, user_errors
 from brats_unet.config import CONFIG_PATH
 from brats_unet.data.split import read_split
+from brats_unet.hardware import describe, resolve
 from brats_unet.perf import configure_runtime
 from brats_unet.prediction import predict_folder
-from brats_unet.segmenter import Segmenter
+from brats_unet.segmenter import Segmenter, autocast_for, resolve_device
 from brats_unet.utils import BratsError
 
 log = logging.getLogger("brats_unet.predict")
@@ -26,9 +27,13 @@ def predict(cfg: DictConfig) -> list[Path]:
     """Predict every case in scope; return the prediction files (including those a resume skipped)."""
     require(cfg, "ckpt_path", "input", "output", usage="brats-predict ckpt_path=<ckpt> input=<root|case> output=<dir>")
     log.info("runtime: %s", configure_runtime(**(cfg.get("runtime") or {})))
-    segmenter = Segmenter.from_checkpoint(cfg.ckpt_path, device=str(cfg.device), tta=bool(cfg.tta),
-                                          postprocess=bool(cfg.postprocess), precision=str(cfg.precision),
-                                          channels_last=bool(cfg.runtime.channels_last),
+    device = resolve_device(str(cfg.device))
+    autocast_for(device, str(cfg.precision))  # a bad precision fails before the probe runs
+    choice, hw = resolve(device, str(cfg.precision), cfg.runtime.channels_last, use="infer")
+    log.info(describe(choice, hw))
+    segmenter = Segmenter.from_checkpoint(cfg.ckpt_path, device=device, tta=bool(cfg.tta),
+                                          postprocess=bool(cfg.postprocess), precision=choice.precision,
+                                          channels_last=choice.channels_last,
                                           overlap=float(cfg.overlap), window_batch=int(cfg.window_batch))
     only = read_split(cfg.split_file, cfg.split_subset) if cfg.get("split_file") else None
     if only == []:
