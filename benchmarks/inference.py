@@ -3,14 +3,17 @@ TTA (8 flips), for the quickstart model at patch 64^3 and 128^3.
 
     python -m benchmarks.inference [--quick] [--device auto|cpu|cuda] [--out DIR]
 
-CPU runs in float32; CUDA in fp16 autocast as brats-predict does (and float32 for comparison). A setting whose
-estimated time (TTA = 8 x the plain pass) exceeds --max-case-seconds is skipped and says so.
+Precision `auto` is what brats-predict runs by default (brats_unet.hardware: bf16 on AVX512-BF16/AMX CPUs and
+native-bf16 GPUs, fp16 on older GPUs, else fp32; channels_last_3d where the cached probe measured it faster); fp32
+contiguous for comparison. A setting whose estimated time (TTA = 8 x the plain pass) exceeds --max-case-seconds is
+skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -30,6 +33,7 @@ from benchmarks.common import (
     write_result,
 )
 from benchmarks.training import MODELS, build_net, preset
+from brats_unet.hardware import resolve as resolve_auto
 from brats_unet.inference import _window_starts, flip_tta, sliding_window  # the same window grid as predict
 
 
@@ -61,21 +65,28 @@ def time_case(net: torch.nn.Module, image: torch.Tensor, patch: int, overlap: fl
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
-    precisions = args.precisions or (["fp16", "fp32"] if device.type == "cuda" else ["fp32"])
+    precisions = args.precisions or (["auto", "fp16", "fp32"] if device.type == "cuda" else ["auto", "fp32"])
+    if "auto" in precisions:  # what brats-predict picks here by default
+        auto, _ = resolve_auto(device, "auto", "auto", use="infer")
     spec = MODELS[args.model]
     torch.manual_seed(0)
     image = torch.randn(1, spec["in"], *args.shape, device=device)
     rows = []
     for patch in args.patches:
-        net = build_net(preset("ours", args.model, patch, 1))[0].to(device).eval()
-        with torch.inference_mode():  # warm-up: allocator, oneDNN/cuDNN kernel choice for this patch size
-            for _ in range(2):
-                net(torch.zeros(1, spec["in"], patch, patch, patch, device=device))
-        for precision in precisions:
+        for name in precisions:
+            precision, channels_last = (auto.precision, auto.channels_last) if name == "auto" else (name, False)
+            if precision == "fp16" and device.type != "cuda":
+                continue
+            combo = dataclasses.replace(preset("ours", args.model, patch, 1), channels_last=channels_last)
+            net = build_net(combo)[0].to(device).eval()
+            with torch.inference_mode():  # warm-up: allocator, oneDNN/cuDNN kernel choice for this patch size
+                for _ in range(2):
+                    net(torch.zeros(1, spec["in"], patch, patch, patch, device=device))
             plain_s = None
             for tta in args.tta:
                 row: dict[str, Any] = {"model": args.model, "patch": patch, "overlap": args.overlap, "tta": tta,
-                                       "precision": precision, "window_batch": args.window_batch,
+                                       "setting": name, "precision": precision, "channels_last": channels_last,
+                                       "window_batch": args.window_batch,
                                        "windows": window_count(args.shape, patch, args.overlap) * (8 if tta else 1)}
                 if tta and plain_s is not None and 8 * plain_s > args.max_case_seconds:
                     row["status"] = f"skipped: ~{8 * plain_s:.0f} s (8 x plain) > --max-case-seconds " \
@@ -108,7 +119,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--tta", type=lambda s: [w.lower() in ("1", "on", "true", "yes") for w in parse_words(s)],
                    default=[False, True], help="off,on")
-    p.add_argument("--precisions", type=parse_words, help="fp32,bf16,fp16 (default fp32 on CPU, fp16,fp32 on CUDA)")
+    p.add_argument("--precisions", type=parse_words,
+                   help="auto,fp32,bf16,fp16 (default auto,fp32 on CPU, auto,fp16,fp32 on CUDA)")
     p.add_argument("--window-batch", type=int, help="sliding windows per forward pass (default 1 CPU, 4 CUDA)")
     p.add_argument("--threads", type=int, help="intra-op CPU threads (default: torch's, one per core)")
     p.add_argument("--max-case-seconds", type=float, help="skip TTA when 8 x the plain pass exceeds this")
@@ -124,8 +136,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-COLUMNS = ["model", "patch", "overlap", "tta", "precision", "window_batch", "windows", "s_per_case", "peak_mem_mb",
-           "status"]
+COLUMNS = ["model", "patch", "overlap", "tta", "setting", "precision", "channels_last", "window_batch", "windows",
+           "s_per_case", "peak_mem_mb", "status"]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -55,7 +55,9 @@ def build_module(cfg: DictConfig, in_channels: int, config: dict[str, Any] | Non
     """Instantiate loss, network and optimiser partials from the config groups and wrap them in the module."""
     loss = instantiate(cfg.loss, schema=data_schema(cfg.data))
     runtime = cfg.get("runtime") or {}
-    net = build_network(cfg.model, in_channels, loss.num_outputs, channels_last=bool(runtime.get("channels_last")))
+    # `auto` is resolved for the device by train()/brats-predict before this; a bare build (a notebook, a test) that
+    # still holds it keeps the standard memory format, which every device runs.
+    net = build_network(cfg.model, in_channels, loss.num_outputs, channels_last=runtime.get("channels_last") is True)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     return BratsModule(
         net=net,

@@ -11,12 +11,14 @@ from typing import Any
 
 import torch
 
+from brats_unet.utils import BratsError
+
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
 def configure_runtime(
     threads: int | None = None, cudnn_benchmark: bool | None = None, matmul_precision: str | None = None,
-    channels_last: bool = False, compile: bool = False,
+    channels_last: bool | str = False, compile: bool = False,
 ) -> dict[str, Any]:
     """Apply the process-wide settings; return every setting now in effect (for the run log).
 
@@ -24,11 +26,12 @@ def configure_runtime(
         CPU the main process can keep every core.
     cudnn_benchmark: torch.backends.cudnn.benchmark; pays off with a fixed patch size (one autotune per shape).
     matmul_precision: torch.set_float32_matmul_precision; "high" lets Ampere+ GPUs use TF32 for float32 matmuls.
-    channels_last, compile: checked here, applied where the network is built (brats_unet.build).
+    channels_last (true | false | auto, resolved per device by brats_unet.hardware), compile: checked here, applied
+        where the network is built (brats_unet.build).
     """
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"runtime.threads must be a positive integer or null, got {threads!r}")
+            raise BratsError(f"runtime.threads must be a positive integer or null, got {threads!r}")
         torch.set_num_threads(threads)
     if cudnn_benchmark is None and torch.cuda.is_available():
         cudnn_benchmark = True
@@ -36,13 +39,14 @@ def configure_runtime(
         torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
     if matmul_precision is not None:
         if matmul_precision not in MATMUL_PRECISIONS:
-            raise ValueError(
+            raise BratsError(
                 f"runtime.matmul_precision must be one of {list(MATMUL_PRECISIONS)} or null, got {matmul_precision!r}"
             )
         torch.set_float32_matmul_precision(matmul_precision)
-    for key, value in (("channels_last", channels_last), ("compile", compile)):
-        if not isinstance(value, bool):
-            raise ValueError(f"runtime.{key} must be true or false, got {value!r}")
+    if not isinstance(channels_last, bool) and channels_last != "auto":
+        raise BratsError(f"runtime.channels_last must be auto, true or false, got {channels_last!r}")
+    if not isinstance(compile, bool):
+        raise BratsError(f"runtime.compile must be true or false, got {compile!r}")
     return {
         "threads": torch.get_num_threads(),
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),

@@ -34,6 +34,7 @@ from brats_unet.data.cases import (
 from brats_unet.data.labels import LAYOUTS, MODALITIES, SCHEMAS, LabelSchema, Layout, compatible
 from brats_unet.data.preprocess import Recipe, undo_crop
 from brats_unet.ensemble import CheckpointSpec, check_compatible, resolve_checkpoints
+from brats_unet.hardware import auto_precision, detect
 from brats_unet.inference import flip_tta, postprocess_et, sliding_window
 from brats_unet.module import BratsModule
 from brats_unet.utils import BratsError
@@ -86,8 +87,8 @@ def resolve_device(name: str | torch.device) -> torch.device:
 def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
     if precision not in PRECISIONS:
         raise BratsError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "auto":  # bf16 where the hardware runs it natively, fp16 on older GPUs, else fp32
+        precision = auto_precision(detect(device))[0]
     if precision == "fp32":
         return contextlib.nullcontext
     if precision == "fp16" and device.type != "cuda":

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from brats_unet.build import build_datamodule, build_module, build_trainer, user_instantiate
 from brats_unet.checkpoint import check_weights_fit, flatten, resolve_ckpt_path, warn_config_changes
+from brats_unet.hardware import resolve_training
 from brats_unet.perf import configure_runtime
 from brats_unet.utils import BratsError, atomic_write_json
 from brats_unet.validation import check_patch_fits, validate_train_config
@@ -43,12 +44,32 @@ def log_hparams(trainer: L.Trainer, config: dict[str, Any], metrics: dict[str, f
             logger.log_hyperparams(hparams)
 
 
+def resolve_auto(cfg: DictConfig) -> None:
+    """trainer.precision / runtime.channels_last `auto` -> this machine's fastest setting, written into cfg."""
+    precision, runtime = cfg.trainer.get("precision", "32-true"), cfg.get("runtime") or {}
+    channels_last = runtime.get("channels_last", False)
+    if precision != "auto" and channels_last != "auto":
+        return
+    try:
+        precision, channels_last, line = resolve_training(cfg.trainer.get("accelerator", "auto"), precision,
+                                                          channels_last)
+    except RuntimeError as e:  # e.g. trainer.accelerator=gpu without CUDA: Lightning words it for the user
+        log.warning("could not detect the hardware for auto (%s); using 32-true, contiguous", e)
+        precision, channels_last, line = "32-true", False, ""
+    with open_dict(cfg):
+        cfg.trainer.precision = precision
+        cfg.runtime.channels_last = channels_last
+    if line:
+        log.info(line)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (and optionally test) as the config says; write metrics.json; return the final metrics."""
     validate_train_config(cfg)  # seconds, not minutes: before the cache, the model or a worker exists
     check_patch_fits(cfg)
     L.seed_everything(cfg.seed, workers=True)
     log.info("runtime: %s", configure_runtime(**(cfg.get("runtime") or {})))
+    resolve_auto(cfg)  # before run_config: the checkpoint records what ran, not `auto`
     output_dir = Path(cfg.paths.output_dir)
     config = run_config(cfg)
     ckpt_path, checkpoint = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)

@@ -56,6 +56,9 @@ def tiny_overrides(root: Path, cache: Path, out: Path, preprocess: str = "modern
         "data.num_workers=0",
         "data.persistent_workers=false",
         "trainer.accelerator=cpu",
+        # Fixed, not `auto`: a test's numbers must not depend on the CPU it runs on (test_hardware.py covers auto).
+        "trainer.precision=32-true",
+        "runtime.channels_last=false",
         "trainer.max_epochs=1",
         "trainer.log_every_n_steps=1",
         "~callbacks.progress_bar",

@@ -11,8 +11,9 @@ import pytest
 
 # benchmarks/ sits beside the package, not inside it: make the checkout importable when pytest is run from elsewhere.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import data_loading, evaluation, inference, run_all, training  # noqa: E402
+from benchmarks import data_loading, evaluation, inference, run_all, time_to_quality, training  # noqa: E402
 from benchmarks.common import format_table  # noqa: E402
+from brats_unet.hardware import auto_precision, cache_file, detect, probe_key  # noqa: E402
 
 # One thread: on a small shared VM, tiny ops with 2 threads can be 100x slower (thread wake-ups dominate).
 FAST = ["--threads", "1"]
@@ -78,19 +79,26 @@ def test_data_loading_benchmark_tiny(tmp_path: Path) -> None:
     assert loader["steps"] == 2 and loader["step_s_mean"] > 0 and 0 < loader["wait_pct"] < 100
 
 
-def test_inference_benchmark_tiny(tmp_path: Path) -> None:
+def test_inference_benchmark_tiny(tmp_path: Path, monkeypatch) -> None:
+    hw = detect("cpu")  # a pre-filled probe cache: `auto` decides without timing anything here
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cache_file().parent.mkdir(parents=True)
+    precision = auto_precision(hw)[0]
+    cache_file().write_text(json.dumps({probe_key(hw, precision, "infer"): {"contiguous": 1.0, "channels_last": 0.5}}))
     inference.main(["--device", "cpu", "--model", "tiny", "--shape", "24,24,20", "--patches", "16", *FAST,
                     "--out", str(tmp_path)])
     rows = _load(tmp_path / "inference-cpu.json", "inference")["rows"]
-    assert [(r["tta"], r["status"]) for r in rows] == [(False, "ok"), (True, "ok")]
+    assert [(r["setting"], r["precision"], r["channels_last"], r["tta"], r["status"]) for r in rows] == [
+        ("auto", precision, True, False, "ok"), ("auto", precision, True, True, "ok"),
+        ("fp32", "fp32", False, False, "ok"), ("fp32", "fp32", False, True, "ok")]
     # 2 x 2 x 2 windows of 16 with overlap 0.5 (24 = 16 + 8; 20 -> starts 0, 4); TTA runs them for 8 flips
-    assert [r["windows"] for r in rows] == [8, 64]
+    assert [r["windows"] for r in rows] == [8, 64, 8, 64]
     assert all(r["s_per_case"] > 0 for r in rows)
 
 
 def test_inference_benchmark_skips_tta_over_budget(tmp_path: Path) -> None:
     inference.main(["--device", "cpu", "--model", "tiny", "--shape", "16,16,16", "--patches", "16",
-                    "--max-case-seconds", "0", *FAST, "--out", str(tmp_path)])
+                    "--precisions", "fp32", "--max-case-seconds", "0", *FAST, "--out", str(tmp_path)])
     rows = _load(tmp_path / "inference-cpu.json", "inference")["rows"]
     assert rows[0]["status"] == "ok" and rows[1]["status"].startswith("skipped: ~")
 
@@ -113,3 +121,13 @@ def test_run_all_rejects_unknown_benchmarks(capsys: pytest.CaptureFixture) -> No
 def test_format_table_aligns_columns_and_marks_missing_values() -> None:
     table = format_table([{"a": 1.23456, "b": "x"}, {"a": 12345.6}], ["a", "b"], title="t")
     assert table.splitlines() == ["t", "a      b", "-----  -", "1.23   x", "12346  -"]
+
+
+@pytest.mark.slow
+def test_time_to_quality_benchmark_tiny(tmp_path: Path) -> None:
+    result = time_to_quality.main(["--quick", "--budget", "1", "--arms", "fp32", "--cases", "3", *FAST,
+                                   "--out", str(tmp_path)])
+    [row] = _load(tmp_path / "time_to_quality-cpu.json", "time_to_quality")["rows"]
+    assert row == result["rows"][0]
+    assert (row["arm"], row["precision"], row["channels_last"], row["status"]) == ("fp32", "32-true", False, "ok")
+    assert row["steps"] >= 1 and 0 <= row["val_dice_mean"] <= 1

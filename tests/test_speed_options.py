@@ -22,6 +22,7 @@ from brats_unet.models.unet3d import UNet3D
 from brats_unet.module import BratsModule
 from brats_unet.perf import configure_runtime
 from brats_unet.training import train
+from brats_unet.utils import BratsError
 
 FILTERS = [4, 8, 16]
 
@@ -197,10 +198,11 @@ def test_configure_runtime_with_nones_changes_nothing(restore_runtime) -> None:
     ({"threads": 0}, r"runtime\.threads must be a positive integer or null, got 0"),
     ({"threads": True}, r"runtime\.threads must be a positive integer"),
     ({"matmul_precision": "tf32"}, r"runtime\.matmul_precision must be one of \['highest', 'high', 'medium'\]"),
-    ({"channels_last": "yes"}, r"runtime\.channels_last must be true or false, got 'yes'"),
+    ({"channels_last": "yes"}, r"runtime\.channels_last must be auto, true or false, got 'yes'"),
+    ({"compile": "auto"}, r"runtime\.compile must be true or false, got 'auto'"),
 ])
 def test_configure_runtime_rejects_bad_values(restore_runtime, kwargs: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(BratsError, match=message):
         configure_runtime(**kwargs)
 
 

@@ -17,9 +17,10 @@ from omegaconf import DictConfig, ListConfig
 from brats_unet.cli.common import require, user_errors
 from brats_unet.config import CONFIG_PATH
 from brats_unet.data.split import read_split
+from brats_unet.hardware import describe, resolve
 from brats_unet.perf import configure_runtime
 from brats_unet.prediction import predict_folder, predict_out_of_fold
-from brats_unet.segmenter import Segmenter
+from brats_unet.segmenter import Segmenter, autocast_for, resolve_device
 from brats_unet.utils import BratsError
 
 log = logging.getLogger("brats_unet.predict")
@@ -29,11 +30,15 @@ def predict(cfg: DictConfig) -> list[Path]:
     """Predict every case in scope; return the prediction files (including those a resume skipped)."""
     require(cfg, "ckpt_path", "input", "output", usage="brats-predict ckpt_path=<ckpt> input=<root|case> output=<dir>")
     log.info("runtime: %s", configure_runtime(**(cfg.get("runtime") or {})))
+    device = resolve_device(str(cfg.device))
+    autocast_for(device, str(cfg.precision))  # a bad precision fails before the probe runs
+    choice, hw = resolve(device, str(cfg.precision), cfg.runtime.channels_last, use="infer")
+    log.info(describe(choice, hw))
     # A list (an ensemble) arrives as a ListConfig; a file or sweep dir as a string.
     ckpt: Any = [str(p) for p in cfg.ckpt_path] if isinstance(cfg.ckpt_path, ListConfig) else str(cfg.ckpt_path)
-    options = {"device": str(cfg.device), "tta": bool(cfg.tta), "postprocess": bool(cfg.postprocess),
-               "precision": str(cfg.precision), "overlap": float(cfg.overlap), "window_batch": int(cfg.window_batch),
-               "channels_last": bool(cfg.runtime.channels_last)}
+    options = {"device": device, "tta": bool(cfg.tta), "postprocess": bool(cfg.postprocess),
+               "precision": choice.precision, "overlap": float(cfg.overlap), "window_batch": int(cfg.window_batch),
+               "channels_last": choice.channels_last}
     if cfg.get("oof"):
         if cfg.get("split_file") or not isinstance(ckpt, str):
             raise BratsError("oof=true predicts each fold's own split.json validation cases: pass ckpt_path=<cross-"
