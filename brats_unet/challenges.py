@@ -63,4 +63,7 @@ CHALLENGES: dict[str, Challenge] = {
     # Sub-Saharan Africa glioma: the 2023 adult glioma labels; scored with the same groups as GoAT/MenPre.
     "brats_ssa": Challenge("brats_ssa", "GoAT", _GLIOMA_2023, _ET_TC_WT),
     "brats_goat": Challenge("brats_goat", "GoAT", _GLIOMA_2023, _ET_TC_WT),
+    # MSD Task01_BrainTumour (not a BraTS sub-challenge, no official config): 1 oedema, 2 non-enhancing, 3 enhancing.
+    "msd_brain": Challenge("msd_brain", None, {1: "ed", 2: "netc", 3: "et"},
+                           {"et": (3,), "tc": (2, 3), "wt": (1, 2, 3)}, modalities=("flair", "t1", "t1gd", "t2")),
 }

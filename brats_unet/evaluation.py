@@ -19,7 +19,16 @@ import numpy as np
 from tqdm import tqdm
 
 from brats_unet.challenges import CHALLENGES, Challenge
-from brats_unet.data.cases import EXTENSIONS, et_hint, find_file, layout_order, read_labels, resolve_layout, subfolders
+from brats_unet.data.cases import (
+    EXTENSIONS,
+    et_hint,
+    find_file,
+    layout_order,
+    list_case_dirs,
+    read_labels,
+    resolve_layout,
+    subfolders,
+)
 from brats_unet.data.labels import LAYOUTS, Layout
 from brats_unet.data.split import read_split
 from brats_unet.scoring import check_options, resolve_challenge, score_labels
@@ -56,7 +65,10 @@ def find_truth(root: str | Path, layout: str | None) -> dict[str, tuple[Path, La
     layouts = [resolve_layout(layout)] if layout else layout_order(None)
     truth: dict[str, tuple[Path, Layout]] = {}
     unlabelled = []
-    for case_dir in subfolders(Path(root).expanduser(), "truth"):
+    root = Path(root).expanduser()
+    msd = next((lay for lay in layouts if lay.channels), None)
+    case_dirs = list_case_dirs(root, msd) if msd and (root / "labelsTr").is_dir() else subfolders(root, "truth")
+    for case_dir in case_dirs:
         hit = next(((seg, lay) for lay in layouts if (seg := find_file(case_dir, lay, "seg"))), None)
         if hit:
             truth[case_dir.name] = hit
@@ -75,7 +87,7 @@ def challenge_for(layout: Layout, challenge: str | None) -> Challenge:
     """The challenge a case is scored by: the one named, else the one of its file layout (brats2021/brats2023)."""
     if challenge:
         return resolve_challenge(challenge)
-    return CHALLENGES[layout.name]
+    return CHALLENGES[layout.schema]  # brats2021, brats2023 (GoAT), msd_brain
 
 
 def default_lesionwise(challenges: Sequence[Challenge]) -> bool:

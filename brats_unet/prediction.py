@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from brats_unet.data.cases import expected_pattern, resolve_layout, subfolders
+from brats_unet.data.cases import expected_pattern, list_case_dirs, resolve_layout, subfolders
 from brats_unet.data.labels import LAYOUTS
 from brats_unet.ensemble import out_of_fold_jobs
 from brats_unet.segmenter import Case, Segmenter, is_case_folder, label_image, output_header
@@ -25,7 +25,8 @@ log = logging.getLogger("brats_unet.predict")
 def find_input_cases(input_path: str | Path, preferred: str, only: Sequence[str] | None = None) -> list[Path]:
     """Case folders under a BraTS root (or the one case folder given), optionally only those named in `only`."""
     root = Path(input_path).expanduser()
-    dirs = subfolders(root, "input")
+    layout = resolve_layout(preferred)
+    dirs = list_case_dirs(root, layout) if layout.channels else subfolders(root, "input")  # MSD: imagesTr/<case>
     if is_case_folder(root):
         dirs = [root]
     elif not dirs:

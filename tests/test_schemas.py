@@ -13,6 +13,7 @@ from helpers import compose_cli, compose_train, tiny_overrides
 
 from brats_unet.cli.evaluate import evaluate
 from brats_unet.cli.predict import predict
+from brats_unet.data.cases import find_file, list_case_dirs
 from brats_unet.data.labels import SCHEMAS, LabelSchema
 from brats_unet.data.synthetic import RELEASES, write_dataset
 from brats_unet.losses import RegionDiceBCELoss, classes_from_region_logits
@@ -20,7 +21,8 @@ from brats_unet.training import train
 
 # (brats-synth --layout, data=..., loss): softmax and region heads both covered.
 CASES = [("2024_gli", "brats2024_gli", "region"), ("met", "brats_met", "combined"), ("men", "brats_men", "region"),
-         ("men_rt", "brats_men_rt", "combined"), ("ped", "brats_ped", "region"), ("ssa", "brats_ssa", "combined")]
+         ("men_rt", "brats_men_rt", "combined"), ("ped", "brats_ped", "region"), ("ssa", "brats_ssa", "combined"),
+         ("msd", "msd_brain", "region")]
 
 
 def test_every_schema_decodes_regions_like_nvidia_for_nested_regions() -> None:
@@ -71,11 +73,13 @@ def test_release_preprocesses_trains_predicts_and_evaluates(release: str, data: 
     [written] = predict(compose_cli("predict", [f"ckpt_path={ckpt}", f"input={root}", f"output={out}", "device=cpu",
                                                 f"split_file={run / 'split.json'}", "split_subset=test"]))
     case = written.name.removesuffix(".nii.gz")
-    assert case in {p.name for p in root.iterdir()}  # the release's own case names
+    layout = RELEASES[release].layout
+    cases = {d.name: d for d in list_case_dirs(root, layout)}
+    assert case in cases  # the release's own case names (MSD: imagesTr/BRATS_001.nii.gz)
     labels = np.asarray(nib.load(written).dataobj)
-    image = nib.load(next((root / case).glob(f"{case}-t1c.nii.gz")))
-    assert labels.dtype == np.uint8 and labels.shape == image.shape and np.allclose(nib.load(written).affine,
-                                                                                    image.affine)
+    image = nib.load(find_file(cases[case], layout, "t1ce"))
+    assert labels.dtype == np.uint8 and labels.shape == image.shape[:3]
+    assert np.allclose(nib.load(written).affine, image.affine)
     assert set(np.unique(labels).tolist()) <= set(schema.values)
 
     challenge = "brats2023" if release == "ssa" else schema.name
@@ -84,3 +88,19 @@ def test_release_preprocesses_trains_predicts_and_evaluates(release: str, data: 
     assert summary["n_cases"] == 1
     for region in schema.region_names:
         assert 0.0 <= summary["metrics"][f"dice_{region}"]["mean"] <= 1.0
+
+
+def test_schemas_agree_with_the_official_challenge_table() -> None:
+    """labels.py (what we train and decode) and challenges.py (what the official package scores) name the same label
+    values and the same regions as unions of values, for every schema both know."""
+    from brats_unet.challenges import CHALLENGES
+
+    shared = sorted(set(SCHEMAS) & set(CHALLENGES))
+    assert {"brats2021", "brats2023", "brats2024_gli", "brats_met", "brats_men", "brats_men_rt", "brats_ped"} <= set(
+        shared)
+    for name in shared:
+        schema, challenge = SCHEMAS[name], CHALLENGES[name]
+        assert dict(schema.labels) == challenge.labels, name
+        value = {n: v for v, n in schema.labels}
+        ours = {r: tuple(sorted(value[c] for c in cs)) for r, cs in schema.regions}
+        assert ours == {r: tuple(sorted(v)) for r, v in challenge.regions.items()}, name

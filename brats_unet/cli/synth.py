@@ -6,6 +6,7 @@ import argparse
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from brats_unet.cli.common import user_errors
 from brats_unet.data.synthetic import FULL_SHAPE, RELEASE_ALIASES, RELEASES, write_dataset
@@ -39,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         folders = write_dataset(args.out, args.cases, args.seed, layout=args.layout,
                                 shape=args.shape, overwrite=args.overwrite, progress=not args.quiet,
                                 workers=args.workers)
-        root = folders[0].parent.resolve()
+        root = Path(args.out).resolve()
         print(f"{len(folders)} synthetic cases in {root} ({time.perf_counter() - start:.1f} s)")
 
 

@@ -66,6 +66,9 @@ def resolve_layout(layout: Layout | str) -> Layout:
 
 
 def expected_pattern(layout: Layout) -> str:
+    if layout.channels:
+        return (f"<root>/imagesTr/<case>.nii.gz (4D: {', '.join(layout.channels)}) and <root>/labelsTr/<case>.nii.gz "
+                f"(layout {layout.name})")
     keys = ",".join(layout.suffixes[k] for k in (*MODALITIES, "seg"))
     return f"<root>/<case>/<case>{layout.separator}{{{keys}}}.nii.gz (layout {layout.name})"
 
@@ -97,16 +100,26 @@ def list_case_dirs(root: str | Path, layout: Layout | str) -> list[Path]:
         raise BratsError(f"data root {root} does not exist; expected {pattern} (config key data.root)")
     if not root.is_dir():
         raise BratsError(f"data root {root} is not a folder; expected {pattern} (config key data.root)")
-    dirs = subfolders(root)
+    if layout.channels:  # MSD: cases are the 4D images in imagesTr/, named here as <root>/imagesTr/<case>
+        images = root / "imagesTr"
+        names = sorted({p.name[: -len(e)] for e in EXTENSIONS for p in images.glob(f"*{e}")
+                        if p.is_file() and not p.name.startswith((".", "_"))}) if images.is_dir() else []
+        dirs = [images / name for name in names]
+    else:
+        dirs = subfolders(root)
     if not dirs:
-        raise BratsError(f"data root {root} holds no case folders; expected {pattern} (config key data.root)")
+        raise BratsError(f"data root {root} holds no cases; expected {pattern} (config key data.root)")
     return dirs
 
 
 def find_file(case_dir: Path, layout: Layout, key: str) -> Path | None:
-    """`<case_dir>/<case><sep><suffix>.nii.gz` (or `.nii`) for one modality or "seg", if present."""
+    """`<case_dir>/<case><sep><suffix>.nii.gz` (or `.nii`) for one modality or "seg", if present. MSD: the case's 4D
+    image `<root>/imagesTr/<case>.nii.gz` for every modality, its label map `<root>/labelsTr/<case>.nii.gz`."""
+    folder = case_dir
+    if layout.channels:
+        folder = case_dir.parent.parent / "labelsTr" if key == "seg" else case_dir.parent
     for ext in EXTENSIONS:
-        path = case_dir / layout.filename(case_dir.name, key, ext)
+        path = folder / layout.filename(case_dir.name, key, ext)
         if path.is_file():
             return path
     return None
@@ -115,6 +128,8 @@ def find_file(case_dir: Path, layout: Layout, key: str) -> Path | None:
 def _missing_message(case_dir: Path, layout: Layout, key: str) -> str:
     case = case_dir.name
     expected = layout.filename(case, key)
+    if layout.channels or not case_dir.is_dir():
+        return f"{case}: {expected}: missing {key} file ({expected_pattern(layout)})"
     tail = f"{layout.separator}{layout.suffixes[key]}"
     # A file for this modality under another case's name: the folder was renamed or files were copied wrongly.
     others = sorted(p.name for p in case_dir.iterdir() if p.name.endswith(tuple(tail + e for e in EXTENSIONS)))
@@ -151,6 +166,8 @@ def find_cases(root: str | Path, layout: Layout | str, require_seg: bool = True,
 
 def note_extra_files(case_dirs: list[Path], layout: Layout) -> list[str]:
     """Log (once) files in case folders that are no modality or seg of `layout`: they are ignored, not an error."""
+    if layout.channels:
+        return []  # MSD has no case folders
     def known(d: Path) -> set[str]:
         return {f"{d.name}{layout.separator}{suffix}{ext}" for suffix in layout.suffixes.values() for ext in EXTENSIONS}
 
@@ -169,8 +186,9 @@ def _why(e: BaseException, path: Path) -> str:
 _READ_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError)
 
 
-def _read(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
-    """Read one 3D NIfTI fully (no mmap, so truncation shows up here); raises _Problem."""
+def _read(path: Path, channels: int | None = None) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
+    """Read one 3D NIfTI fully (no mmap, so truncation shows up here), or with `channels` a 4D one of that many
+    volumes (MSD: the modalities as the last axis); raises _Problem."""
     if not path.is_file():
         raise _Problem("file does not exist")
     gz = path.name.endswith(".gz")
@@ -189,6 +207,10 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
     except _READ_ERRORS as e:
         kind = "truncated or corrupt gzip" if gz else "truncated or corrupt file"
         raise _Problem(f"cannot read the voxels: {kind} ({_why(e, path)})") from e
+    if channels is not None:
+        if data.ndim != 4 or data.shape[-1] != channels:
+            raise _Problem(f"image of shape {tuple(data.shape)} where a 4D image of {channels} volumes was expected")
+        return data, np.asarray(img.affine, dtype=np.float64), img.header
     # Some tools write 3D volumes as (x, y, z, 1); that is still one volume.
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
@@ -306,6 +328,7 @@ def _check_case(files: CaseFiles, layout: Layout, atol: float, keep: Sequence[st
     ref_key, ref_shape, ref_affine, ref_header = None, None, None, None
     images: dict[str, np.ndarray] = {}
     seg = None
+    volumes: dict[Path, tuple[np.ndarray, np.ndarray, nib.Nifti1Header]] = {}
     for key, path in entries:
         path = Path(path)
         try:
@@ -313,7 +336,13 @@ def _check_case(files: CaseFiles, layout: Layout, atol: float, keep: Sequence[st
             expected = layout.filename(case, key, ext)
             if path.name != expected:
                 raise _Problem(f"file name does not match the case folder name (expected {expected})")
-            data, affine, header = _read(path)
+            if layout.channels and key != "seg":  # one 4D file holds every modality: read it once
+                if path not in volumes:
+                    volumes[path] = _read(path, channels=len(layout.channels))
+                stack, affine, header = volumes[path]
+                data = stack[..., layout.channels.index(key)]
+            else:
+                data, affine, header = _read(path)
             if ref_shape is None:
                 ref_key, ref_shape, ref_affine, ref_header = key, data.shape, affine, header
             elif data.shape != ref_shape:
@@ -381,13 +410,13 @@ def detect_case_files(case_dir: str | Path, modalities: Sequence[str] = MODALITI
                       preferred: Layout | str | None = None) -> tuple[CaseFiles, Layout]:
     """The case's files in whichever layout names all `modalities` (the preferred one first), seg if present."""
     case_dir = Path(case_dir).expanduser()
-    if not case_dir.is_dir():
-        raise BratsError(f"case {case_dir} is not a folder of NIfTI files")
     order = layout_order(preferred)
     for layout in order:
         images = {m: find_file(case_dir, layout, m) for m in modalities}
         if all(images.values()):
             return CaseFiles(case_dir.name, images, find_file(case_dir, layout, "seg")), layout  # type: ignore[arg-type]
+    if not case_dir.is_dir():
+        raise BratsError(f"case {case_dir} is not a folder of NIfTI files (nor an MSD imagesTr/<case>)")
     want = ", ".join(order[0].filename(case_dir.name, m) for m in modalities)
     raise BratsError(f"{case_dir}: the model needs modalities {list(modalities)} but the folder does not hold them in "
                      f"any known layout {sorted(LAYOUTS)} (expected e.g. {want})")

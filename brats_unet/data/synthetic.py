@@ -25,7 +25,7 @@ from brats_unet.data.appearance import render
 from brats_unet.data.cases import resolve_layout
 from brats_unet.data.labels import MODALITIES, LabelSchema, Layout, resolve_schema
 from brats_unet.data.tumour import BG, TISSUE_CLASS, TISSUES, draw_lesions, paint_lesions
-from brats_unet.utils import BratsError, atomic_path
+from brats_unet.utils import BratsError, atomic_path, atomic_write_json
 
 __all__ = ["FULL_SHAPE", "TISSUES", "SynthCase", "brats_affine", "case_name", "case_rng", "generate_case",
            "make_case", "physical_spacing", "write_dataset"]
@@ -137,6 +137,7 @@ RELEASES: dict[str, Release] = {
     "men_rt": Release("brats2023", "brats_men_rt", "BraTS-MEN-RT-{:04d}-1", ("t1ce",)),  # data=brats_men_rt
     "ped": Release("brats2023", "brats_ped", "BraTS-PED-{:05d}-000"),  # data=brats_ped
     "ssa": Release("brats2023", "brats2023", "BraTS-SSA-{:05d}-000"),  # data=brats_ssa
+    "msd": Release("msd", "msd_brain", "BRATS_{:03d}"),  # data=msd_brain: 4D imagesTr/, labelsTr/, dataset.json
 }
 RELEASE_ALIASES = {"brats2021": "2021", "brats2023": "2023"}
 # Each schema class is painted from the generator's tissues: its glioma classes (1 NCR incl. non-enhancing core,
@@ -162,18 +163,35 @@ def schema_seg(case: SynthCase, schema: LabelSchema) -> np.ndarray:
 
 
 def layout_files(release: Release, name: str) -> dict[str, str]:
-    """Array key -> file name of one case; the seg comes last (written last, it marks a complete case)."""
+    """Array key -> file path of one case relative to its folder (MSD: to the root); the seg comes last (written
+    last, it marks a complete case)."""
+    if release.layout.channels:
+        return {"image": f"imagesTr/{name}.nii.gz", "seg": f"labelsTr/{name}.nii.gz"}
     return {key: release.layout.filename(name, key) for key in (*release.modalities, "seg")}
 
 
 def layout_arrays(case: SynthCase, release: Release) -> dict[str, np.ndarray]:
-    """Array key -> data as the release stores it (seg in its own label values)."""
-    return {**{m: case.images[m] for m in release.modalities}, "seg": schema_seg(case, release.label_schema)}
+    """Array key -> data as the release stores it (seg in its own label values; MSD: one 4D image)."""
+    seg = schema_seg(case, release.label_schema)
+    if release.layout.channels:
+        return {"image": np.stack([case.images[m] for m in release.layout.channels], axis=-1), "seg": seg}
+    return {**{m: case.images[m] for m in release.modalities}, "seg": seg}
+
+
+def case_folder(out: Path, release: Release, name: str) -> Path:
+    """Where a case's files live: its own folder, or (MSD) the dataset root with imagesTr/ and labelsTr/."""
+    return out if release.layout.channels else out / name
+
+
+MSD_DATASET = {"name": "BrainTumour", "description": "brats-synth: synthetic cases in the MSD Task01 layout",
+               "tensorImageSize": "4D", "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+               "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}}
 
 
 def case_name(layout: str, index: int) -> str:
     """Folder name of case `index` as the release names it (BraTS2021_00000, BraTS-GLI-00000-000, ...)."""
-    return resolve_release(layout).case_pattern.format(index)
+    release = resolve_release(layout)
+    return release.case_pattern.format(index + 1 if release.layout.channels else index)  # MSD counts from 1
 
 
 def case_rng(seed: int, index: int) -> np.random.Generator:
@@ -231,7 +249,7 @@ def _write_case(out: Path, layout: str, seed: int, index: int, shape: tuple[int,
     case = generate_case(case_rng(seed, index), shape, cavity="rc" in release.label_schema.class_names)
     arrays = layout_arrays(case, release)
     for key, filename in layout_files(release, name).items():
-        _save(out / name / filename, arrays[key], case.affine, _tag(seed, index))
+        _save(case_folder(out, release, name) / filename, arrays[key], case.affine, _tag(seed, index))
     return time.perf_counter() - start
 
 
@@ -272,11 +290,15 @@ def write_dataset(
     pending = []  # check every folder before writing anything, so a refusal comes first
     for i in range(int(cases)):
         name = case_name(layout, i)
-        folder = out / name
+        folder = case_folder(out, release, name)
         files = {key: folder / filename for key, filename in layout_files(release, name).items()}
-        if folder.exists() and not folder.is_dir():
+        if release.layout.channels:  # one shared folder: a case is done when its label map is ours
+            done = not overwrite and files["seg"].is_file() and _is_ours(files["seg"], _tag(seed, i), shape)
+        elif folder.exists() and not folder.is_dir():
             raise BratsError(f"{folder} exists and is not a case folder")
-        if folder.is_dir() and not overwrite and _case_done(folder, files, _tag(seed, i), shape):
+        else:
+            done = folder.is_dir() and not overwrite and _case_done(folder, files, _tag(seed, i), shape)
+        if done:
             report(i, "complete, skipped")
         else:
             pending.append(i)
@@ -290,4 +312,9 @@ def write_dataset(
     else:
         for job in jobs:
             report(job[3], f"written in {_write_case(*job):.1f} s")
-    return [out / case_name(layout, i) for i in range(int(cases))]
+    names = [case_name(layout, i) for i in range(int(cases))]
+    if release.layout.channels:
+        training = [{"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"} for n in names]
+        atomic_write_json(out / "dataset.json", {**MSD_DATASET, "numTraining": len(names), "training": training})
+        return [out / "imagesTr" / n for n in names]
+    return [out / n for n in names]
