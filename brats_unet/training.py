@@ -15,8 +15,8 @@ from brats_unet.build import build_datamodule, build_module, build_trainer, user
 from brats_unet.checkpoint import check_weights_fit, flatten, resolve_ckpt_path, warn_config_changes
 from brats_unet.hardware import resolve_training
 from brats_unet.perf import configure_runtime
+from brats_unet.preflight import check_values, preflight
 from brats_unet.utils import BratsError, atomic_write_json
-from brats_unet.validation import check_patch_fits, validate_train_config
 
 log = logging.getLogger("brats_unet.train")
 
@@ -65,8 +65,7 @@ def resolve_auto(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (and optionally test) as the config says; write metrics.json; return the final metrics."""
-    validate_train_config(cfg)  # seconds, not minutes: before the cache, the model or a worker exists
-    check_patch_fits(cfg)
+    check_values(cfg)  # seconds, not minutes: before the cache, the model or a worker exists
     L.seed_everything(cfg.seed, workers=True)
     log.info("runtime: %s", configure_runtime(**(cfg.get("runtime") or {})))
     resolve_auto(cfg)  # before run_config: the checkpoint records what ran, not `auto`
@@ -82,6 +81,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build_datamodule(cfg, str(output_dir))
     module = user_instantiate("model/loss/optimizer/scheduler",
                               lambda: build_module(cfg, datamodule.num_channels, config))
+    preflight(cfg, module.net)
     if checkpoint is not None:
         check_weights_fit(checkpoint, module, ckpt_path, changed)
         del checkpoint  # Lightning loads it again; don't hold two copies of the weights and optimiser state

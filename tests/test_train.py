@@ -175,7 +175,13 @@ def test_warmup_longer_than_the_fit_is_a_clean_error(train_cfg) -> None:
     from brats_unet.utils import BratsError
 
     train_cfg.scheduler.warmup_steps = 50
-    with pytest.raises(BratsError, match=r"scheduler.warmup_steps must be in \[0, total_steps=2\).*2 optimizer steps"):
+    # Known from the config (1 epoch x 2 steps): refused by the preflight, before any case is cached.
+    with pytest.raises(BratsError, match=r"scheduler.warmup_steps=50 must be shorter than the fit's 2 optimizer steps"):
+        train(train_cfg)
+    assert not Path(train_cfg.paths.output_dir).exists()
+    # Known only once the data are split (steps per epoch = training cases / batch): the module refuses it at fit.
+    train_cfg.data.steps_per_epoch = None
+    with pytest.raises(BratsError, match=r"scheduler.warmup_steps must be in \[0, total_steps=\d+\).*optimizer steps"):
         train(train_cfg)
 
 

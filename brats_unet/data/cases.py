@@ -108,7 +108,7 @@ def list_case_dirs(root: str | Path, layout: Layout | str) -> list[Path]:
     else:
         dirs = subfolders(root)
     if not dirs:
-        raise BratsError(f"data root {root} holds no cases; expected {pattern} (config key data.root)")
+        raise BratsError(f"data root {root} holds no case folders; expected {pattern} (config key data.root)")
     return dirs
 
 

@@ -1,5 +1,10 @@
-"""Config checks that run before anything heavy: a bad value stops brats-train in a second with a message naming the
-config key, instead of minutes later (or never) inside a worker process or a Lightning hook."""
+"""Checks that run before anything heavy, so a bad value stops brats-train in a second with a message naming the
+config key, instead of minutes later (or never) inside a worker process or a Lightning hook.
+
+Two steps: `check_values` reads the config's values (types, ranges: what each constructor would refuse, said with the
+key the user typed); after the DataModule and the module are built (cheap: no data is read), `preflight` checks what
+only the objects together know: the patch against the network's divisor and the volumes, the warm-up against the
+fit's length."""
 
 from __future__ import annotations
 
@@ -60,16 +65,16 @@ def check_unit_interval(key: str, value: Any) -> None:
         raise BratsError(f"{key} must be a number in [0, 1], got {value!r}")
 
 
-def validate_train_config(cfg: DictConfig) -> None:
-    """Sizes, weights and divisibility of a brats-train config; no file access."""
+def check_values(cfg: DictConfig) -> None:
+    """Sizes, weights and rates of a brats-train config, each named by its key; no file access."""
     data, model, loss = cfg.data, cfg.model, cfg.get("loss") or {}
-    patch = check_positive_ints("data.patch_size", data.get("patch_size"), length=3)
+    check_positive_ints("data.patch_size", data.get("patch_size"), length=3)
     check_positive_int("data.batch_size", data.get("batch_size"))
     check_positive_int("data.steps_per_epoch", data.get("steps_per_epoch"), allow_none=True)
     if not _is_int(data.get("num_workers", 0)) or data.get("num_workers", 0) < 0:
         raise BratsError(f"data.num_workers must be an integer >= 0, got {data.get('num_workers')!r}")
     check_folds(data.get("num_folds", 1), data.get("fold", 0))
-    filters = check_positive_ints("model.filters", model.get("filters"), min_length=2)
+    check_positive_ints("model.filters", model.get("filters"), min_length=2)
     if "alpha" in loss:
         check_unit_interval("loss.alpha", loss.alpha)
     smooth = loss.get("smooth")
@@ -78,14 +83,6 @@ def validate_train_config(cfg: DictConfig) -> None:
     lr = (cfg.get("optimizer") or {}).get("lr")
     if lr is not None and (not _is_number(lr) or lr <= 0):
         raise BratsError(f"optimizer.lr must be a positive number, got {lr!r}")
-    # Each U-Net level halves the patch; UNet2D never pools z (it works on axial slices).
-    divisor = 2 ** (len(filters) - 1)
-    axes = 2 if str(model.get("_target_", "")).endswith("UNet2D") else 3
-    if any(p % divisor for p in patch[:axes]):
-        raise BratsError(f"data.patch_size {patch} must be a multiple of {divisor} on the pooled axes: "
-                         f"model.filters has {len(filters)} levels, so the U-Net halves the patch {len(filters) - 1} "
-                         "times (use e.g. data.patch_size=[" + ",".join(str(max(divisor, p // divisor * divisor))
-                                                                       for p in patch) + "])")
 
 
 def _volume_shapes(cfg: DictConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
@@ -131,3 +128,37 @@ def check_patch_fits(cfg: DictConfig) -> None:
         raise BratsError(f"data.patch_size {list(patch)} is larger than every volume it would be cut from: e.g. "
                          f"{case} is {list(shape)} after preprocess={cfg.preprocess.name} (data.root "
                          f"{Path(str(cfg.data.root))}); use a data.patch_size no larger than the volumes")
+
+
+def check_divisible(patch: Sequence[int], net: Any) -> None:
+    """BratsError unless the patch is a multiple of the network's divisor on the axes it pools (UNet2D: not z)."""
+    divisor, axes = net.divisor, 2 if getattr(net, "dim", 3) == 2 else 3
+    patch = [int(p) for p in patch]
+    if any(p % divisor for p in patch[:axes]):
+        levels = len(net.filters)
+        raise BratsError(f"data.patch_size {patch} must be a multiple of {divisor} on the pooled axes: "
+                         f"model.filters has {levels} levels, so the U-Net halves the patch {levels - 1} "
+                         "times (use e.g. data.patch_size=[" + ",".join(str(max(divisor, p // divisor * divisor))
+                                                                       for p in patch) + "])")
+
+
+def check_warmup(cfg: DictConfig) -> None:
+    """BratsError when the warm-up is not shorter than the whole fit, where the fit's length is known from the config
+    (trainer.max_steps, or trainer.max_epochs x data.steps_per_epoch); otherwise the module checks it at fit start."""
+    scheduler, trainer = cfg.get("scheduler") or {}, cfg.trainer
+    warmup = scheduler.get("warmup_steps") or 0
+    total = scheduler.get("total_steps")
+    if total is None and (trainer.get("max_steps") or -1) > 0:
+        total = trainer.max_steps
+    if total is None and cfg.data.get("steps_per_epoch") and trainer.get("max_epochs"):
+        total = int(trainer.max_epochs) * int(cfg.data.steps_per_epoch)
+    if total is not None and warmup >= total:
+        raise BratsError(f"scheduler.warmup_steps={warmup} must be shorter than the fit's {total} optimizer steps "
+                         "(trainer.max_epochs x data.steps_per_epoch, or scheduler.total_steps)")
+
+
+def preflight(cfg: DictConfig, net: Any) -> None:
+    """The cross-object checks, after the parts are built and before any data is cached or read."""
+    check_divisible(cfg.data.patch_size, net)
+    check_warmup(cfg)
+    check_patch_fits(cfg)
