@@ -11,7 +11,7 @@ import pytest
 
 # benchmarks/ sits beside the package, not inside it: make the checkout importable when pytest is run from elsewhere.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import data_loading, evaluation, inference, run_all, time_to_quality, training  # noqa: E402
+from benchmarks import cv_ensemble, data_loading, evaluation, inference, run_all, time_to_quality, training  # noqa: E402
 from benchmarks.common import format_table  # noqa: E402
 from brats_unet.hardware import auto_precision, cache_file, detect, probe_key  # noqa: E402
 
@@ -131,3 +131,14 @@ def test_time_to_quality_benchmark_tiny(tmp_path: Path) -> None:
     assert row == result["rows"][0]
     assert (row["arm"], row["precision"], row["channels_last"], row["status"]) == ("fp32", "32-true", False, "ok")
     assert row["steps"] >= 1 and 0 <= row["val_dice_mean"] <= 1
+
+
+def test_cv_ensemble_reads_evaluate_summaries_into_the_readme_table(tmp_path: Path) -> None:
+    # The whole benchmark trains three quickstart models (minutes): here only its reading and formatting.
+    stats = {"dice_wt": 0.9, "dice_tc": 0.6, "dice_et": 0.3, "hd95_wt": 2.0, "hd95_tc": 4.0, "hd95_et": None}
+    summary = {"n_cases": 4, "metrics": {k: {"mean": v} for k, v in stats.items()}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    row = {"model": "ensemble of 3", **cv_ensemble.scores(tmp_path / "summary.json")}
+    assert row["dice_mean"] == pytest.approx(0.6) and row["cases"] == 4
+    assert cv_ensemble.markdown([row]).splitlines()[2] == (
+        "| ensemble of 3 | 4 | 0.900 | 0.600 | 0.300 | 0.600 | 2.0 | 4.0 | - |")
