@@ -53,7 +53,7 @@ def resolve_auto(cfg: DictConfig) -> None:
     try:
         precision, channels_last, line = resolve_training(cfg.trainer.get("accelerator", "auto"), precision,
                                                           channels_last)
-    except RuntimeError as e:  # e.g. trainer.accelerator=gpu without CUDA: Lightning words it for the user
+    except (RuntimeError, AssertionError) as e:  # accelerator=gpu without CUDA: Lightning words it for the user
         log.warning("could not detect the hardware for auto (%s); using 32-true, contiguous", e)
         precision, channels_last, line = "32-true", False, ""
     with open_dict(cfg):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,8 +13,27 @@ from helpers import TINY_SHAPE, compose_train, tiny_overrides
 from omegaconf import DictConfig
 
 from brats_unet.data.synthetic import write_dataset
+from brats_unet.hardware import PRECISIONS, USES, cache_file, detect, probe_key
 
 torch.set_num_threads(1)  # tiny tensors: one thread is faster and steadier on 2 shared cores
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hermetic_probe_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """runtime.channels_last=auto reads a probe cache (brats_unet.hardware): point it at a session folder that says
+    "no gain" for this machine, so tests never time anything, never write to ~/.cache, and keep the standard format
+    whatever the machine measures (test_hardware.py fills its own caches)."""
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg"))
+    hw = detect("cpu")
+    no_gain = {"contiguous": 1.0, "channels_last": 1.0}
+    cache_file().parent.mkdir(parents=True)
+    cache_file().write_text(json.dumps({probe_key(hw, p, use): no_gain for p in PRECISIONS for use in USES}))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = saved
 
 
 @pytest.fixture(scope="session")

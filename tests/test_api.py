@@ -53,21 +53,22 @@ def nifti(path: Path) -> np.ndarray:
 def test_old_checkpoint_predicts_bit_identically_through_the_command_and_the_api(tmp_path: Path) -> None:
     ckpt = OLD / "tiny_region.ckpt"
     predict_command(compose_cli("predict", [f"ckpt_path={ckpt}", f"input={OLD_CASE}", f"output={tmp_path / 'a'}",
-                                            "device=cpu"]))
+                                            "device=cpu", "precision=fp32"]))
     predict_command(compose_cli("predict", [f"ckpt_path={ckpt}", f"input={OLD_CASE}", f"output={tmp_path / 'b'}",
-                                            "device=cpu", "tta=true", "postprocess=true", "save_probabilities=true"]))
+                                            "device=cpu", "precision=fp32", "tta=true", "postprocess=true",
+                                            "save_probabilities=true"]))
     expected = OLD / "expected"
     assert np.array_equal(nifti(tmp_path / "a" / "BraTS2021_00000.nii.gz"), nifti(expected / "plain.nii.gz"))
     assert np.array_equal(nifti(tmp_path / "b" / "BraTS2021_00000.nii.gz"), nifti(expected / "tta_postprocess.nii.gz"))
     assert np.array_equal(nifti(tmp_path / "b" / "BraTS2021_00000_prob.nii.gz"), nifti(expected / "tta_prob.nii.gz"))
 
-    segmenter = brats_unet.Segmenter.from_checkpoint(ckpt, device="cpu")
+    segmenter = brats_unet.Segmenter.from_checkpoint(ckpt, device="cpu", precision="fp32")  # as stored: fp32
     image = segmenter.predict(OLD_CASE)
     assert np.array_equal(np.asarray(image.dataobj), nifti(expected / "plain.nii.gz"))
     reference = nib.load(expected / "plain.nii.gz")
     assert image.get_data_dtype() == np.uint8 and np.array_equal(image.affine, reference.affine)
     assert image.header["qform_code"] == reference.header["qform_code"]
-    tta = brats_unet.Segmenter.from_checkpoint(ckpt, device="cpu", tta=True, postprocess=True)
+    tta = brats_unet.Segmenter.from_checkpoint(ckpt, device="cpu", tta=True, postprocess=True, precision="fp32")
     assert np.array_equal(np.asarray(tta.predict(OLD_CASE).dataobj), nifti(expected / "tta_postprocess.nii.gz"))
     probs = tta.predict_proba(OLD_CASE)
     stored = nib.load(expected / "tta_prob.nii.gz").get_fdata()  # uint8 steps of 1/255 in the file
@@ -77,7 +78,7 @@ def test_old_checkpoint_predicts_bit_identically_through_the_command_and_the_api
 
 
 def test_predict_accepts_paths_and_arrays_with_either_releases_names() -> None:
-    segmenter = brats_unet.Segmenter.from_checkpoint(OLD / "tiny_region.ckpt", device="cpu")
+    segmenter = brats_unet.Segmenter.from_checkpoint(OLD / "tiny_region.ckpt", device="cpu", precision="fp32")
     folder = nifti(OLD / "expected" / "plain.nii.gz")
     paths = {m: OLD_CASE / f"BraTS2021_00000_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair")}
     assert np.array_equal(np.asarray(segmenter.predict(paths).dataobj), folder)
