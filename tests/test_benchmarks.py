@@ -11,7 +11,7 @@ import pytest
 
 # benchmarks/ sits beside the package, not inside it: make the checkout importable when pytest is run from elsewhere.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import data_loading, inference, run_all, training  # noqa: E402
+from benchmarks import data_loading, inference, realism, run_all, training  # noqa: E402
 from benchmarks.common import format_table  # noqa: E402
 
 # One thread: on a small shared VM, tiny ops with 2 threads can be 100x slower (thread wake-ups dominate).
@@ -93,6 +93,20 @@ def test_inference_benchmark_skips_tta_over_budget(tmp_path: Path) -> None:
                     "--max-case-seconds", "0", *FAST, "--out", str(tmp_path)])
     rows = _load(tmp_path / "inference-cpu.json", "inference")["rows"]
     assert rows[0]["status"] == "ok" and rows[1]["status"].startswith("skipped: ~")
+
+
+@pytest.mark.slow
+def test_realism_benchmark_quick(tmp_path: Path) -> None:
+    """Without a model: generator numbers, the real template's anatomy and levels, and the figure."""
+    realism.main(["--quick", "--full-shape", "64,64,48", "--out", str(tmp_path), "--figures", str(tmp_path / "fig")])
+    result = _load(tmp_path / "realism-cpu.json", "realism")
+    gen, template = result["generator"], result["template"]
+    assert gen["full_cases"] == 1 and gen["demo_case_s"] > 0 and gen["full_case_cpu_s"] > 0
+    assert sum(gen["class_share_pct"].values()) == pytest.approx(100, abs=0.01)
+    assert 1100 < template["brain_ml"] < 1700  # the template at the generator's mean size
+    levels = template["real_t1_vs_wm"]  # real T1: CSF darker than GM darker than WM
+    assert levels["csf"] < levels["gm"] < levels["wm"] == 1.0
+    assert result["real_anatomy"] == [] and (tmp_path / "fig" / "realism.png").stat().st_size > 10_000
 
 
 def test_run_all_rejects_unknown_benchmarks(capsys: pytest.CaptureFixture) -> None:
