@@ -11,7 +11,16 @@ import pytest
 
 # benchmarks/ sits beside the package, not inside it: make the checkout importable when pytest is run from elsewhere.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import cv_ensemble, data_loading, evaluation, inference, run_all, time_to_quality, training  # noqa: E402
+from benchmarks import (  # noqa: E402
+    cv_ensemble,
+    data_loading,
+    evaluation,
+    inference,
+    realism,
+    run_all,
+    time_to_quality,
+    training,
+)
 from benchmarks.common import format_table  # noqa: E402
 from brats_unet.hardware import auto_precision, cache_file, detect, probe_key  # noqa: E402
 
@@ -110,6 +119,20 @@ def test_evaluation_benchmark_tiny(tmp_path: Path) -> None:
     (row,) = result["rows"]
     assert (row["challenge"], row["regions"], row["status"]) == ("brats_men_rt", 1, "official not installed")
     assert row["ours_cpu_s"] > 0 and row["official_cpu_s"] is None
+
+
+@pytest.mark.slow
+def test_realism_benchmark_quick(tmp_path: Path) -> None:
+    """Without a model: generator numbers, the real template's anatomy and levels, and the figure."""
+    realism.main(["--quick", "--full-shape", "64,64,48", "--out", str(tmp_path), "--figures", str(tmp_path / "fig")])
+    result = _load(tmp_path / "realism-cpu.json", "realism")
+    gen, template = result["generator"], result["template"]
+    assert gen["full_cases"] == 1 and gen["demo_case_s"] > 0 and gen["full_case_cpu_s"] > 0
+    assert sum(gen["class_share_pct"].values()) == pytest.approx(100, abs=0.01)
+    assert 1100 < template["brain_ml"] < 1700  # the template at the generator's mean size
+    levels = template["real_t1_vs_wm"]  # real T1: CSF darker than GM darker than WM
+    assert levels["csf"] < levels["gm"] < levels["wm"] == 1.0
+    assert result["real_anatomy"] == [] and (tmp_path / "fig" / "realism.png").stat().st_size > 10_000
 
 
 def test_run_all_rejects_unknown_benchmarks(capsys: pytest.CaptureFixture) -> None:

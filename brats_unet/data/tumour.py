@@ -21,7 +21,7 @@ TISSUES = ("background", "wm", "gm", "csf", "ed", "et", "ncr", "net", "cavity")
 BG, WM, GM, CSF, ED, ET, NCR, NET, CAVITY = range(len(TISSUES))
 # Internal classes (data/labels.py): 0 background, 1 NCR (necrosis and non-enhancing tumour), 2 ED, 3 ET.
 TISSUE_CLASS = np.array([0, 0, 0, 0, 2, 3, 1, 1, 0], np.uint8)
-KINDS = {"necrotic": 0.70, "solid": 0.13, "nonenhancing": 0.17}  # share of primary tumours
+KINDS = {"necrotic": 0.77, "solid": 0.15, "nonenhancing": 0.08}  # share of primary tumours (BraTS: few without ET)
 MULTIFOCAL = 0.12  # share of cases with a second, smaller lesion
 CORTICAL = 0.3  # share of lesions placed so that the core reaches the cortex
 
