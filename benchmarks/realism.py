@@ -32,12 +32,13 @@ from brats_unet.data import anatomy as A
 from brats_unet.data import synthetic as S
 from brats_unet.data import tumour as T
 from brats_unet.data.appearance import CONTRAST
-from brats_unet.data.labels import LAYOUTS, MODALITIES, REGIONS, brats_to_classes
+from brats_unet.data.labels import LAYOUTS, MODALITIES, SCHEMAS
 from brats_unet.metrics import dice
 
 DEMO_SHAPE = (120, 120, 78)
 PAPER_SHARES = {"ncr": 0.16, "ed": 0.79, "et": 0.25}  # % of a 240x240x155 volume (the paper's Figure 3)
 LAYOUT = LAYOUTS["brats2021"]
+GLIOMA = SCHEMAS["brats2021"]
 
 
 def _ratios(images: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
@@ -143,7 +144,7 @@ def write_case(root: Path, name: str, head: dict, with_seg: bool) -> None:
     for m in MODALITIES:
         nib.save(nib.Nifti1Image(head["images"][m], head["affine"]), folder / LAYOUT.filename(name, m))
     if with_seg:
-        seg = np.where(head["classes"] == 3, LAYOUT.et_label, head["classes"]).astype(np.uint8)
+        seg = LAYOUT.label_schema.from_classes(head["classes"])
         nib.save(nib.Nifti1Image(seg, head["affine"]), folder / LAYOUT.filename(name, "seg"))
 
 
@@ -228,12 +229,12 @@ def main(argv: list[str] | None = None) -> dict:
         for model, ckpt in models.items():
             predict(Path(ckpt), root, Path(tmp) / model)
             for name, head in heads.items():
-                pred = brats_to_classes(np.asarray(nib.load(Path(tmp) / model / f"{name}.nii.gz").dataobj),
-                                        LAYOUT.et_label)
+                labels = np.asarray(nib.load(Path(tmp) / model / f"{name}.nii.gz").dataobj)
+                pred = LAYOUT.label_schema.to_classes(labels)
                 preds[name][model] = pred
                 row = {"model": model, "case": name}
                 if head["classes"].any():
-                    for region, cls in REGIONS.items():
+                    for region, cls in GLIOMA.region_classes.items():
                         row[f"dice_{region}"] = round(dice(np.isin(pred, cls), np.isin(head["classes"], cls)), 3)
                 healthy = head["brain"] & (head["classes"] == 0)
                 fp = (pred > 0) & healthy
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, root in (item.split("=", 1) for item in args.synthetic):
         case_dir = sorted(d for d in Path(root).iterdir() if d.is_dir())[-1]
         imgs = {m: np.asarray(nib.load(case_dir / LAYOUT.filename(case_dir.name, m)).dataobj) for m in MODALITIES}
-        seg = brats_to_classes(np.asarray(nib.load(case_dir / LAYOUT.filename(case_dir.name, "seg")).dataobj), 4)
+        seg = GLIOMA.to_classes(np.asarray(nib.load(case_dir / LAYOUT.filename(case_dir.name, "seg")).dataobj))
         fig_rows.append((f"{name} synthetic", imgs, seg, {}))
     for name, head in heads.items():
         fig_rows.append((name, head["images"], head["classes"], preds[name]))
