@@ -148,7 +148,7 @@ CLASS_SOURCES = {"ncr": (1,), "netc": (1,), "ed": (2,), "snfh": (2,), "et": (3,)
 def resolve_release(layout: str) -> Release:
     key = RELEASE_ALIASES.get(layout, layout)
     if key not in RELEASES:
-        raise BratsError(f"unknown layout {layout!r}; choose one of {sorted(RELEASES)}")
+        raise BratsError(f"unknown data layout {layout!r}; choose one of {sorted([*RELEASES, *RELEASE_ALIASES])}")
     return RELEASES[key]
 
 
