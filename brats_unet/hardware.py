@@ -180,23 +180,30 @@ def probe_channels_last(device: torch.device, precision: str, use: str, reps: in
     On CPU the probe runs one thread and counts that thread's CPU time, not wall time: on a shared machine the wall
     clock mostly measures the neighbours (under a load of 10 on 2 cores it varied 3x between identical steps)."""
     cpu = device.type == "cpu"
-    clock = time.thread_time if cpu else time.perf_counter
     saved = torch.get_num_threads()
     if cpu:
         torch.set_num_threads(1)
-    try:
-        steps = {fmt: _probe_step(device, precision, fmt == "channels_last", use)
-                 for fmt in ("contiguous", "channels_last")}
-        times: dict[str, list[float]] = {fmt: [] for fmt in steps}
-        for step in steps.values():  # warm-up: allocator, oneDNN primitive cache, cuDNN autotuner
-            step(), step()
-        for _ in range(reps):
-            for fmt, step in steps.items():
-                start = clock()
-                step()
-                times[fmt].append(clock() - start)
-    finally:
-        torch.set_num_threads(saved)
+    # fork_rng: building the probe's nets draws weights; the run's seeded RNG must not notice whether it probed
+    # (a run that probes and one that reads the cache initialise the same model).
+    with torch.random.fork_rng(devices=[] if cpu else [device]):
+        try:
+            return _time_formats(device, precision, use, reps)
+        finally:
+            torch.set_num_threads(saved)
+
+
+def _time_formats(device: torch.device, precision: str, use: str, reps: int) -> dict[str, float]:
+    clock = time.thread_time if device.type == "cpu" else time.perf_counter
+    formats = ("contiguous", "channels_last")
+    steps = {fmt: _probe_step(device, precision, fmt == "channels_last", use) for fmt in formats}
+    times: dict[str, list[float]] = {fmt: [] for fmt in steps}
+    for step in steps.values():  # warm-up: allocator, oneDNN primitive cache, cuDNN autotuner
+        step(), step()
+    for _ in range(reps):
+        for fmt, step in steps.items():
+            start = clock()
+            step()
+            times[fmt].append(clock() - start)
     return {fmt: statistics.median(t) for fmt, t in times.items()}
 
 

@@ -54,11 +54,13 @@ def resolve_auto(cfg: DictConfig) -> None:
         precision, channels_last, line = resolve_training(cfg.trainer.get("accelerator", "auto"), precision,
                                                           channels_last)
     except (RuntimeError, AssertionError) as e:  # accelerator=gpu without CUDA: Lightning words it for the user
-        log.warning("could not detect the hardware for auto (%s); using 32-true, contiguous", e)
-        precision, channels_last, line = "32-true", False, ""
+        log.warning("could not detect the hardware for auto (%s); auto means 32-true, contiguous", e)
+        precision = "32-true" if precision == "auto" else precision
+        channels_last, line = channels_last is True, ""
     with open_dict(cfg):
         cfg.trainer.precision = precision
-        cfg.runtime.channels_last = channels_last
+        if "runtime" in cfg:
+            cfg.runtime.channels_last = channels_last
     if line:
         log.info(line)
 

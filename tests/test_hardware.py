@@ -107,10 +107,16 @@ def test_a_cached_probe_is_reused_and_decides_channels_last(tmp_path: Path) -> N
     assert "probe: 0.5 s per step vs 1 s contiguous" in choice.why["channels_last"]
 
 
-def test_the_probe_measures_once_and_caches(tmp_path: Path) -> None:
+def test_the_probe_measures_once_and_caches_without_touching_the_seeded_rng(tmp_path: Path) -> None:
     cache = tmp_path / "sub" / "probe.json"
     hw = detect("cpu")
+    threads = torch.get_num_threads()
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
     timings, source = cached_probe(hw, torch.device("cpu"), "fp32", "infer", cache)
+    # a run that probes initialises the same model as one that reads the cache
+    assert torch.equal(torch.rand(3), expected) and torch.get_num_threads() == threads
     assert source == f"measured now, cached in {cache}"
     assert set(timings) == {"contiguous", "channels_last"} and all(t > 0 for t in timings.values())
     assert json.loads(cache.read_text()) == {probe_key(hw, "fp32", "infer"): timings}
