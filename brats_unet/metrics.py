@@ -166,6 +166,44 @@ def _directed_distances(
     return a_to_b, b_to_a
 
 
+MaskPairs = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def mask_metrics(regions: MaskPairs, classes: MaskPairs, spacing: Sequence[float], *, hd95: bool = True,
+                 hd95_mode: str = "pooled", nsd_tolerance: float | None = None) -> dict[str, float | None]:
+    """The one per-case row behind validation and brats-evaluate, from (prediction, truth) boolean masks.
+
+    Keys in metrics.csv order: dice_<region>, hd95_<region> (None with hd95=False), dice_<class>, vol_pred_<region>,
+    vol_true_<region> (mL)[, nsd_<region> with an nsd_tolerance in mm]. Empty masks follow the module's conventions.
+    One surface-distance computation per region serves HD95 and NSD.
+    """
+    sampling = _spacing(spacing, next(iter(regions.values()))[0].ndim)
+    voxel_ml = float(np.prod(sampling)) / 1000.0
+    distances = {r: surface_distances(*pair, sampling) for r, pair in regions.items()} if hd95 else {}
+
+    def from_distances(region: str, both_empty: float, one_empty: float, compute) -> float | None:
+        if not hd95:
+            return None
+        if distances[region] is None:
+            pred, truth = regions[region]
+            return both_empty if not pred.any() and not truth.any() else one_empty
+        return compute(distances[region])
+
+    out: dict[str, float | None] = {f"dice_{r}": dice(*pair) for r, pair in regions.items()}
+    for r in regions:
+        out[f"hd95_{r}"] = from_distances(r, 0.0, HD95_EMPTY, lambda d: hd95_from_distances(*d, mode=hd95_mode))
+    for name, pair in classes.items():
+        out[f"dice_{name}"] = dice(*pair)
+    for which, side in (("pred", 0), ("true", 1)):
+        for r, pair in regions.items():
+            out[f"vol_{which}_{r}"] = np.count_nonzero(pair[side]) * voxel_ml
+    if nsd_tolerance is not None:
+        for r in regions:
+            out[f"nsd_{r}"] = from_distances(
+                r, 1.0, 0.0, lambda d: nsd_from_distances(*d, tolerance_mm=nsd_tolerance, mode="pooled"))
+    return out
+
+
 def case_metrics(
     pred_classes: np.ndarray,
     true_classes: np.ndarray,
@@ -183,24 +221,12 @@ def case_metrics(
     pred_classes, true_classes = np.asarray(pred_classes), np.asarray(true_classes)
     if pred_classes.shape != true_classes.shape:
         raise ValueError(f"prediction shape {pred_classes.shape} != truth shape {true_classes.shape}")
-    sampling = _spacing(spacing, pred_classes.ndim)
-    voxel_ml = float(np.prod(sampling)) / 1000.0
-    names = schema.region_names
-    pred_regions = dict(zip(names, schema.region_masks(pred_classes), strict=True))
-    true_regions = dict(zip(names, schema.region_masks(true_classes), strict=True))
-    out: dict[str, float] = {}
-    for name in names:
-        out[f"dice_{name}"] = dice(pred_regions[name], true_regions[name])
-    if with_hd95:
-        for name in names:
-            out[f"hd95_{name}"] = hd95(pred_regions[name], true_regions[name], sampling)
-    for cls in class_columns(schema):
-        index = schema.class_names.index(cls)
-        out[f"dice_{cls}"] = dice(pred_classes == index, true_classes == index)
-    for which, regions in (("pred", pred_regions), ("true", true_regions)):
-        for name in names:
-            out[f"vol_{which}_{name}"] = np.count_nonzero(regions[name]) * voxel_ml
-    return out
+    regions = dict(zip(schema.region_names, zip(schema.region_masks(pred_classes),
+                                                schema.region_masks(true_classes), strict=True), strict=True))
+    classes = {c: (pred_classes == schema.class_names.index(c), true_classes == schema.class_names.index(c))
+               for c in class_columns(schema)}
+    row = mask_metrics(regions, classes, spacing, hd95=with_hd95)
+    return {k: v for k, v in row.items() if with_hd95 or not k.startswith("hd95_")}
 
 
 def class_columns(schema: LabelSchema) -> list[str]:

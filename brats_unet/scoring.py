@@ -15,17 +15,7 @@ import numpy as np
 
 from brats_unet.challenges import CHALLENGES, Challenge
 from brats_unet.lesionwise import lesionwise_metrics
-from brats_unet.metrics import (
-    HD95_EMPTY,
-    HD95_MODES,
-    _check_mode,
-    _spacing,
-    crop_pair,
-    dice,
-    hd95_from_distances,
-    nsd_from_distances,
-    surface_distances,
-)
+from brats_unet.metrics import HD95_MODES, _check_mode, crop_pair, mask_metrics
 from brats_unet.utils import BratsError
 
 Row = dict[str, float | None]
@@ -58,36 +48,13 @@ def check_options(hd95_mode: str, nsd_tolerance: float | None) -> None:
 
 def region_row(pred: np.ndarray, truth: np.ndarray, challenge: Challenge, spacing: Sequence[float], *,
                hd95: bool = True, hd95_mode: str = "pooled", nsd_tolerance: float | None = None) -> Row:
-    """dice_<r>, hd95_<r>, dice_<label>, vol_pred_<r>, vol_true_<r> (mL)[, nsd_<r>] with brats_unet.metrics'
-    conventions for empty masks (both empty: Dice 1, HD95 0, NSD 1; one empty: 0, HD95_EMPTY, 0). Distance columns
+    """dice_<r>, hd95_<r>, dice_<label>, vol_pred_<r>, vol_true_<r> (mL)[, nsd_<r>]: brats_unet.metrics.mask_metrics
+    on the challenge's regions (outermost first) and its labels that are no region by themselves. Distance columns
     are None (not computed) with hd95=False."""
-    sampling = _spacing(spacing, pred.ndim)
-    voxel_ml = float(np.prod(sampling)) / 1000.0
-    order = region_order(challenge)
-    masks = {r: (np.isin(pred, challenge.regions[r]), np.isin(truth, challenge.regions[r])) for r in order}
-    distances = {r: surface_distances(*masks[r], sampling) for r in order} if hd95 else {}
-    out: Row = {f"dice_{r}": dice(*masks[r]) for r in order}
-    for r in order:
-        out[f"hd95_{r}"] = _empty_or(masks[r], distances, r, 0.0, HD95_EMPTY,
-                                     lambda d: hd95_from_distances(*d, mode=hd95_mode))
-    for name, value in label_columns(challenge).items():
-        out[f"dice_{name}"] = dice(pred == value, truth == value)
-    for which, side in (("pred", 0), ("true", 1)):
-        for r in order:
-            out[f"vol_{which}_{r}"] = np.count_nonzero(masks[r][side]) * voxel_ml
-    if nsd_tolerance is not None:
-        for r in order:
-            out[f"nsd_{r}"] = _empty_or(masks[r], distances, r, 1.0, 0.0,
-                                        lambda d: nsd_from_distances(*d, tolerance_mm=nsd_tolerance, mode="pooled"))
-    return out
-
-
-def _empty_or(masks, distances, region, both_empty, one_empty, compute) -> float | None:
-    if region not in distances:
-        return None
-    if distances[region] is None:
-        return both_empty if not masks[0].any() and not masks[1].any() else one_empty
-    return compute(distances[region])
+    regions = {r: (np.isin(pred, challenge.regions[r]), np.isin(truth, challenge.regions[r]))
+               for r in region_order(challenge)}
+    labels = {name: (pred == value, truth == value) for name, value in label_columns(challenge).items()}
+    return mask_metrics(regions, labels, spacing, hd95=hd95, hd95_mode=hd95_mode, nsd_tolerance=nsd_tolerance)
 
 
 def score_labels(pred_labels: np.ndarray, truth_labels: np.ndarray, challenge: str | Challenge,
