@@ -30,8 +30,9 @@ from benchmarks.common import median, parse_ints, print_table, threads, write_re
 from benchmarks.training import MODELS, Combo, build_net
 from brats_unet.config import compose
 from brats_unet.data import cache
-from brats_unet.data import cases as case_files_io
+from brats_unet.data.cases import load_nifti, read_case_files
 from brats_unet.data.datamodule import BratsDataModule
+from brats_unet.data.discovery import CaseFiles, find_cases
 from brats_unet.data.preprocess import preprocess_case
 from brats_unet.data.sampling import choose_patch_start, crop_or_pad
 from brats_unet.data.synthetic import write_dataset
@@ -53,9 +54,9 @@ def fit_crop_box(box: list[list[int]], shape: Sequence[int]) -> list[list[int]]:
     return out
 
 
-def raw_sample(files: case_files_io.CaseFiles, seed: dict[str, Any]) -> np.ndarray:
+def raw_sample(files: CaseFiles, seed: dict[str, Any]) -> np.ndarray:
     """The seed's way: decode every modality and the label map, normalise, crop."""
-    images, seg, _ = case_files_io.read_case_files(files, seed["modalities"])
+    images, seg, _ = read_case_files(files, seed["modalities"])
     x, _, _ = preprocess_case(images, seg, modalities=seed["modalities"], normalize=seed["normalize"], crop="fixed",
                               crop_box=seed["crop_box"], foreground_channel=False, schema="brats2021")
     return x
@@ -70,9 +71,9 @@ def cached_sample(x: np.ndarray, y: np.ndarray, coords: np.ndarray, patch: Seque
 
 
 def time_raw_vs_cached(root: Path, layout: str, work: Path, samples: int, cached_samples: int) -> dict[str, Any]:
-    cases = case_files_io.find_cases(root, layout)
+    cases = find_cases(root, layout)
     seed = recipe("seed")
-    shape = case_files_io.load_nifti(cases[0].images[seed["modalities"][0]])[0].shape
+    shape = load_nifti(cases[0].images[seed["modalities"][0]])[0].shape
     seed["crop_box"] = fit_crop_box(seed["crop_box"], shape)
     patch = [b - a for a, b in seed["crop_box"]]
 

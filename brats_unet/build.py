@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from brats_unet.checkpoint import AtomicCheckpointIO
-from brats_unet.data.cases import resolve_layout
+from brats_unet.data.discovery import resolve_layout
 from brats_unet.data.labels import resolve_schema
 from brats_unet.module import BratsModule
 from brats_unet.utils import BratsError

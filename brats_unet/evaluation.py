@@ -19,16 +19,8 @@ import numpy as np
 from tqdm import tqdm
 
 from brats_unet.challenges import CHALLENGES, Challenge
-from brats_unet.data.cases import (
-    EXTENSIONS,
-    et_hint,
-    find_file,
-    layout_order,
-    list_case_dirs,
-    read_labels,
-    resolve_layout,
-    subfolders,
-)
+from brats_unet.data.cases import et_hint, read_labels
+from brats_unet.data.discovery import EXTENSIONS, find_file, layout_order, list_case_dirs, resolve_layout, subfolders
 from brats_unet.data.labels import LAYOUTS, Layout
 from brats_unet.data.split import read_split
 from brats_unet.scoring import check_options, resolve_challenge, score_labels

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from brats_unet.data.cases import expected_pattern, list_case_dirs, resolve_layout, subfolders
+from brats_unet.data.discovery import expected_pattern, list_case_dirs, resolve_layout, subfolders
 from brats_unet.data.labels import LAYOUTS
 from brats_unet.ensemble import out_of_fold_jobs
 from brats_unet.segmenter import Case, Segmenter, is_case_folder, label_image, output_header

@@ -19,7 +19,7 @@ import numpy as np
 from omegaconf import DictConfig, ListConfig
 
 from brats_unet.data import cache
-from brats_unet.data import cases as case_files_io
+from brats_unet.data.discovery import case_files, list_case_dirs, resolve_layout
 from brats_unet.data.split import check_folds
 from brats_unet.losses import SMOOTH_RULE
 from brats_unet.utils import BratsError
@@ -100,13 +100,13 @@ def _volume_shapes(cfg: DictConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
     if cases:
         return
     try:
-        dirs = case_files_io.list_case_dirs(data.root, data.layout)
+        dirs = list_case_dirs(data.root, data.layout)
     except BratsError:
         return  # the datamodule reports a missing or empty root with its own message
-    layout = case_files_io.resolve_layout(data.layout)
+    layout = resolve_layout(data.layout)
     for case_dir in dirs:
         try:
-            path = case_files_io.case_files(case_dir, layout, False, pre.modalities[:1]).images[pre.modalities[0]]
+            path = case_files(case_dir, layout, False, pre.modalities[:1]).images[pre.modalities[0]]
             yield case_dir.name, tuple(int(s) for s in nib.load(path).shape[:3])  # header only
         except (BratsError, OSError, ValueError, nib.filebasedimages.ImageFileError):
             continue  # preprocessing names the broken case

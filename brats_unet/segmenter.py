@@ -22,15 +22,8 @@ from omegaconf import OmegaConf
 
 from brats_unet.build import build_module
 from brats_unet.checkpoint import load_checkpoint, upgrade_config, weight_mismatches
-from brats_unet.data.cases import (
-    EXTENSIONS,
-    Case,
-    CaseFiles,
-    detect_case_files,
-    load_nifti,
-    load_validated_case,
-    resolve_layout,
-)
+from brats_unet.data.cases import Case, load_nifti, load_validated_case
+from brats_unet.data.discovery import EXTENSIONS, CaseFiles, detect_case_files, resolve_layout
 from brats_unet.data.labels import LAYOUTS, MODALITIES, SCHEMAS, LabelSchema, Layout, compatible
 from brats_unet.data.preprocess import Recipe, undo_crop
 from brats_unet.ensemble import CheckpointSpec, check_compatible, resolve_checkpoints

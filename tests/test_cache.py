@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 from brats_unet.cli.preprocess import preprocess
 from brats_unet.cli.stats import stats
 from brats_unet.data.cache import build_cache, cache_key, cache_path, cached_cases, load_cached
-from brats_unet.data.cases import case_files, read_case_files
+from brats_unet.data.cases import read_case_files
+from brats_unet.data.discovery import case_files
 from brats_unet.data.preprocess import preprocess_case
 from brats_unet.data.stats import dataset_stats
 from brats_unet.utils import BratsError

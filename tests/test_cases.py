@@ -1,4 +1,4 @@
-"""brats_unet.data.cases on small real NIfTI cases written with nibabel."""
+"""brats_unet.data.discovery and brats_unet.data.cases on small real NIfTI cases written with nibabel."""
 
 from __future__ import annotations
 
@@ -10,16 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_unet.data.cases import (
-    CaseFiles,
-    case_files,
-    find_cases,
-    load_nifti,
-    load_validated_case,
-    read_case_files,
-    save_nifti,
-    validate_case,
-)
+from brats_unet.data.cases import load_nifti, load_validated_case, read_case_files, save_nifti, validate_case
+from brats_unet.data.discovery import CaseFiles, case_files, find_cases
 from brats_unet.data.labels import LAYOUTS, MODALITIES
 from brats_unet.utils import BratsError
 

@@ -17,7 +17,8 @@ from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
 from brats_unet.cli.report import report
-from brats_unet.data.cases import find_cases, load_nifti, save_nifti
+from brats_unet.data.cases import load_nifti, save_nifti
+from brats_unet.data.discovery import find_cases
 from brats_unet.reporting.plots import plot_class_distribution, plot_overlays
 from brats_unet.reporting.runs import clean_series, epoch_series, parse_overrides, read_scalars
 from brats_unet.utils import BratsError

@@ -13,7 +13,7 @@ from helpers import compose_cli, compose_train, tiny_overrides
 
 from brats_unet.cli.evaluate import evaluate
 from brats_unet.cli.predict import predict
-from brats_unet.data.cases import find_file, list_case_dirs
+from brats_unet.data.discovery import find_file, list_case_dirs
 from brats_unet.data.labels import SCHEMAS, LabelSchema
 from brats_unet.data.synthetic import RELEASES, write_dataset
 from brats_unet.losses import RegionDiceBCELoss, classes_from_region_logits

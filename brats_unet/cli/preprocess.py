@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from brats_unet.cli.common import user_errors
 from brats_unet.config import CONFIG_PATH
 from brats_unet.data.cache import build_cache, cached_cases
-from brats_unet.data.cases import list_case_dirs
+from brats_unet.data.discovery import list_case_dirs
 
 
 def preprocess(cfg: DictConfig) -> Path:

@@ -24,14 +24,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from brats_unet.data.cases import (
-    case_files,
-    list_case_dirs,
-    load_validated_case,
-    note_extra_files,
-    resolve_layout,
-    schema_of,
-)
+from brats_unet.data.cases import load_validated_case, schema_of
+from brats_unet.data.discovery import case_files, list_case_dirs, note_extra_files, resolve_layout
 from brats_unet.data.labels import resolve_schema
 from brats_unet.data.preprocess import Recipe
 from brats_unet.utils import BratsError, atomic_save_npy, atomic_write_json, atomic_write_text

@@ -22,7 +22,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from brats_unet.data import cache
-from brats_unet.data.cases import list_case_dirs, schema_of
+from brats_unet.data.cases import schema_of
+from brats_unet.data.discovery import list_case_dirs
 from brats_unet.data.preprocess import Recipe
 from brats_unet.data.sampling import PatchSampler, choose_patch_start, crop_or_pad
 from brats_unet.data.split import load_split, make_split

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from brats_unet.data.cases import find_cases, read_label_map, resolve_layout, schema_of
+from brats_unet.data.cases import read_label_map, schema_of
+from brats_unet.data.discovery import find_cases, resolve_layout
 
 
 def dataset_stats(root: str | Path, layout: str, progress: bool = False, schema: str | None = None) -> dict:

@@ -144,7 +144,8 @@ def load_example_case(data_root: str | Path, layout: str, case: str | None = Non
                       ) -> tuple[str, dict[str, np.ndarray], np.ndarray]:
     """(case, {modality: volume}, internal classes) of `case` (default: the first labelled case), read and
     validated the way brats-preprocess reads it."""
-    from brats_unet.data.cases import find_cases, load_validated_case, resolve_layout
+    from brats_unet.data.cases import load_validated_case
+    from brats_unet.data.discovery import find_cases, resolve_layout
     from brats_unet.data.labels import MODALITIES
 
     layout_obj = resolve_layout(layout)

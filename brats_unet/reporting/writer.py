@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from brats_unet.data.cases import EXTENSIONS, find_cases, read_case_files, read_label_map, resolve_layout
+from brats_unet.data.cases import read_case_files, read_label_map
+from brats_unet.data.discovery import EXTENSIONS, find_cases, resolve_layout
 from brats_unet.data.stats import dataset_stats
 from brats_unet.reporting.cv import cv_csv, cv_markdown, cv_rows, is_cv_sweep
 from brats_unet.reporting.paper import is_table1_sweep, load_example_case, network_of, table1, table1_markdown
