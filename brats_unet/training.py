@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from brats_unet.checkpoint import check_weights_fit, flatten, resolve_ckpt_path,
 from brats_unet.hardware import resolve_training
 from brats_unet.perf import configure_runtime
 from brats_unet.preflight import check_values, preflight
+from brats_unet.reporting.runs import read_metrics
 from brats_unet.utils import BratsError, atomic_write_json
 
 log = logging.getLogger("brats_unet.train")
@@ -24,14 +24,6 @@ log = logging.getLogger("brats_unet.train")
 def run_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config without Hydra's own node: what a checkpoint stores and a resume compares."""
     return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
-
-
-def existing_metrics(output_dir: Path) -> dict[str, Any] | None:
-    path = output_dir / "metrics.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def log_hparams(trainer: L.Trainer, config: dict[str, Any], metrics: dict[str, float]) -> None:
@@ -99,7 +91,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except FloatingPointError as e:  # module.nonfinite_loss=stop: a user-facing stop, not a crash
         raise BratsError(str(e)) from e
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    previous = existing_metrics(output_dir)
+    previous = read_metrics(output_dir)
     if ckpt_path and not metrics and previous is not None:
         # Resuming a run that had already finished: fit did nothing, so keep its metrics.json rather than
         # overwriting it with empty metrics.
