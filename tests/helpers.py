@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from brats_unet.cli.evaluate import evaluate
 from brats_unet.config import compose
 
 # Tiny volumes keep the end-to-end tests to seconds; the fixed seed crop is scaled to fit them.
@@ -69,3 +71,15 @@ def tiny_overrides(root: Path, cache: Path, out: Path, preprocess: str = "modern
     if preprocess == "seed":
         overrides.append(f"preprocess.crop_box={TINY_SEED_CROP}".replace(" ", ""))
     return overrides
+
+
+def run_evaluate(pred: Path, truth: Path, out: Path, *extra: str) -> dict:
+    """brats-evaluate in-process (the CLI's own function on its composed config)."""
+    return evaluate(compose_cli("evaluate", [f"pred={pred}", f"truth={truth}", f"output={out}", *extra]))
+
+
+def read_metrics_csv(path: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """(columns, {case: row}) of a metrics.csv, as text."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), {row["case"]: row for row in reader}

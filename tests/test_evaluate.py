@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import compose_cli
+from helpers import compose_cli, read_metrics_csv, run_evaluate
 
 from brats_unet.cli.evaluate import evaluate
 from brats_unet.evaluation import CSV_COLUMNS
@@ -82,19 +81,9 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
     return pred, truth
 
 
-def run(pred: Path, truth: Path, out: Path, *extra: str) -> dict:
-    return evaluate(compose_cli("evaluate", [f"pred={pred}", f"truth={truth}", f"output={out}", *extra]))
-
-
-def read_csv(path: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        return list(reader.fieldnames or []), {row["case"]: row for row in reader}
-
-
 def test_metrics_csv_and_summary_match_hand_computed_values(dirs, tmp_path) -> None:
-    summary = run(*dirs, tmp_path / "eval")
-    columns, rows = read_csv(tmp_path / "eval" / "metrics.csv")
+    summary = run_evaluate(*dirs, tmp_path / "eval")
+    columns, rows = read_metrics_csv(tmp_path / "eval" / "metrics.csv")
     assert tuple(columns) == CSV_COLUMNS
     assert sorted(rows) == ["A", "B", "C", "D"]
     for case, row in rows.items():
@@ -111,8 +100,8 @@ def test_metrics_csv_and_summary_match_hand_computed_values(dirs, tmp_path) -> N
 
 
 def test_missing_as_empty_scores_missing_cases_as_empty_predictions(dirs, tmp_path) -> None:
-    summary = run(*dirs, tmp_path / "eval", "missing_as_empty=true")
-    _, rows = read_csv(tmp_path / "eval" / "metrics.csv")
+    summary = run_evaluate(*dirs, tmp_path / "eval", "missing_as_empty=true")
+    _, rows = read_metrics_csv(tmp_path / "eval" / "metrics.csv")
     assert sorted(rows) == ["A", "B", "C", "D", "E"] and summary["n_cases"] == 5
     assert summary["missing_predictions"] == ["E"]  # still reported
     for key, value in EXPECTED["E"].items():
@@ -123,17 +112,17 @@ def test_missing_as_empty_scores_missing_cases_as_empty_predictions(dirs, tmp_pa
 def test_split_file_limits_the_scope(dirs, tmp_path) -> None:
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": ["C", "D", "E"], "val": [], "test": ["A", "B"]}))
-    summary = run(*dirs, tmp_path / "eval", f"split_file={split}")
+    summary = run_evaluate(*dirs, tmp_path / "eval", f"split_file={split}")
     assert summary["n_cases"] == 2 and summary["missing_predictions"] == []
     assert summary["outside_split_predictions"] == ["C", "D"] and summary["extra_predictions"] == ["Z"]
     split.write_text(json.dumps({"test": ["A", "Q"]}))
     with pytest.raises(BratsError, match="names 1 test cases that have no truth .*: Q"):
-        run(*dirs, tmp_path / "eval2", f"split_file={split}")
+        run_evaluate(*dirs, tmp_path / "eval2", f"split_file={split}")
 
 
 def test_hd95_off_leaves_its_columns_empty(dirs, tmp_path) -> None:
-    summary = run(*dirs, tmp_path / "eval", "hd95=false")
-    _, rows = read_csv(tmp_path / "eval" / "metrics.csv")
+    summary = run_evaluate(*dirs, tmp_path / "eval", "hd95=false")
+    _, rows = read_metrics_csv(tmp_path / "eval" / "metrics.csv")
     assert rows["A"]["hd95_wt"] == "" and float(rows["A"]["dice_wt"]) == pytest.approx(0.75)
     assert summary["metrics"]["hd95_et"] == {"mean": None, "std": None, "median": None, "p25": None, "p75": None,
                                              "n": 0}
@@ -143,10 +132,10 @@ def test_geometry_mismatch_names_both_files(dirs, tmp_path) -> None:
     pred, truth = dirs
     save(pred / "A.nii.gz", np.zeros((10, 10, 9)))
     with pytest.raises(BratsError, match=r"prediction .*A\.nii\.gz has shape \(10, 10, 9\) but truth .*A_seg\.nii\.gz"):
-        run(pred, truth, tmp_path / "eval")
+        run_evaluate(pred, truth, tmp_path / "eval")
     save(pred / "A.nii.gz", PRED["A"], affine=np.diag([1.0, 1.0, 1.0, 1.0]))
     with pytest.raises(BratsError, match=r"prediction .*A\.nii\.gz and truth .*A_seg\.nii\.gz have different affines"):
-        run(pred, truth, tmp_path / "eval")
+        run_evaluate(pred, truth, tmp_path / "eval")
     assert not (tmp_path / "eval" / "metrics.csv").exists()
 
 
@@ -154,31 +143,31 @@ def test_brats2023_names_use_et_label_3(tmp_path) -> None:
     truth, pred = tmp_path / "truth", tmp_path / "pred"
     save(truth / "F" / "F-seg.nii.gz", volume((SMALL, 3), (CORE, 1)))
     save(pred / "F.nii.gz", volume((SMALL, 3)))
-    summary = run(pred, truth, tmp_path / "eval")
-    _, rows = read_csv(tmp_path / "eval" / "metrics.csv")
+    summary = run_evaluate(pred, truth, tmp_path / "eval")
+    _, rows = read_metrics_csv(tmp_path / "eval" / "metrics.csv")
     # CORE overwrites SMALL's voxel (4,4,4): truth ET 7 voxels, TC = CORE | SMALL = 15; prediction ET = TC = SMALL (8).
     assert float(rows["F"]["dice_et"]) == pytest.approx(2 * 7 / (7 + 8))
     assert float(rows["F"]["dice_tc"]) == pytest.approx(2 * 8 / (15 + 8))
     assert summary["n_cases"] == 1
     save(pred / "F.nii.gz", volume((SMALL, 4)))
     with pytest.raises(BratsError, match=r"F\.nii\.gz: label values \[4\] .*brats2023 cases label ET as 3"):
-        run(pred, truth, tmp_path / "eval2")
+        run_evaluate(pred, truth, tmp_path / "eval2")
 
 
 def test_output_and_input_problems(dirs, tmp_path) -> None:
     pred, truth = dirs
-    run(pred, truth, tmp_path / "eval")
+    run_evaluate(pred, truth, tmp_path / "eval")
     with pytest.raises(BratsError, match="already holds metrics.csv/summary.json; pass overwrite=true"):
-        run(pred, truth, tmp_path / "eval")
-    assert run(pred, truth, tmp_path / "eval", "overwrite=true")["n_cases"] == 4
+        run_evaluate(pred, truth, tmp_path / "eval")
+    assert run_evaluate(pred, truth, tmp_path / "eval", "overwrite=true")["n_cases"] == 4
     with pytest.raises(BratsError, match=r"none of the 1 predictions in .*other matches one of the 5 truth cases"):
         save(tmp_path / "other" / "Nope.nii.gz", volume())
-        run(tmp_path / "other", truth, tmp_path / "eval3")
+        run_evaluate(tmp_path / "other", truth, tmp_path / "eval3")
     with pytest.raises(BratsError, match="not a folder of <case>.nii.gz predictions"):
-        run(tmp_path / "absent", truth, tmp_path / "eval4")
+        run_evaluate(tmp_path / "absent", truth, tmp_path / "eval4")
     with pytest.raises(BratsError, match=r"missing required key\(s\) truth"):
         evaluate(compose_cli("evaluate", [f"pred={pred}", f"output={tmp_path / 'eval5'}"]))
     float_pred = pred / "B.nii.gz"
     nib.save(nib.Nifti1Image(np.full(SHAPE, 0.5, dtype=np.float32), AFFINE), float_pred)
     with pytest.raises(BratsError, match=r"B\.nii\.gz: label map holds non-integer values"):
-        run(pred, truth, tmp_path / "eval6")
+        run_evaluate(pred, truth, tmp_path / "eval6")

@@ -3,7 +3,6 @@ numbers are worked out by hand, and today's output kept byte for byte for BraTS 
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
@@ -12,9 +11,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import FIXTURES, compose_cli
+from helpers import FIXTURES, read_metrics_csv, run_evaluate
 
-from brats_unet.cli.evaluate import evaluate
 from brats_unet.evaluation import CSV_COLUMNS
 from brats_unet.utils import BratsError
 
@@ -22,16 +20,6 @@ from brats_unet.utils import BratsError
 # tumours=1, satellites=2); metrics.csv written by brats-evaluate (default options) before the options existed.
 REFERENCE = FIXTURES / "evaluate_2021"
 LINE = (24, 3, 3)  # lesions on the line y = z = 1: every distance is a difference of x
-
-
-def run(pred: Path, truth: Path, out: Path, *extra: str) -> dict:
-    return evaluate(compose_cli("evaluate", [f"pred={pred}", f"truth={truth}", f"output={out}", *extra]))
-
-
-def read_csv(path: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        return list(reader.fieldnames or []), {row["case"]: row for row in reader}
 
 
 def save(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> None:
@@ -53,7 +41,7 @@ def line_pair(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_brats2021_defaults_write_todays_metrics_csv_byte_for_byte(tmp_path) -> None:
-    summary = run(REFERENCE / "pred", REFERENCE / "truth", tmp_path / "eval")
+    summary = run_evaluate(REFERENCE / "pred", REFERENCE / "truth", tmp_path / "eval")
     assert (tmp_path / "eval" / "metrics.csv").read_bytes() == (REFERENCE / "metrics.csv").read_bytes()
     assert summary["metrics"] == json.loads((REFERENCE / "summary_metrics.json").read_text())
     assert summary["lesionwise"] is False and summary["challenges"] == ["brats2021"]
@@ -69,9 +57,9 @@ def test_brats2023_defaults_add_nsd_and_lesionwise_columns_after_todays(tmp_path
             img = nib.load(src)
             data = np.asarray(img.dataobj)
             save(dst, np.where(data == 4, 3, data), img.affine)
-    summary = run(pred, truth, tmp_path / "eval")
-    columns, rows = read_csv(tmp_path / "eval" / "metrics.csv")
-    ref_columns, ref_rows = read_csv(REFERENCE / "metrics.csv")
+    summary = run_evaluate(pred, truth, tmp_path / "eval")
+    columns, rows = read_metrics_csv(tmp_path / "eval" / "metrics.csv")
+    ref_columns, ref_rows = read_metrics_csv(REFERENCE / "metrics.csv")
     assert columns[:15] == ref_columns == list(CSV_COLUMNS)
     assert all(rows[c][k] == ref_rows[c][k] for c in ref_rows for k in ref_columns)
     assert columns[15:18] == ["nsd_wt", "nsd_tc", "nsd_et"]
@@ -83,8 +71,8 @@ def test_brats2023_defaults_add_nsd_and_lesionwise_columns_after_todays(tmp_path
 
 
 def test_lesionwise_columns_on_a_hand_made_pair(tmp_path) -> None:
-    summary = run(*line_pair(tmp_path), tmp_path / "eval")
-    _, rows = read_csv(tmp_path / "eval" / "metrics.csv")
+    summary = run_evaluate(*line_pair(tmp_path), tmp_path / "eval")
+    _, rows = read_metrics_csv(tmp_path / "eval" / "metrics.csv")
     row = {k: float(v) for k, v in rows["L"].items() if k != "case"}
     # ET = TC = WT (only label 3). Dice 2*3/(4+4). Surface distances (every voxel of a bar one voxel thick is surface):
     # prediction -> truth 0, 0, 0, 6 (x 10 to x 4); truth -> prediction 0, 0, 0, 10 (x 20 to x 10). Pooled, sorted
@@ -113,20 +101,20 @@ def test_lesionwise_columns_on_a_hand_made_pair(tmp_path) -> None:
 
 def test_hd95_mode_nsd_tolerance_and_hd95_off_reach_the_csv(tmp_path) -> None:
     pred, truth = line_pair(tmp_path)
-    summary = run(pred, truth, tmp_path / "max", "hd95_mode=max", "nsd_tolerance=6", "lesionwise=false")
-    columns, rows = read_csv(tmp_path / "max" / "metrics.csv")
+    summary = run_evaluate(pred, truth, tmp_path / "max", "hd95_mode=max", "nsd_tolerance=6", "lesionwise=false")
+    columns, rows = read_metrics_csv(tmp_path / "max" / "metrics.csv")
     # Directed 95th percentiles: [0, 0, 0, 6] -> 0.85*6 = 5.1, [0, 0, 0, 10] -> 8.5: max 8.5 (below pooled 8.6,
     # percentiles interpolate). Within 6 mm: 4 of 4 and 3 of 4 -> 7/8.
     assert float(rows["L"]["hd95_et"]) == pytest.approx(8.5)
     assert float(rows["L"]["nsd_et"]) == 0.875
     assert columns == [*CSV_COLUMNS, "nsd_wt", "nsd_tc", "nsd_et"]
     assert summary["hd95_mode"] == "max" and summary["nsd_tolerance"] == 6.0
-    run(pred, truth, tmp_path / "lesion_max", "hd95_mode=max")
-    _, rows = read_csv(tmp_path / "lesion_max" / "metrics.csv")
+    run_evaluate(pred, truth, tmp_path / "lesion_max", "hd95_mode=max")
+    _, rows = read_metrics_csv(tmp_path / "lesion_max" / "metrics.csv")
     assert float(rows["L"]["global_hd95_et"]) == pytest.approx(8.5)
 
-    run(pred, truth, tmp_path / "off", "hd95=false")
-    columns, rows = read_csv(tmp_path / "off" / "metrics.csv")
+    run_evaluate(pred, truth, tmp_path / "off", "hd95=false")
+    columns, rows = read_metrics_csv(tmp_path / "off" / "metrics.csv")
     row = rows["L"]
     assert row["hd95_et"] == row["nsd_et"] == row["global_hd95_et"] == row["lesionwise_nsd_mean_et"] == ""
     assert row["dice_et"] == row["global_dsc_et"] == "0.75" and row["lesionwise_dsc_mean_et"] == "1.0"
@@ -142,9 +130,9 @@ def test_metastases_parser_penalises_false_positives_through_brats_evaluate(tmp_
     save(tmp_path / "pred" / "M.nii.gz", pred)
     with pytest.raises(BratsError, match=r"M-seg\.nii\.gz: label values \[4\] are not brats2023 labels .*"
                                          r"label ET as 3; another label set\? challenge= one of .*brats_met"):
-        run(tmp_path / "pred", tmp_path / "truth", tmp_path / "eval")
-    run(tmp_path / "pred", tmp_path / "truth", tmp_path / "eval", "challenge=brats_met")
-    columns, rows = read_csv(tmp_path / "eval" / "metrics.csv")
+        run_evaluate(tmp_path / "pred", tmp_path / "truth", tmp_path / "eval")
+    run_evaluate(tmp_path / "pred", tmp_path / "truth", tmp_path / "eval", "challenge=brats_met")
+    columns, rows = read_metrics_csv(tmp_path / "eval" / "metrics.csv")
     row = {k: float(v) for k, v in rows["M"].items() if k != "case"}
     assert columns[1:7] == ["dice_wt", "dice_tc", "dice_et", "dice_rc", "hd95_wt", "hd95_tc"]  # regions by size
     assert "dice_netc" in columns and "dice_ncr" not in columns  # labels that are no region of their own
@@ -163,7 +151,7 @@ def test_bad_option_values_name_the_key(tmp_path) -> None:
                            ("nsd_tolerance=-1", "nsd_tolerance must be a distance >= 0 in mm"),
                            ("nsd_tolerance=wide", "nsd_tolerance must be a distance in mm or null, got 'wide'")):
         with pytest.raises(BratsError, match=message):
-            run(pred, truth, tmp_path / "eval", extra)
+            run_evaluate(pred, truth, tmp_path / "eval", extra)
     assert not (tmp_path / "eval").exists()
     shutil.rmtree(tmp_path / "truth" / "N")  # and a good run after all that
-    assert run(pred, truth, tmp_path / "eval", "lesionwise=false")["n_cases"] == 1
+    assert run_evaluate(pred, truth, tmp_path / "eval", "lesionwise=false")["n_cases"] == 1
