@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from brats_unet.perf import configure_runtime
+from brats_unet.runtime import configure_runtime
 from brats_unet.utils import atomic_write_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

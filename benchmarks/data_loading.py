@@ -35,7 +35,7 @@ from brats_unet.data.datamodule import BratsDataModule
 from brats_unet.data.discovery import CaseFiles, find_cases
 from brats_unet.data.preprocess import preprocess_case
 from brats_unet.data.sampling import choose_patch_start, crop_or_pad
-from brats_unet.data.synthetic import write_dataset
+from brats_unet.synth.generator import write_dataset
 
 
 def recipe(name: str) -> dict[str, Any]:

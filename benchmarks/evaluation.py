@@ -29,9 +29,9 @@ import torch
 from scipy import ndimage
 
 from benchmarks.common import median, parse_ints, parse_words, print_table, threads, write_result
-from brats_unet.challenges import CHALLENGES, Challenge
-from brats_unet.lesionwise import lesionwise_metrics
-from brats_unet.metrics import crop_pair, dice, hd95_from_distances, nsd_from_distances, surface_distances
+from brats_unet.evaluation.challenges import CHALLENGES, Challenge
+from brats_unet.evaluation.lesionwise import lesionwise_metrics
+from brats_unet.evaluation.metrics import crop_pair, dice, hd95_from_distances, nsd_from_distances, surface_distances
 
 # Tissue roles of the generator, mapped to each challenge's labels by label name.
 ROLES = {"ed": 1, "snfh": 1, "gtv": 1, "et": 2, "ncr": 3, "netc": 3, "cc": 4, "rc": 5}
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.evaluation", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one case of the 2024 glioma challenge")
-    p.add_argument("--challenges", type=parse_words, help="comma-separated names from brats_unet.challenges")
+    p.add_argument("--challenges", type=parse_words, help="comma-separated names from brats_unet.evaluation.challenges")
     p.add_argument("--cases", type=int, help="synthetic cases per challenge (default 3, quick 1)")
     p.add_argument("--shape", type=parse_ints, default=[240, 240, 155])
     p.add_argument("--no-official", action="store_true", help="skip the official package even when installed")

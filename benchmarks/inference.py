@@ -3,7 +3,7 @@ TTA (8 flips), for the quickstart model at patch 64^3 and 128^3.
 
     python -m benchmarks.inference [--quick] [--device auto|cpu|cuda] [--out DIR]
 
-Precision `auto` is what brats-predict runs by default (brats_unet.hardware: bf16 on AVX512-BF16/AMX CPUs and
+Precision `auto` is what brats-predict runs by default (brats_unet.runtime: bf16 on AVX512-BF16/AMX CPUs and
 native-bf16 GPUs, fp16 on older GPUs, else fp32; channels_last_3d where the cached probe measured it faster); fp32
 contiguous for comparison. A setting whose estimated time (TTA = 8 x the plain pass) exceeds --max-case-seconds is
 skipped.
@@ -33,8 +33,8 @@ from benchmarks.common import (
     write_result,
 )
 from benchmarks.training import MODELS, build_net, preset
-from brats_unet.hardware import resolve as resolve_auto
-from brats_unet.inference import _window_starts, flip_tta, sliding_window  # the same window grid as predict
+from brats_unet.models.sliding_window import _window_starts, flip_tta, sliding_window  # the same window grid as predict
+from brats_unet.runtime import resolve as resolve_auto
 
 
 def window_count(shape: Sequence[int], patch: int, overlap: float) -> int:

@@ -28,12 +28,12 @@ import torch
 from scipy import ndimage as ndi
 
 from benchmarks.common import parse_ints, print_table, write_result
-from brats_unet.data import anatomy as A
-from brats_unet.data import synthetic as S
-from brats_unet.data import tumour as T
-from brats_unet.data.appearance import CONTRAST
 from brats_unet.data.labels import LAYOUTS, MODALITIES, SCHEMAS
-from brats_unet.metrics import dice
+from brats_unet.evaluation.metrics import dice
+from brats_unet.synth import anatomy as A
+from brats_unet.synth import generator as S
+from brats_unet.synth import tumour as T
+from brats_unet.synth.appearance import CONTRAST
 
 DEMO_SHAPE = (120, 120, 78)
 PAPER_SHARES = {"ncr": 0.16, "ed": 0.79, "et": 0.25}  # % of a 240x240x155 volume (the paper's Figure 3)

@@ -28,12 +28,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from benchmarks.common import parse_ints, parse_words, print_table, threads, write_result
-from brats_unet.build import build_datamodule, build_module
 from brats_unet.config import compose
-from brats_unet.data.synthetic import write_dataset
-from brats_unet.hardware import training_device
-from brats_unet.module import BratsModule
-from brats_unet.training import resolve_auto
+from brats_unet.runtime import training_device
+from brats_unet.synth.generator import write_dataset
+from brats_unet.training.build import build_datamodule, build_module
+from brats_unet.training.fit import resolve_auto
+from brats_unet.training.module import BratsModule
 
 ARMS = ("auto", "fp32", "monai")
 

@@ -34,8 +34,8 @@ from benchmarks.common import (
     threads,
     write_result,
 )
-from brats_unet.losses import CombinedLoss, RegionDiceBCELoss
 from brats_unet.models.unet3d import UNet3D
+from brats_unet.training.losses import CombinedLoss, RegionDiceBCELoss
 
 # in/out channels follow the recipes: quickstart = modern (4 modalities, WT/TC/ET regions), paper = seed (3, 4 classes).
 MODELS: dict[str, dict[str, Any]] = {

@@ -19,13 +19,13 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "Segmenter": ("brats_unet.segmenter", "Segmenter"),
-    "evaluate": ("brats_unet.evaluation", "evaluate"),
-    "case_metrics": ("brats_unet.evaluation", "case_metrics"),
+    "Segmenter": ("brats_unet.inference.segmenter", "Segmenter"),
+    "evaluate": ("brats_unet.evaluation.folder", "evaluate"),
+    "case_metrics": ("brats_unet.evaluation.folder", "case_metrics"),
     "compose": ("brats_unet.config", "compose"),
-    "train": ("brats_unet.training", "train"),
+    "train": ("brats_unet.training.fit", "train"),
     "load_case": ("brats_unet.data.cases", "load_case"),
-    "synthesize": ("brats_unet.data.synthetic", "write_dataset"),
+    "synthesize": ("brats_unet.synth.generator", "write_dataset"),
     "BratsError": ("brats_unet.utils", "BratsError"),
 }
 __all__ = list(_API)

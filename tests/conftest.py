@@ -12,15 +12,15 @@ import torch
 from helpers import TINY_SHAPE, compose_train, tiny_overrides
 from omegaconf import DictConfig
 
-from brats_unet.data.synthetic import write_dataset
-from brats_unet.hardware import PRECISIONS, USES, cache_file, detect, probe_key
+from brats_unet.runtime import PRECISIONS, USES, cache_file, detect, probe_key
+from brats_unet.synth.generator import write_dataset
 
 torch.set_num_threads(1)  # tiny tensors: one thread is faster and steadier on 2 shared cores
 
 
 @pytest.fixture(scope="session", autouse=True)
 def hermetic_probe_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """runtime.channels_last=auto reads a probe cache (brats_unet.hardware): point it at a session folder that says
+    """runtime.channels_last=auto reads a probe cache (brats_unet.runtime): point it at a session folder that says
     "no gain" for this machine, so tests never time anything, never write to ~/.cache, and keep the standard format
     whatever the machine measures (test_hardware.py fills its own caches)."""
     saved = os.environ.get("XDG_CACHE_HOME")

@@ -127,8 +127,8 @@ class Payload:
 
 
 def crafted_checkpoint(path: Path, marker: Path, cfg) -> Path:
-    module = brats_unet.build.build_module(cfg, in_channels=4)
-    config = brats_unet.training.run_config(cfg)
+    module = brats_unet.training.build.build_module(cfg, in_channels=4)
+    config = brats_unet.training.fit.run_config(cfg)
     config["model"]["note"] = Payload(marker)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": module.state_dict(), "brats_config": config, "epoch": 0, "global_step": 0}, path)
@@ -137,8 +137,8 @@ def crafted_checkpoint(path: Path, marker: Path, cfg) -> Path:
 
 def test_a_crafted_checkpoint_is_refused_everywhere_and_its_payload_never_runs(synthetic_root: Path, cache_dir: Path,
                                                                                tmp_path: Path) -> None:
-    import brats_unet.build  # noqa: F401  (crafted_checkpoint builds a real module)
-    import brats_unet.training  # noqa: F401
+    import brats_unet.training.build  # noqa: F401  (crafted_checkpoint builds a real module)
+    import brats_unet.training.fit  # noqa: F401
 
     marker = tmp_path / "payload-ran"
     run = tmp_path / "run"

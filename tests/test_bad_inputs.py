@@ -23,14 +23,14 @@ import torch
 from helpers import compose_cli, compose_train, script, tiny_overrides
 from omegaconf import DictConfig
 
-from brats_unet.build import build_module
 from brats_unet.cli import synth
 from brats_unet.cli.evaluate import evaluate
 from brats_unet.cli.predict import predict
 from brats_unet.cli.preprocess import preprocess
 from brats_unet.cli.report import report
-from brats_unet.data.synthetic import write_dataset
-from brats_unet.training import run_config, train
+from brats_unet.synth.generator import write_dataset
+from brats_unet.training.build import build_module
+from brats_unet.training.fit import run_config, train
 from brats_unet.utils import BratsError, atomic_save_npy
 
 SHAPE = (32, 32, 32)

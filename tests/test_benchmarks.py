@@ -22,7 +22,7 @@ from benchmarks import (  # noqa: E402
     training,
 )
 from benchmarks.common import format_table  # noqa: E402
-from brats_unet.hardware import auto_precision, cache_file, detect, probe_key  # noqa: E402
+from brats_unet.runtime import auto_precision, cache_file, detect, probe_key  # noqa: E402
 
 # One thread: on a small shared VM, tiny ops with 2 threads can be 100x slower (thread wake-ups dominate).
 FAST = ["--threads", "1"]

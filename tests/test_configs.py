@@ -12,7 +12,7 @@ import torch
 from helpers import compose_train
 from hydra.utils import instantiate
 
-from brats_unet.build import build_module
+from brats_unet.training.build import build_module
 
 CONF = Path(__file__).parents[1] / "conf"
 README = Path(__file__).parents[1] / "README.md"

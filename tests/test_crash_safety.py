@@ -18,12 +18,12 @@ import pytest
 import torch
 from helpers import compose_cli, compose_train, script, tiny_overrides
 
-from brats_unet.build import build_module
-from brats_unet.checkpoint import warn_config_changes
 from brats_unet.cli.preprocess import preprocess
 from brats_unet.data import cache
-from brats_unet.data.synthetic import write_dataset
-from brats_unet.training import run_config, train
+from brats_unet.synth.generator import write_dataset
+from brats_unet.training.build import build_module
+from brats_unet.training.checkpoint import warn_config_changes
+from brats_unet.training.fit import run_config, train
 
 pytestmark = pytest.mark.slow
 SHAPE = (64, 64, 48)
@@ -157,7 +157,7 @@ def test_periodic_checkpoints_and_resuming_a_finished_run(synthetic_root: Path, 
     metrics_file = (run_dir / "metrics.json").read_text()
     assert json.loads(metrics_file)["global_step"] == 4
 
-    with caplog.at_level("INFO", logger="brats_unet.train"):
+    with caplog.at_level("INFO", logger="brats_unet.training"):
         again = train(compose_train([*overrides, "ckpt_path=last", "optimizer.lr=0.5", "seed=7"]))
     assert (run_dir / "metrics.json").read_text() == metrics_file  # not clobbered by the empty re-run
     assert again == json.loads(metrics_file)["final"] and again.keys() == first.keys()
@@ -172,7 +172,7 @@ def test_warn_config_changes_names_each_changed_key_and_ignores_run_paths(caplog
                               "ckpt_path": None, "loss": {"alpha": 0.5}}}
     current = {"seed": 1, "model": {"filters": [4, 16]}, "paths": {"output_dir": "b"}, "ckpt_path": "last",
                "loss": {"alpha": 0.5, "smooth": 1.0}}
-    with caplog.at_level("WARNING", logger="brats_unet.train"):
+    with caplog.at_level("WARNING", logger="brats_unet.training"):
         assert warn_config_changes(saved, current, "last.ckpt") == ["loss.smooth", "model.filters"]
     assert "resuming last.ckpt with a changed config: model.filters: [4, 8] -> [4, 16]" in caplog.text
     assert warn_config_changes({}, current, "old.ckpt") == []  # a checkpoint without a stored config: nothing

@@ -113,7 +113,7 @@ def test_bad_folds_are_refused(num_folds, fold, message):
 def test_a_fold_without_num_folds_stops_brats_train_before_caching(tmp_path):
     from helpers import compose_train, tiny_overrides
 
-    from brats_unet.preflight import check_values as validate_train_config
+    from brats_unet.training.preflight import check_values as validate_train_config
 
     cfg = compose_train([*tiny_overrides(tmp_path, tmp_path, tmp_path), "data.fold=1"])
     with pytest.raises(BratsError, match=r"data\.fold must be in \[0, 1\) for data\.num_folds=1, got 1 \(data\.fold "):

@@ -42,7 +42,7 @@ def test_ddp_validation_counts_every_case_once(synthetic_root: Path, cache_dir: 
     from helpers import compose_train
     from hydra.utils import instantiate
 
-    from brats_unet.build import build_module
+    from brats_unet.training.build import build_module
 
     run_dir = tmp_path / "run"
     overrides = [*tiny_overrides(synthetic_root, cache_dir, run_dir), "data.val_fraction=0.5", "logger=none"]

@@ -10,8 +10,8 @@ import pytest
 from helpers import compose_cli, compose_train, tiny_overrides
 
 from brats_unet.cli.predict import predict
-from brats_unet.data.synthetic import write_dataset
-from brats_unet.training import train
+from brats_unet.synth.generator import write_dataset
+from brats_unet.training.fit import train
 
 
 @pytest.mark.slow

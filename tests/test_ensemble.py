@@ -15,8 +15,8 @@ from helpers import FIXTURES, compose_cli
 import brats_unet
 from brats_unet.cli.predict import predict as predict_command
 from brats_unet.data.labels import SCHEMAS
-from brats_unet.ensemble import check_compatible, resolve_checkpoints
-from brats_unet.segmenter import decode
+from brats_unet.inference.ensemble import check_compatible, resolve_checkpoints
+from brats_unet.inference.segmenter import decode
 from brats_unet.utils import BratsError
 
 OLD = FIXTURES / "v0_1"

@@ -12,8 +12,8 @@ import pytest
 from helpers import compose_cli, read_metrics_csv, run_evaluate
 
 from brats_unet.cli.evaluate import evaluate
-from brats_unet.evaluation import CSV_COLUMNS
-from brats_unet.metrics import HD95_EMPTY
+from brats_unet.evaluation.folder import CSV_COLUMNS
+from brats_unet.evaluation.metrics import HD95_EMPTY
 from brats_unet.utils import BratsError
 
 SHAPE = (10, 10, 10)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import FIXTURES, read_metrics_csv, run_evaluate
 
-from brats_unet.evaluation import CSV_COLUMNS
+from brats_unet.evaluation.folder import CSV_COLUMNS
 from brats_unet.utils import BratsError
 
 # Three 72x64x48 cases at 1.2 x 0.9 x 1.5 mm: benchmarks.evaluation.synthetic_case(CHALLENGES["brats2021"], seed=i,

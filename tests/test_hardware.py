@@ -1,4 +1,4 @@
-"""`auto` precision and memory format (brats_unet.hardware): the decision fed explicit capabilities and timings, the
+"""`auto` precision and memory format (brats_unet.runtime): the decision fed explicit capabilities and timings, the
 probe cache, and auto end to end in brats-train; a resumed bf16 run stays bit-exact."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pytest
 import torch
 from helpers import compose_train, tiny_overrides
 
-from brats_unet.hardware import (
+from brats_unet.inference.segmenter import autocast_for
+from brats_unet.runtime import (
     LIGHTNING_PRECISION,
     Choice,
     Hardware,
@@ -25,8 +26,7 @@ from brats_unet.hardware import (
     resolve,
     training_device,
 )
-from brats_unet.segmenter import autocast_for
-from brats_unet.training import train
+from brats_unet.training.fit import train
 from brats_unet.utils import BratsError
 
 ZEN4 = Hardware("cpu", "AMD EPYC", frozenset({"avx2", "avx512f", "avx512_bf16"}))
@@ -142,7 +142,7 @@ def test_train_resolves_auto_logs_it_and_records_what_ran(synthetic_root: Path, 
                  if not o.startswith(("trainer.precision", "runtime.channels_last"))]
     cfg = compose_train([*overrides, "logger=none"])
     assert (cfg.trainer.precision, cfg.runtime.channels_last) == ("auto", "auto")
-    with caplog.at_level(logging.INFO, logger="brats_unet.train"):
+    with caplog.at_level(logging.INFO, logger="brats_unet.training"):
         train(cfg)
     lightning = LIGHTNING_PRECISION[precision]
     assert f"precision auto -> {lightning} ({auto_precision(hw)[1]}), channels_last auto -> True" in caplog.text

@@ -10,7 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from brats_unet.inference import _window_starts, flip_tta, gaussian_importance, postprocess_et, sliding_window
+from brats_unet.models.sliding_window import (
+    _window_starts,
+    flip_tta,
+    gaussian_importance,
+    postprocess_et,
+    sliding_window,
+)
 
 PATCH = (8, 8, 8)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from brats_unet.challenges import CHALLENGES, OFFICIAL_HD95_PENALTY
-from brats_unet.lesionwise import label_lesions, lesionwise_metrics, match_lesions, region_lesion_metrics
+from brats_unet.evaluation.challenges import CHALLENGES, OFFICIAL_HD95_PENALTY
+from brats_unet.evaluation.lesionwise import label_lesions, lesionwise_metrics, match_lesions, region_lesion_metrics
 from brats_unet.utils import BratsError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

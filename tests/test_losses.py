@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
 from brats_unet.data.labels import SCHEMAS
-from brats_unet.losses import (
+from brats_unet.training.losses import (
     CombinedLoss,
     CrossEntropyLoss,
     DiceLoss,

@@ -8,7 +8,7 @@ import torch
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from brats_unet.metrics import (
+from brats_unet.evaluation.metrics import (
     HD95_EMPTY,
     BratsMetrics,
     _surface_distances,
@@ -20,7 +20,7 @@ from brats_unet.metrics import (
     paper_dice,
     surface_distances,
 )
-from brats_unet.module import batch_spacing
+from brats_unet.training.module import batch_spacing
 from brats_unet.utils import BratsError
 
 

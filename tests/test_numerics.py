@@ -15,13 +15,13 @@ from helpers import compose_train, tiny_overrides
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
-from brats_unet.build import build_module
 from brats_unet.data import cache
 from brats_unet.data.labels import SCHEMAS
-from brats_unet.losses import CombinedLoss, DiceLoss, RegionDiceBCELoss
-from brats_unet.metrics import dice, paper_dice
-from brats_unet.module import batch_region_dice
-from brats_unet.training import train
+from brats_unet.evaluation.metrics import dice, paper_dice
+from brats_unet.training.build import build_module
+from brats_unet.training.fit import train
+from brats_unet.training.losses import CombinedLoss, DiceLoss, RegionDiceBCELoss
+from brats_unet.training.module import batch_region_dice
 from brats_unet.utils import BratsError
 
 

@@ -21,12 +21,12 @@ from test_report import assert_png, compose_report, metrics_json, read_csv, swee
 
 from brats_unet.cli.report import report
 from brats_unet.data.datamodule import steps_per_epoch
-from brats_unet.losses import CombinedLoss, CrossEntropyLoss, DiceLoss
+from brats_unet.evaluation.overlays import CLASS_COLORS
 from brats_unet.models.unet2d import UNet2D
 from brats_unet.models.unet3d import UNet3D
-from brats_unet.reporting.overlays import CLASS_COLORS
 from brats_unet.reporting.paper import network_spec
 from brats_unet.reporting.plots import plot_case, plot_network
+from brats_unet.training.losses import CombinedLoss, CrossEntropyLoss, DiceLoss
 
 README = Path(__file__).parents[1] / "README.md"
 PAPER = ("paper_baseline", "paper_combined", "paper_dropout", "paper_final", "paper_two_legs", "paper_augment")

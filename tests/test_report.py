@@ -20,7 +20,7 @@ from brats_unet.cli.report import report
 from brats_unet.data.cases import load_nifti, save_nifti
 from brats_unet.data.discovery import find_cases
 from brats_unet.reporting.plots import plot_class_distribution, plot_overlays
-from brats_unet.reporting.runs import clean_series, epoch_series, parse_overrides, read_scalars
+from brats_unet.runs import clean_series, epoch_series, parse_overrides, read_scalars
 from brats_unet.utils import BratsError
 
 
@@ -247,7 +247,7 @@ def test_class_distribution_and_overlays_from_predictions(synthetic_root: Path, 
 # ---- end to end: a real tiny training run --------------------------------------------------------------------------
 @pytest.mark.slow
 def test_report_on_a_real_tiny_training_run(synthetic_root: Path, cache_dir: Path, tmp_path: Path) -> None:
-    from brats_unet.training import train
+    from brats_unet.training.fit import train
 
     run = tmp_path / "run"
     train(compose_train([*tiny_overrides(synthetic_root, cache_dir, run), "trainer.max_epochs=2",

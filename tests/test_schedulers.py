@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from torch.optim.lr_scheduler import LambdaLR
 
-from brats_unet.schedulers import constant, step_decay, warmup_cosine
+from brats_unet.training.schedulers import constant, step_decay, warmup_cosine
 
 LR = 0.1
 

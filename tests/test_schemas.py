@@ -15,9 +15,9 @@ from brats_unet.cli.evaluate import evaluate
 from brats_unet.cli.predict import predict
 from brats_unet.data.discovery import find_file, list_case_dirs
 from brats_unet.data.labels import SCHEMAS, LabelSchema
-from brats_unet.data.synthetic import RELEASES, write_dataset
-from brats_unet.losses import RegionDiceBCELoss, classes_from_region_logits
-from brats_unet.training import train
+from brats_unet.synth.generator import RELEASES, write_dataset
+from brats_unet.training.fit import train
+from brats_unet.training.losses import RegionDiceBCELoss, classes_from_region_logits
 
 # (brats-synth --layout, data=..., loss): softmax and region heads both covered.
 CASES = [("2024_gli", "brats2024_gli", "region"), ("met", "brats_met", "combined"), ("men", "brats_men", "region"),
@@ -93,7 +93,7 @@ def test_release_preprocesses_trains_predicts_and_evaluates(release: str, data: 
 def test_schemas_agree_with_the_official_challenge_table() -> None:
     """labels.py (what we train and decode) and challenges.py (what the official package scores) name the same label
     values and the same regions as unions of values, for every schema both know."""
-    from brats_unet.challenges import CHALLENGES
+    from brats_unet.evaluation.challenges import CHALLENGES
 
     shared = sorted(set(SCHEMAS) & set(CHALLENGES))
     assert {"brats2021", "brats2023", "brats2024_gli", "brats_met", "brats_men", "brats_men_rt", "brats_ped"} <= set(

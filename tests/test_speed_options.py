@@ -1,5 +1,5 @@
 """Each speed option must not change the numbers: bf16/fp16 autocast, channels_last_3d, torch.compile; plus the runtime
-knobs (brats_unet.perf) and the SLURM launcher config."""
+knobs (brats_unet.runtime) and the SLURM launcher config."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from helpers import compose_train, tiny_overrides
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
-from brats_unet.build import build_module
-from brats_unet.losses import CombinedLoss, DiceLoss, RegionDiceBCELoss
 from brats_unet.models.unet3d import UNet3D
-from brats_unet.module import BratsModule
-from brats_unet.perf import configure_runtime
-from brats_unet.training import train
+from brats_unet.runtime import configure_runtime
+from brats_unet.training.build import build_module
+from brats_unet.training.fit import train
+from brats_unet.training.losses import CombinedLoss, DiceLoss, RegionDiceBCELoss
+from brats_unet.training.module import BratsModule
 from brats_unet.utils import BratsError
 
 FILTERS = [4, 8, 16]

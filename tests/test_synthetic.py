@@ -11,10 +11,10 @@ import pytest
 from scipy import ndimage as ndi
 
 from brats_unet.cli.synth import main
-from brats_unet.data import anatomy as A
-from brats_unet.data import synthetic as S
-from brats_unet.data import tumour as T
 from brats_unet.data.labels import MODALITIES
+from brats_unet.synth import anatomy as A
+from brats_unet.synth import generator as S
+from brats_unet.synth import tumour as T
 from brats_unet.utils import BratsError
 
 SMALL = (64, 64, 48)

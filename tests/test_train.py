@@ -13,9 +13,9 @@ import torch
 from helpers import compose_train, tiny_overrides
 from torch import nn
 
-from brats_unet.build import build_module
-from brats_unet.metrics import HD95_EMPTY
-from brats_unet.training import train
+from brats_unet.evaluation.metrics import HD95_EMPTY
+from brats_unet.training.build import build_module
+from brats_unet.training.fit import train
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
 

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from brats_unet.cli.common import require, user_errors
 from brats_unet.config import CONFIG_PATH
-from brats_unet.evaluation import evaluate as evaluate_folder
+from brats_unet.evaluation.folder import evaluate as evaluate_folder
 from brats_unet.utils import BratsError
 
 

@@ -17,10 +17,9 @@ from omegaconf import DictConfig, ListConfig
 from brats_unet.cli.common import require, user_errors
 from brats_unet.config import CONFIG_PATH
 from brats_unet.data.split import read_split
-from brats_unet.hardware import describe, resolve
-from brats_unet.perf import configure_runtime
-from brats_unet.prediction import predict_folder, predict_out_of_fold
-from brats_unet.segmenter import Segmenter, autocast_for, resolve_device
+from brats_unet.inference.folder import predict_folder, predict_out_of_fold
+from brats_unet.inference.segmenter import Segmenter, autocast_for, resolve_device
+from brats_unet.runtime import configure_runtime, describe, resolve
 from brats_unet.utils import BratsError
 
 log = logging.getLogger("brats_unet.predict")

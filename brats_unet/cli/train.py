@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from brats_unet.cli.common import user_errors
 from brats_unet.config import CONFIG_PATH
-from brats_unet.training import train
+from brats_unet.training.fit import train
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from brats_unet.data.split import load_split
-from brats_unet.reporting.runs import final_value, find_jobs, format_csv, read_metrics, read_overrides
+from brats_unet.runs import final_value, find_jobs, format_csv, read_metrics, read_overrides
 from brats_unet.utils import BratsError
 
 REGION_METRICS = ("val/dice_wt", "val/dice_tc", "val/dice_et", "val/dice_mean", "val/hd95_wt", "val/hd95_tc",

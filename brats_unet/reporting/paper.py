@@ -9,9 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-from brats_unet.reporting.runs import final_value, find_jobs, format_markdown, read_metrics, read_overrides
+from brats_unet.data.cases import load_validated_case
+from brats_unet.data.discovery import find_cases, resolve_layout
+from brats_unet.data.labels import MODALITIES
+from brats_unet.data.preprocess import Recipe
+from brats_unet.runs import final_value, find_jobs, format_markdown, read_metrics, read_overrides
+from brats_unet.training.build import build_network, data_schema
 from brats_unet.utils import BratsError
 
 log = logging.getLogger(__name__)
@@ -86,16 +94,9 @@ def table1_markdown(sweep: Path, columns: Sequence[str], rows: Sequence[Mapping[
 
 
 # ---- Figure 1: the configured network ------------------------------------------------------------------------------
-def build_network(config: Mapping[str, Any]) -> Any:
+def meta_network(config: Mapping[str, Any]) -> Any:
     """The run's network, instantiated from its config (model, preprocess channels, loss outputs) on the meta device:
     the real module structure at no memory cost."""
-    import torch
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from brats_unet.build import build_network, data_schema
-    from brats_unet.data.preprocess import Recipe
-
     # .hydra/config.yaml is stored unresolved (preprocess.modalities: ${data.modalities}): resolve what is needed.
     cfg = OmegaConf.create(dict(config))
     pre, model = (OmegaConf.to_container(cfg[k], resolve=True) for k in ("preprocess", "model"))
@@ -131,7 +132,7 @@ def network_of(run: Path) -> tuple[Path, dict[str, Any], list[int] | None] | Non
         if not all(isinstance(config.get(k), Mapping) for k in ("model", "loss", "preprocess")):
             continue
         try:
-            spec = network_spec(build_network(config))
+            spec = network_spec(meta_network(config))
         except Exception as e:  # noqa: BLE001 - any failure to rebuild only costs the diagram
             log.warning("%s: cannot rebuild the network from .hydra/config.yaml (%s): no figures/network.png", job, e)
             return None
@@ -144,10 +145,6 @@ def load_example_case(data_root: str | Path, layout: str, case: str | None = Non
                       ) -> tuple[str, dict[str, np.ndarray], np.ndarray]:
     """(case, {modality: volume}, internal classes) of `case` (default: the first labelled case), read and
     validated the way brats-preprocess reads it."""
-    from brats_unet.data.cases import load_validated_case
-    from brats_unet.data.discovery import find_cases, resolve_layout
-    from brats_unet.data.labels import MODALITIES
-
     layout_obj = resolve_layout(layout)
     cases = {c.case: c for c in find_cases(data_root, layout_obj, require_seg=True)}
     if case is None:

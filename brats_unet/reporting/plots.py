@@ -1,7 +1,7 @@
 """The report figures: curves, LR, class distribution, overlays, the sweep ablation, and the paper's Figure 1
 (network) and Figure 2 (a case) (matplotlib, Agg).
 
-Pure figure builders over what brats_unet.reporting.runs reads; reporting.writer decides what to write where.
+Pure figure builders over what brats_unet.runs reads; reporting.writer decides what to write where.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from matplotlib.patches import FancyBboxPatch, Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from brats_unet.data.labels import SCHEMAS  # noqa: E402
-from brats_unet.reporting.overlays import CLASS_COLORS, overlay, slice_view, to_unit, tumour_slice  # noqa: E402
-from brats_unet.reporting.runs import Series, epoch_series  # noqa: E402
+from brats_unet.evaluation.overlays import CLASS_COLORS, overlay, slice_view, to_unit, tumour_slice  # noqa: E402
+from brats_unet.runs import Series, epoch_series  # noqa: E402
 from brats_unet.utils import atomic_path  # noqa: E402
 
 GLIOMA_CLASSES = SCHEMAS["brats2021"].class_names  # overlays colour BraTS glioma classes 1-3

@@ -32,7 +32,7 @@ from brats_unet.reporting.plots import (
     plot_overlays,
     save_figure,
 )
-from brats_unet.reporting.runs import (
+from brats_unet.runs import (
     ablation_table,
     find_jobs,
     format_csv,

@@ -1,7 +1,7 @@
 """One metrics.csv row from two label maps in a challenge's own labels: region-wise Dice / HD95 / NSD / volumes, then
 (optionally) the lesion-wise numbers of the official BraTS parsers. Pure: arrays in, numbers out, no IO.
 
-Columns come from the challenge's regions (brats_unet.challenges), outermost region first: for brats2021/2023 that
+Columns come from the challenge's regions (evaluation.challenges), outermost region first: for brats2021/2023 that
 reproduces today's metrics.csv exactly (dice_wt, dice_tc, dice_et, hd95_*, dice_ncr, dice_ed, vol_pred_*,
 vol_true_*). Extra columns follow: nsd_<region> (with an NSD tolerance), then lesion-wise keys named like the official
 parser's CSV (all_instance_tp_et, global_dsc_et, lesionwise_dsc_mean_et, ...).
@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from brats_unet.challenges import CHALLENGES, Challenge
-from brats_unet.lesionwise import lesionwise_metrics
-from brats_unet.metrics import HD95_MODES, _check_mode, crop_pair, mask_metrics
+from brats_unet.evaluation.challenges import CHALLENGES, Challenge
+from brats_unet.evaluation.lesionwise import lesionwise_metrics
+from brats_unet.evaluation.metrics import HD95_MODES, _check_mode, crop_pair, mask_metrics
 from brats_unet.utils import BratsError
 
 Row = dict[str, float | None]
@@ -48,7 +48,7 @@ def check_options(hd95_mode: str, nsd_tolerance: float | None) -> None:
 
 def region_row(pred: np.ndarray, truth: np.ndarray, challenge: Challenge, spacing: Sequence[float], *,
                hd95: bool = True, hd95_mode: str = "pooled", nsd_tolerance: float | None = None) -> Row:
-    """dice_<r>, hd95_<r>, dice_<label>, vol_pred_<r>, vol_true_<r> (mL)[, nsd_<r>]: brats_unet.metrics.mask_metrics
+    """dice_<r>, hd95_<r>, dice_<label>, vol_pred_<r>, vol_true_<r> (mL)[, nsd_<r>]: metrics.mask_metrics
     on the challenge's regions (outermost first) and its labels that are no region by themselves. Distance columns
     are None (not computed) with hd95=False."""
     regions = {r: (np.isin(pred, challenge.regions[r]), np.isin(truth, challenge.regions[r]))

@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from brats_unet.data.discovery import expected_pattern, list_case_dirs, resolve_layout, subfolders
 from brats_unet.data.labels import LAYOUTS
-from brats_unet.ensemble import out_of_fold_jobs
-from brats_unet.segmenter import Case, Segmenter, is_case_folder, label_image, output_header
+from brats_unet.inference.ensemble import out_of_fold_jobs
+from brats_unet.inference.segmenter import Case, Segmenter, is_case_folder, label_image, output_header
 from brats_unet.utils import BratsError, atomic_path, check_writable_output
 
 log = logging.getLogger("brats_unet.predict")

@@ -20,7 +20,7 @@ from torch import nn
 
 from brats_unet.utils import BratsError, atomic_path
 
-log = logging.getLogger("brats_unet.train")
+log = logging.getLogger("brats_unet.training")
 
 # Keys that legitimately differ between an interrupted run and its resumption.
 RESUME_IGNORED_KEYS = ("ckpt_path", "paths.output_dir", "hydra")
@@ -36,9 +36,34 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Modules that moved when the package was regrouped into a folder per stage: a stored config names the old path.
+RENAMED_MODULES = {
+    "brats_unet.losses": "brats_unet.training.losses",
+    "brats_unet.schedulers": "brats_unet.training.schedulers",
+    "brats_unet.checkpoint": "brats_unet.training.checkpoint",
+    "brats_unet.module": "brats_unet.training.module",
+}
+
+
+def renamed_target(target: str) -> str:
+    """A `_target_` written before the regrouping, in today's module path (others unchanged)."""
+    module, _, name = target.rpartition(".")
+    return f"{RENAMED_MODULES[module]}.{name}" if module in RENAMED_MODULES else target
+
+
+def _rename_targets(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: renamed_target(v) if k == "_target_" and isinstance(v, str) else _rename_targets(v)
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rename_targets(v) for v in node]
+    return node
+
+
 def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A stored run config in today's keys: speed knobs once under model/module now live in `runtime`."""
-    config = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    """A stored run config in today's keys: speed knobs once under model/module now live in `runtime`; `_target_`s
+    of modules that moved name their new place."""
+    config = {k: dict(v) if isinstance(v, dict) else v for k, v in _rename_targets(config).items()}
     runtime = config.setdefault("runtime", {})
     for group, key in (("model", "channels_last"), ("model", "compile"), ("module", "channels_last")):
         if key in (config.get(group) or {}):

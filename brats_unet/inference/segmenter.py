@@ -20,16 +20,16 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
-from brats_unet.build import build_module
-from brats_unet.checkpoint import load_checkpoint, upgrade_config, weight_mismatches
 from brats_unet.data.cases import Case, load_nifti, load_validated_case
 from brats_unet.data.discovery import EXTENSIONS, CaseFiles, detect_case_files, resolve_layout
 from brats_unet.data.labels import LAYOUTS, MODALITIES, SCHEMAS, LabelSchema, Layout, compatible
 from brats_unet.data.preprocess import Recipe, undo_crop
-from brats_unet.ensemble import CheckpointSpec, check_compatible, resolve_checkpoints
-from brats_unet.hardware import auto_precision, detect
-from brats_unet.inference import flip_tta, postprocess_et, sliding_window
-from brats_unet.module import BratsModule
+from brats_unet.inference.ensemble import CheckpointSpec, check_compatible, resolve_checkpoints
+from brats_unet.models.sliding_window import flip_tta, postprocess_et, sliding_window
+from brats_unet.runtime import auto_precision, detect
+from brats_unet.training.build import build_module
+from brats_unet.training.checkpoint import load_checkpoint, upgrade_config, weight_mismatches
+from brats_unet.training.module import BratsModule
 from brats_unet.utils import BratsError
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")

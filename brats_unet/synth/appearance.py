@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from brats_unet.data.anatomy import SmoothField
 from brats_unet.data.labels import MODALITIES
-from brats_unet.data.tumour import ED, TISSUES
+from brats_unet.synth.anatomy import SmoothField
+from brats_unet.synth.tumour import ED, TISSUES
 
 # Mean intensity relative to white matter, columns in MODALITIES order (t1, t1ce, t2, flair); rows TISSUES[1:].
 CONTRAST = np.array(

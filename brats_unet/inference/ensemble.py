@@ -12,10 +12,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from brats_unet.build import data_schema
 from brats_unet.data.preprocess import Recipe
 from brats_unet.data.split import load_split
-from brats_unet.reporting.runs import find_jobs
+from brats_unet.runs import find_jobs
+from brats_unet.training.build import data_schema
 from brats_unet.utils import BratsError
 
 BEST = Path("checkpoints") / "best.ckpt"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from brats_unet.data.anatomy import Push, SmoothField
+from brats_unet.synth.anatomy import Push, SmoothField
 
 # Tissue map values: healthy tissues (from the atlas), then lesion tissues, then an optional resection cavity.
 TISSUES = ("background", "wm", "gm", "csf", "ed", "et", "ncr", "net", "cavity")

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from brats_unet.checkpoint import restore_rng_states, rng_states
 from brats_unet.data.labels import LabelSchema
-from brats_unet.inference import sliding_window
-from brats_unet.metrics import BratsMetrics, paper_dice
-from brats_unet.reporting.overlays import case_panel
+from brats_unet.evaluation.metrics import BratsMetrics, paper_dice
+from brats_unet.evaluation.overlays import case_panel
+from brats_unet.models.sliding_window import sliding_window
+from brats_unet.training.checkpoint import restore_rng_states, rng_states
 from brats_unet.utils import BratsError
 
 log = logging.getLogger(__name__)

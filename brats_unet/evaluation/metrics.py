@@ -3,7 +3,7 @@
 BraTS conventions: a region empty in both prediction and truth scores Dice 1 / HD95 0 / NSD 1; empty in exactly one
 scores Dice 0 / HD95 `HD95_EMPTY` (the 240x240x155 volume diagonal in mm) / NSD 0, so missed or hallucinated small
 regions are punished instead of silently skipped. Lesion-wise metrics (the challenges' ranking since 2023) live in
-`brats_unet.lesionwise` and reuse `surface_distances`.
+`brats_unet.evaluation.lesionwise` and reuse `surface_distances`.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Predictions use the dataset's own labels (ET 4 for BraTS 2021 names, 3 for 2023), as brats-predict writes them.
 Cases are never dropped silently: truth cases without a prediction and predictions without truth are listed.
-The label set and regions come from a challenge (brats_unet.challenges), by default the one of each case's detected
-file layout (brats2021 or brats2023); the numbers of a row come from brats_unet.scoring.
+The label set and regions come from a challenge (evaluation.challenges), by default the one of each case's detected
+file layout (brats2021 or brats2023); the numbers of a row come from brats_unet.evaluation.scoring.
 """
 
 from __future__ import annotations
@@ -18,17 +18,17 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from brats_unet.challenges import CHALLENGES, Challenge
 from brats_unet.data.cases import et_hint, read_labels
 from brats_unet.data.discovery import EXTENSIONS, find_file, layout_order, list_case_dirs, resolve_layout, subfolders
 from brats_unet.data.labels import LAYOUTS, Layout
 from brats_unet.data.split import read_split
-from brats_unet.scoring import check_options, resolve_challenge, score_labels
+from brats_unet.evaluation.challenges import CHALLENGES, Challenge
+from brats_unet.evaluation.scoring import check_options, resolve_challenge, score_labels
 from brats_unet.utils import BratsError, atomic_path, atomic_write_json
 
 log = logging.getLogger("brats_unet.evaluate")
 
-# Today's columns, always first and unchanged for brats2021/2023 data; extra columns follow (see brats_unet.scoring).
+# Today's columns, always first and unchanged for brats2021/2023 data; extra columns follow (see evaluation.scoring).
 CSV_COLUMNS = ("case", "dice_wt", "dice_tc", "dice_et", "hd95_wt", "hd95_tc", "hd95_et", "dice_ncr", "dice_ed",
                "vol_pred_wt", "vol_pred_tc", "vol_pred_et", "vol_true_wt", "vol_true_tc", "vol_true_et")
 METRIC_COLUMNS = CSV_COLUMNS[1:]
@@ -97,7 +97,7 @@ def read_case_labels(path: Path, challenge: Challenge) -> tuple[np.ndarray, np.n
 
 def score_case(case: str, pred: Path | None, seg: Path, challenge: Challenge, **options: Any) -> dict[str, Any]:
     """One metrics.csv row; `pred` None scores an empty prediction (the BraTS convention for a missing case).
-    `options` go to brats_unet.scoring.score_labels (hd95, hd95_mode, nsd_tolerance, lesionwise)."""
+    `options` go to brats_unet.evaluation.scoring.score_labels (hd95, hd95_mode, nsd_tolerance, lesionwise)."""
     truth_labels, true_affine, header = read_case_labels(seg, challenge)
     spacing = tuple(float(z) for z in header.get_zooms()[:3])
     if pred is None:

@@ -1,6 +1,6 @@
 """Lesion-wise metrics as the BraTS challenges (2023+) rank them, on label maps or boolean masks plus voxel spacing.
 
-Pipeline per region, reproducing `brats-evaluation` 0.0.10 / panoptica 2.1.7 (see brats_unet.challenges for the
+Pipeline per region, reproducing `brats-evaluation` 0.0.10 / panoptica 2.1.7 (see evaluation.challenges for the
 facts): connected components (26-connectivity in 3D), one-to-one matching of predicted to reference lesions by
 maximum bipartite matching on Dice over overlapping pairs, per-lesion Dice / HD95 / NSD, then the challenge parser's
 aggregation ("seg": means over matched lesions; "mets": large-lesion means with FP/FN penalties plus detection
@@ -19,7 +19,7 @@ Deliberate differences from the official package (identical results on 1 mm isot
   the official ones (pooled HD95, mean-of-fractions NSD).
 Kept on purpose although odd: global metrics of non-overlapping (even touching) masks are 0 / 373 / 0 and the
 Dice/HD95/NSD of a region empty in both maps is NaN (the official mean then skips the case), unlike our region-wise
-`brats_unet.metrics` conventions (1 / 0 / 1).
+`brats_unet.evaluation.metrics` conventions (1 / 0 / 1).
 """
 
 from __future__ import annotations
@@ -30,8 +30,15 @@ import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
-from brats_unet.challenges import CHALLENGES, MATCHING_DICE_THRESHOLD, OFFICIAL_HD95_PENALTY, Challenge
-from brats_unet.metrics import _bbox, _spacing, crop_pair, hd95_from_distances, nsd_from_distances, surface_distances
+from brats_unet.evaluation.challenges import CHALLENGES, MATCHING_DICE_THRESHOLD, OFFICIAL_HD95_PENALTY, Challenge
+from brats_unet.evaluation.metrics import (
+    _bbox,
+    _spacing,
+    crop_pair,
+    hd95_from_distances,
+    nsd_from_distances,
+    surface_distances,
+)
 from brats_unet.utils import BratsError
 
 NAN = float("nan")

@@ -10,15 +10,14 @@ from typing import Any
 import lightning.pytorch as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from brats_unet.build import build_datamodule, build_module, build_trainer, user_instantiate
-from brats_unet.checkpoint import check_weights_fit, flatten, resolve_ckpt_path, warn_config_changes
-from brats_unet.hardware import resolve_training
-from brats_unet.perf import configure_runtime
-from brats_unet.preflight import check_values, preflight
-from brats_unet.reporting.runs import read_metrics
+from brats_unet.runs import read_metrics
+from brats_unet.runtime import configure_runtime, resolve_training
+from brats_unet.training.build import build_datamodule, build_module, build_trainer, user_instantiate
+from brats_unet.training.checkpoint import check_weights_fit, flatten, resolve_ckpt_path, warn_config_changes
+from brats_unet.training.preflight import check_values, preflight
 from brats_unet.utils import BratsError, atomic_write_json
 
-log = logging.getLogger("brats_unet.train")
+log = logging.getLogger("brats_unet.training")
 
 
 def run_config(cfg: DictConfig) -> dict[str, Any]:

@@ -20,11 +20,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from brats_unet.data.anatomy import FULL_MM, FULL_SHAPE, Pose, grid_axes, load_atlas, sample_tissue, tissue_for_spacing
-from brats_unet.data.appearance import render
 from brats_unet.data.discovery import resolve_layout
 from brats_unet.data.labels import MODALITIES, LabelSchema, Layout, resolve_schema
-from brats_unet.data.tumour import BG, TISSUE_CLASS, TISSUES, draw_lesions, paint_lesions
+from brats_unet.synth.anatomy import FULL_MM, FULL_SHAPE, Pose, grid_axes, load_atlas, sample_tissue, tissue_for_spacing
+from brats_unet.synth.appearance import render
+from brats_unet.synth.tumour import BG, TISSUE_CLASS, TISSUES, draw_lesions, paint_lesions
 from brats_unet.utils import BratsError, atomic_path, atomic_write_json
 
 __all__ = ["FULL_SHAPE", "TISSUES", "SynthCase", "brats_affine", "case_name", "case_rng", "generate_case",

@@ -14,10 +14,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from brats_unet.checkpoint import AtomicCheckpointIO
 from brats_unet.data.discovery import resolve_layout
 from brats_unet.data.labels import resolve_schema
-from brats_unet.module import BratsModule
+from brats_unet.training.checkpoint import AtomicCheckpointIO
+from brats_unet.training.module import BratsModule
 from brats_unet.utils import BratsError
 
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, ListConfig
 from brats_unet.data import cache
 from brats_unet.data.discovery import case_files, list_case_dirs, resolve_layout
 from brats_unet.data.split import check_folds
-from brats_unet.losses import SMOOTH_RULE
+from brats_unet.training.losses import SMOOTH_RULE
 from brats_unet.utils import BratsError
 
 log = logging.getLogger(__name__)
