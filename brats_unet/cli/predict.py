@@ -3,11 +3,13 @@
     brats-predict ckpt_path=<run>/checkpoints/best.ckpt input=<BraTS root or one case folder> output=<dir> [tta=true]
     brats-predict ckpt_path='[a.ckpt,b.ckpt]' ...          an ensemble (also ckpt_path=<sweep dir>: every job's best)
     brats-predict ckpt_path=<cv sweep dir> oof=true ...    each fold's validation cases with that fold's model
+A sweep dir holding a postprocessing.json (brats-postprocess) has its rules applied; cv_postprocess=false skips them.
 """
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from omegaconf import DictConfig, ListConfig
 from brats_unet.cli.common import require, user_errors
 from brats_unet.config import CONFIG_PATH
 from brats_unet.data.split import read_split
+from brats_unet.inference.cv_postprocess import postprocess_labels, sweep_postprocessing
 from brats_unet.inference.folder import predict_folder, predict_out_of_fold
 from brats_unet.inference.segmenter import Segmenter, autocast_for, resolve_device
 from brats_unet.runtime import configure_runtime, describe, resolve
@@ -38,13 +41,21 @@ def predict(cfg: DictConfig) -> list[Path]:
     options = {"device": device, "tta": bool(cfg.tta), "postprocess": bool(cfg.postprocess),
                "precision": choice.precision, "overlap": float(cfg.overlap), "window_batch": int(cfg.window_batch),
                "channels_last": choice.channels_last}
+    chosen = sweep_postprocessing(ckpt) if cfg.get("cv_postprocess", True) else None
+    post = None
+    if chosen is not None:
+        path, record = chosen
+        log.info("post-processing chosen on the sweep's out-of-fold predictions (%s): %d rules, %s %.4f -> %.4f "
+                 "(cv_postprocess=false to skip)", path, len(record["rules"]), record["metric"],
+                 record["score_before"], record["score_after"])
+        post = partial(postprocess_labels, record=record)
     if cfg.get("oof"):
         if cfg.get("split_file") or not isinstance(ckpt, str):
             raise BratsError("oof=true predicts each fold's own split.json validation cases: pass ckpt_path=<cross-"
                              "validation sweep dir> and no split_file")
         return predict_out_of_fold(ckpt, cfg.input, cfg.output, layout=cfg.get("layout"),
                                    probabilities=bool(cfg.save_probabilities), overwrite=bool(cfg.overwrite),
-                                   resume=bool(cfg.resume), **options)
+                                   resume=bool(cfg.resume), postprocess=post, **options)
     segmenter = Segmenter.from_checkpoint(ckpt, **options)
     if len(segmenter.modules) > 1:
         log.info("ensemble of %d checkpoints: %s", len(segmenter.modules), ", ".join(segmenter.names))
@@ -54,7 +65,7 @@ def predict(cfg: DictConfig) -> list[Path]:
                          "with data.test_fraction=0 holds out no test set; pick split_subset=val, or another split)")
     return predict_folder(segmenter, cfg.input, cfg.output, only=only, layout=cfg.get("layout"),
                           probabilities=bool(cfg.save_probabilities), overwrite=bool(cfg.overwrite),
-                          resume=bool(cfg.resume))
+                          resume=bool(cfg.resume), postprocess=post)
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="predict", version_base="1.3")

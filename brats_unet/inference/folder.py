@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,14 @@ from tqdm import tqdm
 from brats_unet.data.discovery import expected_pattern, list_case_dirs, resolve_layout, subfolders
 from brats_unet.data.labels import LAYOUTS
 from brats_unet.inference.ensemble import out_of_fold_jobs
-from brats_unet.inference.segmenter import Case, Segmenter, is_case_folder, label_image, output_header
+from brats_unet.inference.segmenter import (
+    Case,
+    Segmenter,
+    is_case_folder,
+    label_image,
+    output_header,
+    output_schema,
+)
 from brats_unet.utils import BratsError, atomic_path, check_writable_output
 
 log = logging.getLogger("brats_unet.predict")
@@ -55,10 +62,12 @@ def save_probabilities(path: Path, probs: np.ndarray, case: Case) -> None:
 
 def predict_folder(segmenter: Segmenter, input_path: str | Path, output: str | Path, *,
                    only: Sequence[str] | None = None, layout: str | None = None,
-                   probabilities: bool = False, overwrite: bool = False, resume: bool = False) -> list[Path]:
+                   probabilities: bool = False, overwrite: bool = False, resume: bool = False,
+                   postprocess: Callable[[np.ndarray, str], np.ndarray] | None = None) -> list[Path]:
     """Predict every case in scope into `output`; return the prediction files (including those a resume skipped).
 
-    `<case>.nii.gz` is written last (atomically), so it marks a finished case for `resume`.
+    `<case>.nii.gz` is written last (atomically), so it marks a finished case for `resume`. `postprocess(labels,
+    schema name)`: applied to each label map before it is written (e.g. a sweep's postprocessing.json).
     """
     if overwrite and resume:
         raise BratsError("overwrite=true and resume=true contradict each other: pick one")
@@ -79,6 +88,8 @@ def predict_folder(segmenter: Segmenter, input_path: str | Path, output: str | P
     start = time.perf_counter()
     for case_dir, out in tqdm(todo, desc="predict", unit="case"):
         case, labels, probs = segmenter.segment(case_dir, preferred, probabilities=probabilities)
+        if postprocess is not None:
+            labels = postprocess(labels, output_schema(segmenter.schema, case.layout).name)
         if probs is not None:
             save_probabilities(out_dir / f"{case.name}_prob.nii.gz", probs, case)
         with atomic_path(out) as tmp:
@@ -91,6 +102,7 @@ def predict_folder(segmenter: Segmenter, input_path: str | Path, output: str | P
 
 def predict_out_of_fold(sweep: str | Path, input_path: str | Path, output: str | Path, *, layout: str | None = None,
                         probabilities: bool = False, overwrite: bool = False, resume: bool = False,
+                        postprocess: Callable[[np.ndarray, str], np.ndarray] | None = None,
                         **options: Any) -> list[Path]:
     """Each fold's validation cases (its split.json) predicted by that fold's checkpoints/best.ckpt, all into one
     `output`: every non-test case once, by the model that did not train on it. `options` go to
@@ -103,5 +115,5 @@ def predict_out_of_fold(sweep: str | Path, input_path: str | Path, output: str |
         # The first fold checks the output folder; later folds add their own (disjoint) cases to it.
         outputs += predict_folder(segmenter, input_path, output, only=cases, layout=layout,
                                   probabilities=probabilities, overwrite=overwrite if i == 0 else not resume,
-                                  resume=resume)
+                                  resume=resume, postprocess=postprocess)
     return sorted(outputs)

@@ -25,7 +25,8 @@ from brats_unet.data.discovery import EXTENSIONS, CaseFiles, detect_case_files, 
 from brats_unet.data.labels import LAYOUTS, MODALITIES, SCHEMAS, LabelSchema, Layout, compatible
 from brats_unet.data.preprocess import Recipe, undo_crop
 from brats_unet.inference.ensemble import CheckpointSpec, check_compatible, resolve_checkpoints
-from brats_unet.models.sliding_window import flip_tta, postprocess_et, sliding_window
+from brats_unet.inference.postprocess import postprocess_et
+from brats_unet.models.sliding_window import flip_tta, sliding_window
 from brats_unet.runtime import auto_precision, detect
 from brats_unet.training.build import build_module
 from brats_unet.training.checkpoint import load_checkpoint, upgrade_config, weight_mismatches
