@@ -307,3 +307,17 @@ def test_prepare_data_builds_the_cache_from_raw_nifti(tmp_path):
     assert b["image"].shape == (2, 3, 8, 8, 8)
     (v,) = list(dm.val_dataloader())
     assert v["image"].shape == (1, 3, 14, 14, 10)  # cropped to the non-zero brain box
+
+
+def test_nnunet_augment_in_the_loader_is_seeded_and_keeps_labels(tiny_cache):
+    # Every spatial sample rotated and zoomed (cut from a larger region), all intensity steps on.
+    steps = {"spatial": {"p": 1.0, "p_rotation": 1.0, "p_scaling": 1.0}, "flip": {"p": 0.5},
+             **{name: {"p": 1.0} for name in ("gaussian_noise", "blur", "multiplicative_brightness", "contrast",
+                                              "low_resolution", "inverted_gamma", "gamma")}}
+    dm = _dm(tiny_cache, augment=steps)
+    first, again, other = (dm.train_set[(0, seed)] for seed in (11, 11, 12))
+    assert torch.equal(first["image"], again["image"]) and torch.equal(first["label"], again["label"])
+    assert not torch.equal(first["image"], other["image"])
+    for item in (first, other):
+        assert item["image"].shape == (3, 8, 8, 8) and item["label"].shape == (8, 8, 8)
+        assert set(item["label"].unique().tolist()) <= {0, 1, 2, 3}

@@ -86,8 +86,12 @@ class PatchDataset(Dataset):
         case, x, y, coords, _ = self.cases.get(index)
         rng = np.random.default_rng(sample_seed)  # one stream: patch position, then augmentation
         start = choose_patch_start(y.shape, self.patch_size, rng, coords, self.foreground_fraction)
-        xp, yp = crop_or_pad(x, y, start, self.patch_size)
-        xp, yp = self.augment(xp.astype(np.float32, copy=False), yp, rng)
+        # A rotated / zoomed patch is resampled from a larger region around it (nnU-Net's initial patch size).
+        spatial = self.augment.draw_spatial(rng)
+        size = spatial.input_size(self.patch_size) if spatial is not None else self.patch_size
+        start = [s - (n - p) // 2 for s, n, p in zip(start, size, self.patch_size, strict=True)]
+        xp, yp = crop_or_pad(x, y, start, size)
+        xp, yp = self.augment(xp.astype(np.float32, copy=False), yp, rng, spatial=spatial, patch_size=self.patch_size)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(xp, dtype=np.float32)),
             "label": torch.from_numpy(np.ascontiguousarray(yp, dtype=np.int64)),
