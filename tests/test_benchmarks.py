@@ -77,8 +77,8 @@ def test_training_benchmark_skips_combinations_over_budget(tmp_path: Path) -> No
 
 def test_data_loading_benchmark_tiny(tmp_path: Path) -> None:
     data_loading.main(["--cases", "2", "--shape", "32,32,24", "--samples", "2", "--cached-samples", "3", "--model",
-                       "tiny", "--patch", "16", "--batch", "1", "--num-workers", "0", "--steps", "2",
-                       *FAST, "--out", str(tmp_path)])
+                       "tiny", "--patch", "16", "--batch", "1", "--num-workers", "0", "--steps", "2", "--augment",
+                       "modern", "--loader-samples", "3", *FAST, "--out", str(tmp_path)])
     result = _load(tmp_path / "data_loading-cpu.json", "data_loading")
     sample, loader = result["per_sample"], result["loader"]
     assert sample["crop_box"] == [[0, 32], [0, 32], [0, 24]]  # the seed's 128^3 box shrunk to the tiny volume
@@ -86,6 +86,7 @@ def test_data_loading_benchmark_tiny(tmp_path: Path) -> None:
                 "ratio_raw_over_cached_open_once"):
         assert sample[key] > 0, key
     assert loader["steps"] == 2 and loader["step_s_mean"] > 0 and 0 < loader["wait_pct"] < 100
+    assert loader["augment"] == "modern" and loader["sample_s"] > 0 and loader["workers_needed_at"]["1s"] >= 1
 
 
 def test_inference_benchmark_tiny(tmp_path: Path, monkeypatch) -> None:
