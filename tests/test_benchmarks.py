@@ -4,17 +4,21 @@ positive. No timing thresholds: speed depends on the machine."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 # benchmarks/ sits beside the package, not inside it: make the checkout importable when pytest is run from elsewhere.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from benchmarks import (  # noqa: E402
     cv_ensemble,
     data_loading,
     evaluation,
+    gpu_check,
     inference,
     realism,
     run_all,
@@ -166,3 +170,30 @@ def test_cv_ensemble_reads_evaluate_summaries_into_the_readme_table(tmp_path: Pa
     assert row["dice_mean"] == pytest.approx(0.6) and row["cases"] == 4
     assert cv_ensemble.markdown([row]).splitlines()[2] == (
         "| ensemble of 3 | 4 | 0.900 | 0.600 | 0.300 | 0.600 | 2.0 | 4.0 | - |")
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path: Path) -> None:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU visible, even on a GPU machine
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "gpu-check: no CUDA device visible to torch" in proc.stdout and "nothing to check" in proc.stdout
+    assert not list(tmp_path.iterdir())
+
+
+def test_gpu_check_markdown_table_from_results() -> None:
+    results = {"gpu": "NVIDIA H100", "gpu_tests": {"status": "ok", "summary": "3 passed", "seconds": 20.0},
+               "throughput": {"status": "ok", "rows": [
+                   {"model": "resenc", "cudnn": "benchmark", "compile": False, "precision": "bf16",
+                    "samples_per_s": 13.74, "vs_nvidia_published": 0.5, "nvidia_flops_scaled_img_s": 40.0},
+                   {"model": "paper", "cudnn": "deterministic", "compile": True, "precision": "bf16",
+                    "status": "error: OutOfMemoryError: ..."}]},
+               "inference": {"status": "ok", "rows": [{"model": "resenc", "tta": True, "case_s": 4.25}]}}
+    table = gpu_check.markdown(results).splitlines()
+    assert table[0].startswith("GPU check on NVIDIA H100") and table[2] == "| part | setting | result |"
+    assert "| gpu_tests | | ok 3 passed (20.0 s) |" in table
+    assert ("| training | resenc 128^3 b2 bf16 channels_last, cudnn benchmark | 13.74 img/s (0.50 x NVIDIA's 27.48; "
+            "FLOP-scaled target 40.0) |") in table
+    assert ("| training | paper 128^3 b2 bf16 channels_last, cudnn deterministic, compiled | "
+            "error: OutOfMemoryError: ... |") in table
+    assert "| inference | resenc 240x240x155, TTA x8 | 4.25 s/case |" in table
