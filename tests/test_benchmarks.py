@@ -152,13 +152,19 @@ def test_format_table_aligns_columns_and_marks_missing_values() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.slow  # two arms, each trained, validated and tested
 def test_time_to_quality_benchmark_tiny(tmp_path: Path) -> None:
-    result = time_to_quality.main(["--quick", "--budget", "1", "--arms", "fp32", "--cases", "3", *FAST,
-                                   "--out", str(tmp_path)])
-    [row] = _load(tmp_path / "time_to_quality-cpu.json", "time_to_quality")["rows"]
-    assert row == result["rows"][0]
+    result = time_to_quality.main(["--quick", "--budget", "1", "--arms", "fp32,resenc", "--cases", "4",
+                                   "--val-every", "1", *FAST, "--out", str(tmp_path)])
+    rows = _load(tmp_path / "time_to_quality-cpu.json", "time_to_quality")["rows"]
+    assert rows == json.loads(json.dumps(result["rows"]))
+    row, resenc = rows
     assert (row["arm"], row["precision"], row["channels_last"], row["status"]) == ("fp32", "32-true", False, "ok")
-    assert row["steps"] >= 1 and 0 <= row["val_dice_mean"] <= 1
+    assert (resenc["arm"], resenc["impl"], resenc["status"]) == ("resenc", "ours (model=resenc)", "ok")
+    for r in rows:
+        assert r["steps"] >= 1 and 0 <= r["val_dice_mean"] <= 1 and 0 <= r["test_dice_mean"] <= 1
+        assert r["test_cases"] >= 1 and r["load_average_1m"] >= 0 and "time_to_val_dice_0.90_s" in r
+        assert all(t <= r["train_s"] + 1 for _, t, _ in r["val_curve"])
 
 
 def test_cv_ensemble_reads_evaluate_summaries_into_the_readme_table(tmp_path: Path) -> None:
