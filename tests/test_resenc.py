@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from helpers import compose_train, tiny_overrides
 from torch import nn
 
+from brats_unet import Segmenter
 from brats_unet.models.resenc import ResEncUNet, ResidualBlock, default_blocks
+from brats_unet.training.fit import train
 from brats_unet.training.losses import RegionDiceBCELoss
 from brats_unet.training.module import BratsModule
 
@@ -93,3 +99,19 @@ def test_channels_last_gives_the_same_output() -> None:
     x = torch.randn(1, 4, 16, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_resenc_experiment_trains_with_nnunet_augment_and_predicts(synthetic_root: Path, cache_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    run = tmp_path / "resenc"
+    overrides = [o for o in tiny_overrides(synthetic_root, cache_dir, run) if not o.startswith("model")]
+    cfg = compose_train(["experiment=resenc", *overrides, "model.filters=[4,8,16,16]", "logger=none",
+                         "augment.spatial.p_rotation=1.0", "trainer.check_val_every_n_epoch=1"])
+    assert cfg.augment.spatial.p == 1.0 and cfg.model._target_.endswith("ResEncUNet") and cfg.model.deep_supervision
+    train(cfg)
+    segmenter = Segmenter.from_checkpoint(run / "checkpoints" / "last.ckpt", device="cpu", precision="fp32")
+    assert isinstance(segmenter.module.net, ResEncUNet) and not segmenter.module.training
+    case = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
+    labels = np.asarray(segmenter.predict(case).dataobj)
+    assert labels.shape == (64, 64, 48) and set(np.unique(labels)) <= {0, 1, 2, 4}
