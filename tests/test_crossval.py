@@ -17,7 +17,10 @@ from helpers import compose_cli, tiny_overrides
 
 import brats_unet
 from brats_unet.cli.evaluate import evaluate as evaluate_command
+from brats_unet.cli.postprocess import postprocess as postprocess_command
 from brats_unet.cli.predict import predict as predict_command
+from brats_unet.evaluation.challenges import CHALLENGES
+from brats_unet.inference.postprocess import apply_rules
 from brats_unet.reporting.writer import write_report
 from brats_unet.utils import BratsError
 
@@ -122,3 +125,22 @@ def test_the_sweep_dir_is_an_ensemble_of_its_folds(sweep: Path, synthetic_root: 
     listed = brats_unet.Segmenter.from_checkpoint(best, device="cpu")
     assert np.array_equal(labels(out / f"{test_case}.nii.gz"),
                           np.asarray(listed.predict(synthetic_root / test_case).dataobj))
+
+
+def test_postprocessing_chosen_on_the_folds_is_what_predict_applies(sweep: Path, synthetic_root: Path,
+                                                                    tmp_path: Path) -> None:
+    cv = tmp_path / "cv"
+    shutil.copytree(sweep, cv)  # postprocessing.json goes into the sweep: keep the shared one as it was
+    record = postprocess_command(compose_cli("postprocess", [f"run={cv}", "device=cpu", "precision=fp32",
+                                                             "sizes=[5,50]", "et_totals=[50]"]))
+    oof = sorted(p.name for p in (cv / "postprocess" / "oof").iterdir())
+    assert oof == sorted(f"{c}.nii.gz" for job in ("0", "1") for c in split(cv / job)["val"])
+    assert record["cases"] == len(oof) and record["score_after"] >= record["score_before"]
+    assert json.loads((cv / "postprocessing.json").read_text())["rules"] == json.loads(json.dumps(record["rules"]))
+    test_case = split(cv / "0")["test"][0]
+    outs = {}
+    for name, extra in (("applied", []), ("raw", ["cv_postprocess=false"])):
+        predict_command(compose_cli("predict", [f"ckpt_path={cv}", f"input={synthetic_root / test_case}",
+                                                f"output={tmp_path / name}", "device=cpu", "precision=fp32", *extra]))
+        outs[name] = labels(tmp_path / name / f"{test_case}.nii.gz")
+    assert np.array_equal(outs["applied"], apply_rules(outs["raw"], record["rules"], CHALLENGES["brats2021"]))
