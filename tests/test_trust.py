@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import FIXTURES, compose_cli, compose_train, run_evaluate
+from helpers import FIXTURES, compose_cli, compose_train, run_evaluate, tiny_overrides
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -151,6 +151,23 @@ def test_a_planted_target_never_runs_by_any_load_path(tmp_path: Path) -> None:
         report_command(compose_cli("report", [f"run={run}"]))
     assert not marker.exists()
     assert not (tmp_path / "pred").exists() and not (run / "report").exists()
+
+
+@pytest.mark.slow
+def test_resuming_builds_the_command_lines_config_never_the_stored_one(synthetic_root: Path, cache_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    """ckpt_path=last reads the stored config only to name what changed: a planted target in it never runs."""
+    marker = tmp_path / "payload-ran"
+    run = tmp_path / "run"
+    overrides = [*tiny_overrides(synthetic_root, cache_dir, run), "logger=none"]
+    brats_unet.train(compose_train(overrides))
+    last = run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    checkpoint["brats_config"]["loss"]["weight"] = planted(marker)
+    torch.save(checkpoint, last)
+    metrics = brats_unet.train(compose_train([*overrides, "ckpt_path=last", "trainer.max_epochs=2"]))
+    assert "val/dice_mean" in metrics and torch.load(last, weights_only=True)["epoch"] == 1
+    assert not marker.exists()
 
 
 def test_a_users_own_target_loads_only_when_trusted(tmp_path: Path) -> None:
