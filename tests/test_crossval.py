@@ -107,6 +107,13 @@ def test_out_of_fold_predicts_each_case_with_the_model_that_did_not_train_on_it(
     with pytest.raises(BratsError, match=r"already holds 6 files; pass overwrite=true"):
         predict_command(compose_cli("predict", [f"ckpt_path={sweep}", "oof=true", f"input={synthetic_root}",
                                                 f"output={out}", "device=cpu"]))
+    # prediction.json names one model, the set of fold models; resuming with it predicts nothing new.
+    model = json.loads((out / "prediction.json").read_text())["model"]
+    assert model["oof"] and [m["checkpoint"] for m in model["members"]] == [
+        str(sweep / job / "checkpoints" / "best.ckpt") for job in ("0", "1")]
+    assert summary["model"] == model
+    predict_command(compose_cli("predict", [f"ckpt_path={sweep}", "oof=true", f"input={synthetic_root}",
+                                            f"output={out}", "device=cpu", "resume=true"]))
     one_split = f"split_file={sweep / '0' / 'split.json'}"
     with pytest.raises(BratsError, match=r"oof=true predicts each fold's own split\.json validation cases"):
         predict_command(compose_cli("predict", [f"ckpt_path={sweep}", "oof=true", f"input={synthetic_root}",
