@@ -90,12 +90,12 @@ def model_record(segmenter: Segmenter, layout: str, checkpoints: Sequence[str | 
 
 
 def claim_folder(out_dir: Path, model: dict[str, Any], outputs: Sequence[Path], *, overwrite: bool, resume: bool
-                 ) -> list[str]:
-    """Make `out_dir` this model's; return the cases it already holds from this model (resume).
+                 ) -> tuple[list[str], list[Path]]:
+    """Check that this model may write into `out_dir`: (cases it already holds from this model, files to remove).
 
     resume: only into a folder this very model wrote (its prediction.json), else refused naming both models.
-    overwrite: the predictions the manifest's model wrote are removed, all of them (not only the cases in scope);
-    files brats-predict did not write stay."""
+    overwrite: the predictions the manifest's model wrote are to be removed, all of them (not only the cases in
+    scope); files brats-predict did not write stay."""
     previous = read_manifest(out_dir)
     if previous is not None and model_key(previous["model"]) != model_key(model) and not overwrite:
         raise BratsError(f"output folder {out_dir} holds predictions by another model: {describe(previous['model'])}"
@@ -111,18 +111,16 @@ def claim_folder(out_dir: Path, model: dict[str, Any], outputs: Sequence[Path], 
             raise BratsError(f"resume=true: {out_dir} holds {', '.join(foreign[:3])}{more} which {MANIFEST} does not "
                              f"list as written by this model ({describe(model)}): "
                              "predict into a new folder, or pass overwrite=true to replace them")
-        return sorted(ours)
-    if overwrite and previous is not None:
-        for case in ours:
-            for name in (f"{case}.nii.gz", f"{case}_prob.nii.gz"):
-                (out_dir / name).unlink(missing_ok=True)
-        log.info("overwrite=true: removed the %d predictions of %s from %s", len(ours), describe(previous["model"]),
-                 out_dir)
+        return sorted(ours), []
     left = sorted(set(held) - ours - {p.name[: -len(".nii.gz")] for p in outputs})
     if left:
         log.warning("%s keeps %d predictions brats-predict did not record writing (e.g. %s); they are not replaced",
                     out_dir, len(left), ", ".join(left[:3]))
-    return []
+    if not (overwrite and previous is not None):
+        return [], []
+    log.info("overwrite=true: replacing the %d predictions of %s in %s", len(ours), describe(previous["model"]),
+             out_dir)
+    return [], [out_dir / f"{case}{suffix}" for case in sorted(ours) for suffix in (".nii.gz", "_prob.nii.gz")]
 
 
 def predict_folder(segmenter: Segmenter, input_path: str | Path, output: str | Path, *,
@@ -146,17 +144,20 @@ def predict_folder(segmenter: Segmenter, input_path: str | Path, output: str | P
                              "replace them, or resume=true to predict only the cases not written yet")
     model = model or model_record(segmenter, preferred)
     outputs = [out_dir / f"{d.name}.nii.gz" for d in dirs]
-    kept = claim_folder(out_dir, model, outputs, overwrite=overwrite, resume=resume)
+    kept, stale = claim_folder(out_dir, model, outputs, overwrite=overwrite, resume=resume)
     check_writable_output(out_dir, overwrite=True)
-    # Before the first case: a kill mid-way leaves a manifest that names every file this run may have written.
-    write_manifest(out_dir, model, [*kept, *(d.name for d in dirs)])
 
     todo = [(d, out) for d, out in zip(dirs, outputs, strict=True) if not (resume and out.is_file())]
     if len(todo) < len(dirs):
         log.info("resume: %d of %d cases already predicted in %s", len(dirs) - len(todo), len(dirs), out_dir)
     start = time.perf_counter()
-    for case_dir, out in tqdm(todo, desc="predict", unit="case"):
+    for i, (case_dir, out) in enumerate(tqdm(todo, desc="predict", unit="case")):
         case, labels, probs = segmenter.segment(case_dir, preferred, probabilities=probabilities)
+        if i == 0:  # the folder changes once the first case is predicted (a bad input leaves it as it was), and its
+            # manifest first: a kill mid-way leaves one that names every file this run may have written.
+            for path in stale:
+                path.unlink(missing_ok=True)
+            write_manifest(out_dir, model, [*kept, *(d.name for d in dirs)])
         if probs is not None:
             save_probabilities(out_dir / f"{case.name}_prob.nii.gz", probs, case)
         with atomic_path(out) as tmp:
