@@ -1,7 +1,7 @@
 """One predictions folder, one model: `<output>/prediction.json` says which model wrote the folder's `<case>.nii.gz`.
 
-brats-predict (inference.folder) writes it before the first case and refuses to resume a folder another model (or
-other settings) wrote; brats-evaluate refuses a folder whose scored files the manifest does not list. The model is
+brats-predict (inference.folder) writes it before the first case's file and refuses to resume a folder another model
+(or other settings) wrote; brats-evaluate refuses a folder whose scored files the manifest does not list. The model is
 named by what changes its labels: the checkpoints' SHA-256 (each ensemble member, each out-of-fold model), TTA,
 post-processing, precision, memory format, overlap and the written label layout. Paths are kept for people to read;
 a moved checkpoint is the same model.
