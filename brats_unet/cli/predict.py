@@ -9,17 +9,16 @@ A sweep dir holding a postprocessing.json (brats-postprocess) has its rules appl
 from __future__ import annotations
 
 import logging
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from brats_unet.cli.common import require, user_errors
+from brats_unet.cli.common import require, trust_targets, user_errors
 from brats_unet.config import CONFIG_PATH
 from brats_unet.data.split import read_split
-from brats_unet.inference.cv_postprocess import postprocess_labels, sweep_postprocessing
+from brats_unet.inference.cv_postprocess import sweep_postprocessing
 from brats_unet.inference.folder import predict_folder, predict_out_of_fold
 from brats_unet.inference.segmenter import Segmenter, autocast_for, resolve_device
 from brats_unet.runtime import configure_runtime, describe, resolve
@@ -40,22 +39,21 @@ def predict(cfg: DictConfig) -> list[Path]:
     ckpt: Any = [str(p) for p in cfg.ckpt_path] if isinstance(cfg.ckpt_path, ListConfig) else str(cfg.ckpt_path)
     options = {"device": device, "tta": bool(cfg.tta), "postprocess": bool(cfg.postprocess),
                "precision": choice.precision, "overlap": float(cfg.overlap), "window_batch": int(cfg.window_batch),
-               "channels_last": choice.channels_last}
+               "channels_last": choice.channels_last, "trust_targets": trust_targets(cfg)}
     chosen = sweep_postprocessing(ckpt) if cfg.get("cv_postprocess", True) else None
     post = None
     if chosen is not None:
-        path, record = chosen
+        path, post = chosen
         log.info("post-processing chosen on the sweep's out-of-fold predictions (%s): %d rules, %s %.4f -> %.4f "
-                 "(cv_postprocess=false to skip)", path, len(record["rules"]), record["metric"],
-                 record["score_before"], record["score_after"])
-        post = partial(postprocess_labels, record=record)
+                 "(cv_postprocess=false to skip)", path, len(post["rules"]), post["metric"],
+                 post["score_before"], post["score_after"])
     if cfg.get("oof"):
         if cfg.get("split_file") or not isinstance(ckpt, str):
             raise BratsError("oof=true predicts each fold's own split.json validation cases: pass ckpt_path=<cross-"
                              "validation sweep dir> and no split_file")
         return predict_out_of_fold(ckpt, cfg.input, cfg.output, layout=cfg.get("layout"),
                                    probabilities=bool(cfg.save_probabilities), overwrite=bool(cfg.overwrite),
-                                   resume=bool(cfg.resume), postprocess=post, **options)
+                                   resume=bool(cfg.resume), postprocessing=post, **options)
     segmenter = Segmenter.from_checkpoint(ckpt, **options)
     if len(segmenter.modules) > 1:
         log.info("ensemble of %d checkpoints: %s", len(segmenter.modules), ", ".join(segmenter.names))
@@ -65,7 +63,7 @@ def predict(cfg: DictConfig) -> list[Path]:
                          "with data.test_fraction=0 holds out no test set; pick split_subset=val, or another split)")
     return predict_folder(segmenter, cfg.input, cfg.output, only=only, layout=cfg.get("layout"),
                           probabilities=bool(cfg.save_probabilities), overwrite=bool(cfg.overwrite),
-                          resume=bool(cfg.resume), postprocess=post)
+                          resume=bool(cfg.resume), postprocessing=post)
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="predict", version_base="1.3")

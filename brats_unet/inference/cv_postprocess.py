@@ -15,7 +15,6 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from brats_unet.evaluation.challenges import CHALLENGES, Challenge
 from brats_unet.evaluation.folder import (
     challenge_for,
     default_lesionwise,
@@ -25,7 +24,7 @@ from brats_unet.evaluation.folder import (
 )
 from brats_unet.inference.ensemble import out_of_fold_jobs
 from brats_unet.inference.folder import predict_out_of_fold
-from brats_unet.inference.postprocess import DEFAULT_ET_TOTALS, DEFAULT_SIZES, apply_rules, choose_rules
+from brats_unet.inference.postprocess import DEFAULT_ET_TOTALS, DEFAULT_SIZES, choose_rules
 from brats_unet.utils import BratsError, atomic_write_json
 
 log = logging.getLogger("brats_unet.postprocess")
@@ -118,10 +117,3 @@ def sweep_postprocessing(ckpt_path: Any) -> tuple[Path, dict[str, Any]] | None:
         return None
     path = Path(ckpt_path).expanduser() / FILE
     return (path, read_postprocessing(path)) if path.is_file() else None
-
-
-def postprocess_labels(labels: Any, labels_schema: str, record: Mapping[str, Any]) -> Any:
-    """Apply a postprocessing.json's rules to a label map written in schema `labels_schema`'s values (the regions are
-    looked up by name, so a brats2021 choice applies to ET written as 3 in a 2023-named case too)."""
-    challenge: Challenge = CHALLENGES.get(labels_schema) or CHALLENGES[record["challenge"]]
-    return apply_rules(labels, record["rules"], challenge)

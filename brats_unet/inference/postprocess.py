@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from brats_unet.evaluation.challenges import Challenge
+from brats_unet.evaluation.challenges import CHALLENGES, Challenge
 from brats_unet.evaluation.lesionwise import lesionwise_metrics
 from brats_unet.evaluation.metrics import dice
 
@@ -132,6 +132,13 @@ def apply_rules(labels: np.ndarray, rules: Sequence[Mapping[str, Any]], challeng
     for rule in rules:
         labels = apply_rule(labels, rule, challenge)
     return labels
+
+
+def apply_record(labels: np.ndarray, record: Mapping[str, Any], labels_schema: str) -> np.ndarray:
+    """A postprocessing.json's rules on a label map written in schema `labels_schema`'s values. Regions are looked up
+    by name, so a choice made on brats2021 files (ET 4) applies to 2023-named ones (ET 3) too."""
+    challenge = CHALLENGES.get(labels_schema) or CHALLENGES[record["challenge"]]
+    return apply_rules(labels, record["rules"], challenge)
 
 
 def lesion_score(tp: float, fp: float, fn: float, mean_dice: float) -> float:
