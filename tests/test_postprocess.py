@@ -159,3 +159,9 @@ def test_brats_predict_applies_the_sweeps_choice_unless_turned_off(tmp_path: Pat
     assert plain.any()
     assert not run("applied").any()
     assert np.array_equal(run("off", "cv_postprocess=false"), plain)  # two copies of one model = the model
+    # The rules are part of what wrote the folder: a resume without them would mix two kinds of predictions.
+    manifests = {name: json.loads((tmp_path / name / "prediction.json").read_text())["model"]
+                 for name in ("applied", "off")}
+    assert manifests["applied"]["cv_postprocessing"] == [rule] and "cv_postprocessing" not in manifests["off"]
+    with pytest.raises(BratsError, match=r"holds predictions by another model.*cv_postprocessing"):
+        run("applied", "cv_postprocess=false", "resume=true")
