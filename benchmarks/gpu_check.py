@@ -8,7 +8,9 @@
    (and torch.compile with --compile), beside NVIDIA's published 27.48 img/s (A100, AMP, their nnU-Net for BraTS21)
    and that number scaled by the FLOPs of their network over ours;
 4. trainer.deterministic=warn (deterministic algorithms, cuDNN autotuner off) against cudnn.benchmark=True, per model;
-5. full-case inference (a 4 x 240 x 240 x 155 volume, 128^3 windows, overlap 0.5) with and without flip TTA.
+5. full-case inference (a 4 x 240 x 240 x 155 volume, 128^3 windows, overlap 0.5) with and without flip TTA;
+6. the loader: seconds per 128^3 sample (cut + augment=modern) in one worker, and the workers the measured resenc
+   step needs to stay fed.
 Writes benchmarks/results/gpu_check-<gpu>.json and prints a markdown table. Without CUDA it says so and exits 0.
 """
 
@@ -29,9 +31,12 @@ from typing import Any
 import torch
 
 from benchmarks.common import write_result
+from benchmarks.data_loading import augment_config, recipe, sample_cost
 from benchmarks.inference import time_case
 from benchmarks.training import NVIDIA_BRATS, Combo, build_net, combo_gflops, nvidia_gflops, run_combo
+from brats_unet.data.datamodule import BratsDataModule
 from brats_unet.runtime import auto_precision, detect
+from brats_unet.synth.generator import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 NVIDIA_AMP = NVIDIA_BRATS["img_per_s"]["A100 AMP"]  # 27.48 img/s, 128^3 batch 2
@@ -142,6 +147,32 @@ def inference(device: torch.device, precision: str, window_batch: int) -> dict[s
     return {"rows": rows, "volume": [4, 240, 240, 155], "patch": 128, "overlap": 0.5}
 
 
+def loader(work: Path, step_s: float | None, samples: int = 10) -> dict[str, Any]:
+    """One worker's seconds per 128^3 sample with nnU-Net's augmentation on two synthetic full-size cases."""
+    write_dataset(work / "raw", cases=2, seed=0, shape=[240, 240, 155])
+    dm = BratsDataModule(root=work / "raw", layout="brats2021", cache_dir=work / "cache", preprocess=recipe("modern"),
+                         augment=augment_config("modern"), patch_size=[128] * 3, batch_size=2, num_workers=0,
+                         val_fraction=0.0, steps_per_epoch=samples, output_dir=work / "run", seed=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    try:
+        per_sample = sample_cost(dm, samples)
+    finally:
+        torch.set_num_threads(before)
+    out: dict[str, Any] = {"sample_s": per_sample, "resenc_step_s": step_s}
+    if step_s:
+        out["workers_needed"] = int(-(-2 * per_sample // step_s))
+    return out
+
+
+def resenc_step_s(results: dict[str, Any]) -> float | None:
+    rows = [r for r in results.get("throughput", {}).get("rows", [])
+            if r.get("model") == "resenc" and r.get("cudnn") == "benchmark" and not r.get("compile") and "step_s" in r]
+    return rows[0]["step_s"] if rows else None
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The README table: one line per measured setting."""
     lines = [f"GPU check on {results.get('gpu', '?')} (torch {torch.__version__})", "",
@@ -161,7 +192,11 @@ def markdown(results: dict[str, Any]) -> str:
     for row in results.get("inference", {}).get("rows", []):
         lines.append(f"| inference | {row['model']} 240x240x155, {'TTA x8' if row['tta'] else 'no TTA'} | "
                      f"{row['case_s']:.2f} s/case |")
-    for name in ("throughput", "inference"):
+    load = results.get("loader", {})
+    if "sample_s" in load:
+        lines.append(f"| loader | 128^3 sample, augment=modern, 1 worker | {load['sample_s']:.2f} s; "
+                     f"{load.get('workers_needed', '?')} workers keep a resenc step fed |")
+    for name in ("throughput", "inference", "loader"):
         if results.get(name, {}).get("status", "ok") != "ok":
             lines.append(f"| {name} | | {results[name]['status']} |")
     return "\n".join(lines)
@@ -196,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             step("demo", results, lambda: demo(Path(work) / "demo", timeout=300))
         step("throughput", results, lambda: throughput(device, precision, args.compile, args.steps, args.warmup))
         step("inference", results, lambda: inference(device, precision, args.window_batch))
+        step("loader", results, lambda: loader(Path(work) / "loader", resenc_step_s(results)))
     path = write_result("gpu_check", {"settings": vars(args), **results}, device, args.out)
     print(markdown(results), flush=True)
     print(f"wrote {path}", flush=True)
