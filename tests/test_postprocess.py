@@ -135,6 +135,11 @@ def test_brats_postprocess_writes_the_choice_into_the_sweep(tmp_path: Path) -> N
         postprocess_command(compose_cli("postprocess", args))
     lesionwise = postprocess_command(compose_cli("postprocess", [*args, "overwrite=true", "lesionwise=true"]))
     assert lesionwise["metric"] == "lesionwise_dice_mean"
+    (preds / "prediction.json").write_text(json.dumps({"format": 1, "model": {"cv_postprocessing": []},
+                                                       "cases": names}))
+    with pytest.raises(BratsError, match=r"were written with post-processing already applied"):
+        postprocess_command(compose_cli("postprocess", [*args, "overwrite=true"]))
+    (preds / "prediction.json").unlink()
     (preds / f"{names[1]}.nii.gz").unlink()
     with pytest.raises(BratsError, match=r"lack 1 of the 2 out-of-fold cases \(e\.g\. BraTS2021_00001\)"):
         postprocess_command(compose_cli("postprocess", [*args, "overwrite=true"]))

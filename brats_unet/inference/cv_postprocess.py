@@ -22,6 +22,7 @@ from brats_unet.evaluation.folder import (
     find_truth,
     read_case_labels,
 )
+from brats_unet.evaluation.manifest import read_manifest
 from brats_unet.inference.ensemble import out_of_fold_jobs
 from brats_unet.inference.folder import predict_out_of_fold
 from brats_unet.inference.postprocess import DEFAULT_ET_TOTALS, DEFAULT_SIZES, choose_rules
@@ -64,6 +65,11 @@ def choose_for_sweep(sweep: str | Path, *, predictions: str | Path | None = None
         predictions = sweep / OOF_DIR
         log.info("out-of-fold predictions of %d cases -> %s", len(cases), predictions)
         predict_out_of_fold(sweep, truth, predictions, layout=layout, resume=True, **predict_options)
+    manifest = read_manifest(predictions)
+    if manifest is not None and manifest["model"].get("cv_postprocessing") is not None:
+        raise BratsError(f"predictions {predictions} were written with post-processing already applied (its "
+                         "prediction.json lists cv_postprocessing): choose on raw out-of-fold predictions, e.g. "
+                         f"brats-predict ckpt_path={sweep} oof=true cv_postprocess=false, or leave predictions unset")
     preds = find_predictions(predictions)
     missing = [c for c in cases if c not in preds]
     if missing:
