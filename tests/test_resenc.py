@@ -115,3 +115,28 @@ def test_resenc_experiment_trains_with_nnunet_augment_and_predicts(synthetic_roo
     case = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
     labels = np.asarray(segmenter.predict(case).dataobj)
     assert labels.shape == (64, 64, 48) and set(np.unique(labels)) <= {0, 1, 2, 4}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resenc_trains_on_cuda_in_bf16_channels_last_like_fp32() -> None:
+    # The deep-supervision step the recipe runs on a GPU: autocast, channels_last, the module's weighted loss.
+    torch.manual_seed(0)
+    loss = RegionDiceBCELoss()
+    net = ResEncUNet(4, 3, **TINY, channels_last=True).cuda().train()
+    module = BratsModule(net, loss, optimizer=torch.optim.SGD)
+    x = torch.randn(2, 4, 32, 32, 32, device="cuda")
+    y = torch.randint(0, 4, (2, 32, 32, 32), device="cuda")
+    with torch.no_grad():
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            loss32 = module.supervised_loss(net(x), y)
+        finally:
+            torch.backends.cudnn.allow_tf32 = True
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        outputs = net(x)
+        loss16 = module.supervised_loss(outputs, y)
+    loss16.backward()
+    assert [o.shape[2] for o in outputs] == [32, 16] and outputs[0].dtype == torch.bfloat16
+    assert abs(loss16.item() - loss32.item()) <= 1e-2 * abs(loss32.item())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
