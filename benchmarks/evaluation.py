@@ -31,7 +31,8 @@ from scipy import ndimage
 from benchmarks.common import median, parse_ints, parse_words, print_table, threads, write_result
 from brats_unet.evaluation.challenges import CHALLENGES, Challenge
 from brats_unet.evaluation.lesionwise import lesionwise_metrics
-from brats_unet.evaluation.metrics import crop_pair, dice, hd95_from_distances, nsd_from_distances, surface_distances
+from brats_unet.evaluation.region import dice
+from brats_unet.evaluation.surface import crop_pair, hd95_from_distances, nsd_from_distances, surface_distances
 
 # Tissue roles of the generator, mapped to each challenge's labels by label name.
 ROLES = {"ed": 1, "snfh": 1, "gtv": 1, "et": 2, "ncr": 3, "netc": 3, "cc": 4, "rc": 5}

@@ -13,7 +13,7 @@ from helpers import compose_cli, read_metrics_csv, run_evaluate
 
 from brats_unet.cli.evaluate import evaluate
 from brats_unet.evaluation.folder import CSV_COLUMNS
-from brats_unet.evaluation.metrics import HD95_EMPTY
+from brats_unet.evaluation.region import HD95_EMPTY
 from brats_unet.utils import BratsError
 
 SHAPE = (10, 10, 10)
@@ -94,7 +94,8 @@ def test_metrics_csv_and_summary_match_hand_computed_values(dirs, tmp_path) -> N
     wt = summary["metrics"]["dice_wt"]  # [0.75, 0, 1, 0]
     assert wt["n"] == 4 and wt["mean"] == pytest.approx(0.4375) and wt["median"] == pytest.approx(0.375)
     assert wt["p25"] == pytest.approx(0.0) and wt["p75"] == pytest.approx(0.8125)
-    assert wt["std"] == pytest.approx(math.sqrt(0.19921875))  # population std
+    # sample std (ddof=1): squared deviations 0.3125^2 + 0.4375^2 + 0.5625^2 + 0.4375^2 = 0.796875, over n - 1 = 3
+    assert wt["std"] == pytest.approx(math.sqrt(0.796875 / 3))
     assert summary["metrics"]["hd95_wt"]["mean"] == pytest.approx((2.0 + E + 0.0 + E) / 4)
     assert json.loads((tmp_path / "eval" / "summary.json").read_text()) == summary
 

@@ -127,7 +127,7 @@ def test_matching_maximises_total_dice_one_to_one():
 def test_label_maps_are_checked_against_the_challenge():
     truth = np.zeros((4, 4, 4), np.uint8)
     truth[1, 1, 1] = 4
-    with pytest.raises(BratsError, match=r"truth holds label values \[4\] that brats2023 does not use"):
+    with pytest.raises(BratsError, match=r"truth: label values \[4\] are not brats2023 labels \(allowed \[0, 1, 2, 3"):
         lesionwise_metrics(truth * 0, truth, "brats2023")
     with pytest.raises(BratsError, match="unknown challenge 'brats2099'"):
         lesionwise_metrics(truth, truth, "brats2099")
