@@ -133,7 +133,10 @@ def official_evaluator(challenge: Challenge):
 
 
 def official_metrics(pred: np.ndarray, truth: np.ndarray, challenge: Challenge, evaluator=None) -> dict[str, float]:
-    """The official pipeline on arrays: panoptica's evaluate, then the challenge's parser on its JSON, one CSV row."""
+    """The official pipeline on arrays: panoptica's evaluate, then the challenge's parser on its JSON, one CSV row.
+
+    The arrays go in with their axes reversed, as panoptica sees a NIfTI file it reads (through SimpleITK): that is
+    the order in which it numbers lesions, which decides ties in the matching (1 mm data: nothing else changes)."""
     import pandas as pd
     from brats_evaluation import parse_mets_results, parse_seg_results
 
@@ -141,7 +144,7 @@ def official_metrics(pred: np.ndarray, truth: np.ndarray, challenge: Challenge, 
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
             contextlib.redirect_stderr(io.StringIO()), tempfile.TemporaryDirectory() as tmp:
         warnings.simplefilter("ignore")
-        groups = evaluator.evaluate(pred, truth)
+        groups = evaluator.evaluate(np.ascontiguousarray(pred.T), np.ascontiguousarray(truth.T))
         record = {name: result.to_dict(True) for name, result in groups.items()}
         record["subject_name"] = "case"
         json_path, csv_path = Path(tmp) / "results.json", Path(tmp) / "parsed.csv"
