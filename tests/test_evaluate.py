@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -12,7 +13,8 @@ import pytest
 from helpers import compose_cli, read_metrics_csv, run_evaluate
 
 from brats_unet.cli.evaluate import evaluate
-from brats_unet.evaluation.folder import CSV_COLUMNS
+from brats_unet.evaluation.folder import CSV_COLUMNS, read_results
+from brats_unet.evaluation.folder import evaluate as evaluate_folder
 from brats_unet.evaluation.region import HD95_EMPTY
 from brats_unet.utils import BratsError
 
@@ -172,3 +174,35 @@ def test_output_and_input_problems(dirs, tmp_path) -> None:
     nib.save(nib.Nifti1Image(np.full(SHAPE, 0.5, dtype=np.float32), AFFINE), float_pred)
     with pytest.raises(BratsError, match=r"B\.nii\.gz: label map holds non-integer values"):
         run_evaluate(pred, truth, tmp_path / "eval6")
+
+
+FIXTURE_2021 = Path(__file__).parent / "fixtures" / "evaluate_2021"
+
+
+def test_metrics_csv_and_summary_json_are_one_pair(tmp_path, monkeypatch) -> None:
+    """summary.json records metrics.csv's hash and row count, and is renamed into place last: a run interrupted between
+    the two renames leaves a new metrics.csv beside the old summary.json, which read_results refuses to pair."""
+    import os
+
+    out = tmp_path / "eval"
+    _, summary = evaluate_folder(FIXTURE_2021 / "pred", FIXTURE_2021 / "truth", output=out)
+    rows, written = read_results(out)
+    assert len(rows) == 3 and written == summary and summary["metrics_csv"]["rows"] == 3
+    assert summary["metrics_csv"]["sha256"] == hashlib.sha256((out / "metrics.csv").read_bytes()).hexdigest()
+
+    real_replace = os.replace
+
+    def crash_before_summary(src, dst):
+        if Path(dst).name == "summary.json":
+            raise KeyboardInterrupt  # killed between the two renames
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_before_summary)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_folder(FIXTURE_2021 / "pred", FIXTURE_2021 / "truth", output=out, overwrite=True, hd95=False)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not list(out.glob(".tmp-*"))  # the summary's temp file was removed
+    assert read_metrics_csv(out / "metrics.csv")[1]["Case0"]["hd95_wt"] == ""  # the new csv is there
+    with pytest.raises(BratsError, match=r"metrics\.csv \(3 rows\) is not the metrics\.csv that .*summary\.json "
+                                         r"summarises \(3 rows, sha256 [0-9a-f]{12}\.\.\.\): .*overwrite=true"):
+        read_results(out)
