@@ -260,3 +260,57 @@ def test_report_on_a_real_tiny_training_run(synthetic_root: Path, cache_dir: Pat
     assert list(val) == [0, 1]  # one point per epoch; the hparams echo at step 0 is not a third
     assert val[1] == pytest.approx(metrics["final"]["val/dice_mean"], abs=1e-6)
     assert max(val.values()) == pytest.approx(metrics["best"]["val/dice_mean"], abs=1e-6)
+
+
+def _run_with_data(tmp_path: Path, layout: str, schema: str) -> Path:
+    """A run folder whose stored config names its data's layout and schema (as brats-train writes .hydra/)."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(f"data:\n  layout: {layout}\n  schema: {schema}\n  root: /elsewhere\n")
+    return run
+
+
+def test_report_reads_data_root_with_the_runs_own_layout_and_schema(tmp_path: Path) -> None:
+    """A brats2024_gli run (2023 file names, labels 1-4 incl. RC): the report reads its data as the run did, with no
+    layout= or schema= on the command line; a label set given as layout= is refused naming both keys."""
+    from brats_unet.synth.generator import write_dataset
+
+    root = tmp_path / "data"
+    write_dataset(root, cases=1, seed=3, layout="2024_gli", shape=(48, 48, 32))
+    run = _run_with_data(tmp_path, "brats2023", "brats2024_gli")
+    written = report(compose_report([f"run={run}", f"data_root={root}"]))
+    assert {"class_distribution", "case", "summary"} <= set(written)
+    assert "Figures" in (run / "report" / "summary.md").read_text()
+    with pytest.raises(BratsError, match=r"layout='2024_gli' is not a file layout; .*\(config key layout; a label "
+                                         r"set such as brats2024_gli is schema="):
+        report(compose_report([f"run={run}", f"data_root={root}", "layout=2024_gli", f"output={tmp_path / 'r2'}"]))
+
+
+def test_report_labels_follow_the_run_unless_asked_otherwise(tmp_path: Path) -> None:
+    from brats_unet.reporting.writer import report_labels
+
+    gli = _run_with_data(tmp_path / "gli", "brats2023", "brats2024_gli")
+    assert [x.name for x in report_labels(gli)] == ["brats2023", "brats2024_gli"]
+    assert [x.name for x in report_labels(gli, schema="brats_ped")] == ["brats2023", "brats_ped"]
+    plain = _run_with_data(tmp_path / "plain", "brats2021", "brats2021")
+    # another layout asked for a plain glioma run: that layout's own labels (ET 3 in 2023 names)
+    assert [x.name for x in report_labels(plain, layout="brats2023")] == ["brats2023", "brats2023"]
+    assert [x.name for x in report_labels(tmp_path / "no_config")] == ["brats2021", "brats2021"]
+    assert [x.name for x in report_labels(_run_with_data(tmp_path / "msd", "msd", "msd_brain"))] == ["msd",
+                                                                                                       "msd_brain"]
+
+
+def test_case_figure_colours_and_names_classes_by_the_schema() -> None:
+    """MSD's class 1 is oedema: painted green and named ED (it was painted red and named NCR, the glioma class 1)."""
+    from brats_unet.data.labels import SCHEMAS
+    from brats_unet.evaluation.overlays import NAME_COLORS
+    from brats_unet.reporting.plots import plot_case
+
+    classes = np.zeros((6, 6, 3), np.uint8)
+    classes[1, 1:5, 1], classes[2, 1:5, 1], classes[3, 1:5, 1] = 1, 2, 3  # ed, netc, et
+    images = {m: np.ones((6, 6, 3), np.float32) for m in ("flair", "t1")}
+    fig = plot_case("BRATS_001", images, classes, schema=SCHEMAS["msd_brain"])
+    assert [t.get_text() for t in fig.legends[0].texts] == ["ED", "NETC", "ET"]
+    label = fig.axes[-1].images[0].get_array()  # the slice as shown: rows = y flipped, columns = x
+    assert np.allclose(label[-2, 1], NAME_COLORS["ed"]) and np.allclose(label[-2, 3], NAME_COLORS["et"])
+    assert np.allclose(label[-2, 2], NAME_COLORS["netc"])
