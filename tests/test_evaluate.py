@@ -206,3 +206,32 @@ def test_metrics_csv_and_summary_json_are_one_pair(tmp_path, monkeypatch) -> Non
     with pytest.raises(BratsError, match=r"metrics\.csv \(3 rows\) is not the metrics\.csv that .*summary\.json "
                                          r"summarises \(3 rows, sha256 [0-9a-f]{12}\.\.\.\): .*overwrite=true"):
         read_results(out)
+
+
+def test_printed_summary_keeps_whole_metric_names_and_states_units(capsys) -> None:
+    from brats_unet.cli.evaluate import print_summary
+
+    stats = {"mean": 0.5, "std": 0.1, "median": 0.5, "p25": 0.4, "p75": 0.6, "n": 2}
+    names = ["dice_wt", "vol_pred_wt", "all_instance_f1_snfh", "lesionwise_hd95_mean_netc", "global_nsd_snfh"]
+    print_summary({"n_cases": 2, "metrics": dict.fromkeys(names, stats), "missing_predictions": [],
+                   "extra_predictions": [], "outside_split_predictions": []})
+    out = capsys.readouterr().out
+    assert all(name in out for name in names), out
+    assert "vol_pred_*, vol_true_* mL" in out and "hd95 mm" in out and "sample std" in out
+
+
+def test_missing_predictions_are_not_blindly_offered_missing_as_empty(tmp_path, caplog) -> None:
+    """After oof=true the held-out test cases have no prediction on purpose: scoring them as empty would count the
+    unseen test set as all missed, so the warning names that case and split_file= before missing_as_empty."""
+    import logging
+    import shutil
+
+    pred = tmp_path / "pred"
+    shutil.copytree(FIXTURE_2021 / "pred", pred)
+    (pred / "Case2.nii.gz").unlink()
+    with caplog.at_level(logging.WARNING):
+        evaluate_folder(pred, FIXTURE_2021 / "truth")
+    message = next(r.getMessage() for r in caplog.records if "no prediction" in r.getMessage())
+    assert message.startswith("1 truth cases have no prediction (Case2), not scored. Cases left out on purpose "
+                              "(out-of-fold predictions hold no held-out test case) are rightly left out")
+    assert message.index("split_file=") < message.index("missing_as_empty=true")

@@ -314,3 +314,42 @@ def test_case_figure_colours_and_names_classes_by_the_schema() -> None:
     label = fig.axes[-1].images[0].get_array()  # the slice as shown: rows = y flipped, columns = x
     assert np.allclose(label[-2, 1], NAME_COLORS["ed"]) and np.allclose(label[-2, 3], NAME_COLORS["et"])
     assert np.allclose(label[-2, 2], NAME_COLORS["netc"])
+
+
+def test_a_sweep_that_never_validated_says_so_in_cv_md_and_in_the_refusal(tmp_path: Path) -> None:
+    """quickstart's check_val_every_n_epoch=2 with max_epochs=1: every fold finishes (metrics.json) without a val/
+    metric or best.ckpt. cv.md must not call them finished folds with blank cells, and using the sweep as an
+    ensemble (or for oof=true) must say why there is no best.ckpt instead of asking for a rerun that trains nothing."""
+    from brats_unet.inference.ensemble import sweep_checkpoints
+    from brats_unet.reporting.cv import cv_markdown, cv_rows
+
+    sweep = tmp_path / "sweep"
+    for fold in range(3):
+        write_job(sweep, fold, [f"data.fold={fold}", "data.num_folds=3"],
+                  {"final": {"train/loss": 0.9}, "best": {"val/dice_mean": None, "checkpoint": None}, "epochs": 1,
+                   "global_step": 3})
+    rows, num_folds = cv_rows(sweep)
+    assert [r["status"] for r in rows] == ["never validated"] * 3 and num_folds == 3
+    text = cv_markdown(sweep, rows, num_folds)
+    assert "0 of 3 folds finished and validated (data.num_folds=3)" in text
+    assert "Never validated (left out of the mean): fold 0 (job 0), fold 1 (job 1), fold 2 (job 2): each finished " \
+        "without validating once: validation runs every trainer.check_val_every_n_epoch epochs" in text
+    with pytest.raises(BratsError, match=r"jobs 0, 1, 2 have no checkpoints/best\.ckpt: each finished without "
+                                         r"validating once: .*trains nothing more; retrain with "
+                                         r"trainer\.check_val_every_n_epoch=1"):
+        sweep_checkpoints(sweep)
+
+
+@pytest.mark.slow
+def test_a_training_run_that_never_validated_says_so_at_its_end(synthetic_root: Path, cache_dir: Path, tmp_path: Path,
+                                                                caplog) -> None:
+    import logging
+
+    from brats_unet.training.fit import train
+
+    cfg = compose_train([*tiny_overrides(synthetic_root, cache_dir, tmp_path / "run"), "logger=none",
+                         "trainer.check_val_every_n_epoch=2"])
+    with caplog.at_level(logging.WARNING):
+        train(cfg)
+    assert "this run finished without validating once" in caplog.text
+    assert not (tmp_path / "run" / "checkpoints" / "best.ckpt").exists()

@@ -35,6 +35,8 @@ log = logging.getLogger("brats_unet.evaluate")
 CSV_COLUMNS = ("case", "dice_wt", "dice_tc", "dice_et", "hd95_wt", "hd95_tc", "hd95_et", "dice_ncr", "dice_ed",
                "vol_pred_wt", "vol_pred_tc", "vol_pred_et", "vol_true_wt", "vol_true_tc", "vol_true_et")
 CSV_NAME, SUMMARY_NAME = "metrics.csv", "summary.json"
+UNITS = {"dice_*, nsd_*, *_dsc_*, *_nsd_*, *_prec_*, *_rec_*, *_f1_*": "fraction 0..1", "hd95_*, *_hd95_*": "mm",
+         "vol_pred_*, vol_true_*": "mL (voxel count x the header's voxel volume)", "*_tp_*, *_fp_*, *_fn_*": "lesions"}
 AFFINE_ATOL = 1e-3
 STATISTICS_NOTE = ("per metric over the cases with a finite value: NaN (undefined, e.g. the lesion-wise Dice of a "
                    "region empty in both maps) is skipped, as the official BraTS leaderboard does; n counts the values "
@@ -243,8 +245,14 @@ def evaluate(pred: str | Path, truth: str | Path, *, output: str | Path | None =
                          f"cases in scope under {truth} (e.g. prediction {next(iter(preds), '-')}, truth "
                          f"{scope[0] if scope else '-'})")
     if missing:
-        how = "scored as empty" if missing_as_empty else "not scored (missing_as_empty=true scores them as empty)"
-        log.warning("%d truth cases have no prediction, %s: %s", len(missing), how, ", ".join(missing[:5]))
+        # Not a blanket hint to score them as empty: out-of-fold predictions leave the held-out test cases out on
+        # purpose, and scoring those as empty would count a model's unseen test set as all missed.
+        how = "scored as empty (missing_as_empty=true)" if missing_as_empty else (
+            "not scored. Cases left out on purpose (out-of-fold predictions hold no held-out test case) are rightly "
+            "left out; restrict the truth to a split with split_file=<run>/split.json split_subset=... If they "
+            "should have been predicted (brats-predict stopped early?), rerun it with resume=true, or score them "
+            "as empty predictions with missing_as_empty=true (the BraTS convention)")
+        log.warning("%d truth cases have no prediction (%s), %s", len(missing), ", ".join(missing[:5]), how)
     if extra:
         log.warning("%d predictions have no truth case: %s", len(extra), ", ".join(extra[:5]))
 
@@ -260,6 +268,7 @@ def evaluate(pred: str | Path, truth: str | Path, *, output: str | Path | None =
     summary = {
         "metrics": summarize(rows, columns),
         "statistics": STATISTICS_NOTE,
+        "units": UNITS,
         "n_cases": len(rows),
         "challenges": sorted({c.name for c in challenges.values()}),
         "lesionwise": bool(lesionwise),
