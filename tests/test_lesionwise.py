@@ -87,6 +87,25 @@ def test_mets_small_lesions_only_count_as_detections():
     assert math.isnan(half["lesionwise_dsc_mean"]) and half["small_instance_tp"] == 1
 
 
+def test_mets_large_lesions_need_dice_0_1_and_no_reference_lesion_is_nan():
+    """Both as brats_evaluation.metrics_parser.parse_mets_results (checked against brats-evaluation 0.0.10): a matched
+    large lesion below the detection Dice is a FN for the counts, but its Dice enters the lesion-wise mean; a region
+    with no reference lesion has NaN lesion-wise means however many lesions were predicted (no Dice 0 for the FPs)."""
+    truth = np.zeros((14, 14, 10), bool)
+    truth[2:5, 2:5, 2:5] = True  # 27 voxels: large
+    pred = np.zeros_like(truth)
+    pred[4:12, 4:12, 4:8] = True  # 256 voxels touching it in one voxel: Dice 2 / (27 + 256) < 0.1
+    out = region_lesion_metrics(pred, truth, **METS)
+    assert (out["large_instance_tp"], out["large_instance_fn"], out["large_instance_fp"]) == (0, 1, 0)
+    assert out["lesionwise_dsc_mean"] == pytest.approx(2 / 283) and out["all_instance_tp"] == 1
+
+    specks = np.zeros((20, 20, 4), bool)
+    specks[1::5, 1::5, 1] = True  # 16 isolated predicted lesions, no reference lesion
+    out = region_lesion_metrics(specks, np.zeros_like(specks), **METS)
+    assert out["all_instance_fp"] == 16 and out["global_dsc"] == 0.0
+    assert all(math.isnan(out[k]) for k in out if k.startswith(("lesionwise_", "large_instance_", "small_instance_")))
+
+
 def test_false_positive_only_and_empty_regions():
     pred = np.zeros((6, 6, 6), bool)
     pred[1:3, 1:3, 1:3] = True
