@@ -166,6 +166,13 @@ def csv_text(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -
     return out.getvalue()
 
 
+def with_csv_record(rows: list[dict[str, Any]], summary: dict[str, Any], columns: Sequence[str] | None = None
+                    ) -> tuple[bytes, dict[str, Any]]:
+    """(metrics.csv's bytes, the summary with their record `metrics_csv`: SHA-256 and row count)."""
+    data = csv_text(rows, columns).encode()
+    return data, {**summary, "metrics_csv": {"sha256": hashlib.sha256(data).hexdigest(), "rows": len(rows)}}
+
+
 def write_results(output: str | Path, rows: list[dict[str, Any]], summary: dict[str, Any],
                   columns: Sequence[str] | None = None) -> dict[str, Any]:
     """metrics.csv and summary.json as one pair: summary.json records metrics.csv's SHA-256 and row count
@@ -173,8 +180,7 @@ def write_results(output: str | Path, rows: list[dict[str, Any]], summary: dict[
     between the two renames leaves a new metrics.csv beside an old (or no) summary.json, which `read_results`
     refuses instead of pairing them. Returns the summary as written."""
     folder = Path(output).expanduser()
-    data = csv_text(rows, columns).encode()
-    summary = {**summary, "metrics_csv": {"sha256": hashlib.sha256(data).hexdigest(), "rows": len(rows)}}
+    data, summary = with_csv_record(rows, summary, columns)
     # Nested atomic paths rename innermost first: metrics.csv, then summary.json, the file that vouches for it.
     with atomic_path(folder / SUMMARY_NAME) as json_tmp, atomic_path(folder / CSV_NAME) as csv_tmp:
         csv_tmp.write_bytes(data)
@@ -287,4 +293,6 @@ def evaluate(pred: str | Path, truth: str | Path, *, output: str | Path | None =
     if targets:
         summary = write_results(targets[0].parent, rows, summary, columns)
         log.info("wrote %s and %s", *targets)
+    else:  # the same summary as the written one: what its metrics.csv would hold
+        summary = with_csv_record(rows, summary, columns)[1]
     return rows, summary

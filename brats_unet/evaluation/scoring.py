@@ -42,7 +42,7 @@ def check_options(hd95_mode: str, nsd_tolerance: float | None) -> None:
 
 def region_row(pred: np.ndarray, truth: np.ndarray, challenge: Challenge, spacing: Sequence[float], *,
                hd95: bool = True, hd95_mode: str = "pooled", nsd_tolerance: float | None = None) -> Row:
-    """dice_<r>, hd95_<r>, dice_<label>, vol_pred_<r>, vol_true_<r> (mL)[, nsd_<r>]: metrics.mask_metrics
+    """dice_<r>, hd95_<r>, dice_<label>, vol_pred_<r>, vol_true_<r> (mL)[, nsd_<r>]: region.mask_metrics
     on the challenge's regions (outermost first) and its labels that are no region by themselves. Distance columns
     are None (not computed) with hd95=False."""
     regions = {r: (np.isin(pred, challenge.regions[r]), np.isin(truth, challenge.regions[r]))
