@@ -235,3 +235,22 @@ def test_missing_predictions_are_not_blindly_offered_missing_as_empty(tmp_path, 
     assert message.startswith("1 truth cases have no prediction (Case2), not scored. Cases left out on purpose "
                               "(out-of-fold predictions hold no held-out test case) are rightly left out")
     assert message.index("split_file=") < message.index("missing_as_empty=true")
+
+
+def test_an_out_of_fold_folder_never_suggests_scoring_the_test_cases_as_empty(tmp_path, caplog) -> None:
+    """prediction.json of an oof=true folder says so: the held-out test case without a prediction is named as such."""
+    import logging
+    import shutil
+
+    from brats_unet.evaluation.manifest import write_manifest
+
+    pred = tmp_path / "pred"
+    shutil.copytree(FIXTURE_2021 / "pred", pred)
+    (pred / "Case2.nii.gz").unlink()
+    write_manifest(pred, {"members": [{"checkpoint": "0/checkpoints/best.ckpt", "sha256": "ab"}], "oof": True},
+                   ["Case0", "Case1"])
+    with caplog.at_level(logging.WARNING):
+        evaluate_folder(pred, FIXTURE_2021 / "truth")
+    message = next(r.getMessage() for r in caplog.records if "no prediction" in r.getMessage())
+    assert "this is an out-of-fold folder (prediction.json)" in message and "never as empty" in message
+    assert "missing_as_empty=true" not in message

@@ -26,6 +26,7 @@ from brats_unet.data.discovery import EXTENSIONS, find_file, layout_order, list_
 from brats_unet.data.labels import LAYOUTS, Layout
 from brats_unet.data.split import read_split
 from brats_unet.evaluation.challenges import CHALLENGES, Challenge, resolve_challenge
+from brats_unet.evaluation.manifest import check_one_model
 from brats_unet.evaluation.scoring import check_options, score_labels
 from brats_unet.utils import BratsError, atomic_path
 
@@ -246,6 +247,7 @@ def evaluate(pred: str | Path, truth: str | Path, *, output: str | Path | None =
     extra = [c for c in preds if c not in truths]
     outside = [c for c in preds if c in truths and c not in scope]
     scored = [c for c in scope if c in preds or missing_as_empty]
+    model = check_one_model(pred, [c for c in scored if c in preds])  # prediction.json: one model wrote them all
     if not any(c in preds for c in scope):
         raise BratsError(f"none of the {len(preds)} predictions in {pred} matches one of the {len(scope)} truth "
                          f"cases in scope under {truth} (e.g. prediction {next(iter(preds), '-')}, truth "
@@ -253,11 +255,17 @@ def evaluate(pred: str | Path, truth: str | Path, *, output: str | Path | None =
     if missing:
         # Not a blanket hint to score them as empty: out-of-fold predictions leave the held-out test cases out on
         # purpose, and scoring those as empty would count a model's unseen test set as all missed.
+        oof = bool((model or {}).get("oof"))
         how = "scored as empty (missing_as_empty=true)" if missing_as_empty else (
+            "not scored: this is an out-of-fold folder (prediction.json), which predicts every fold's validation cases "
+            "and, on purpose, none of the held-out test cases; score those with the models' own test predictions "
+            "(e.g. the sweep as an ensemble), never as empty") if oof else (
             "not scored. Cases left out on purpose (out-of-fold predictions hold no held-out test case) are rightly "
             "left out; restrict the truth to a split with split_file=<run>/split.json split_subset=... If they "
             "should have been predicted (brats-predict stopped early?), rerun it with resume=true, or score them "
             "as empty predictions with missing_as_empty=true (the BraTS convention)")
+        if oof and missing_as_empty:
+            how += ": an out-of-fold folder holds no held-out test case on purpose, so those count as all missed"
         log.warning("%d truth cases have no prediction (%s), %s", len(missing), ", ".join(missing[:5]), how)
     if extra:
         log.warning("%d predictions have no truth case: %s", len(extra), ", ".join(extra[:5]))
@@ -285,6 +293,7 @@ def evaluate(pred: str | Path, truth: str | Path, *, output: str | Path | None =
         "extra_predictions": extra,
         "outside_split_predictions": outside,
         "missing_as_empty": bool(missing_as_empty),
+        "model": model,  # what prediction.json says wrote the predictions (None: a folder without one)
         "pred": str(Path(pred).expanduser().resolve()),
         "truth": str(Path(truth).expanduser().resolve()),
         "split_file": str(split_file) if split_file else None,
