@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from brats_unet.evaluation.challenges import CHALLENGES, Challenge
 from brats_unet.evaluation.lesionwise import lesionwise_metrics
-from brats_unet.evaluation.metrics import dice
+from brats_unet.evaluation.region import dice
 
 RULES = ("min_size", "largest", "et_to_ncr")
 DEFAULT_SIZES = (10, 25, 50, 100, 200, 500, 1000)
