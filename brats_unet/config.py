@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 # Hydra entry points read their YAML from the package, so installed scripts work from any directory.
 CONFIG_MODULE = "brats_unet.conf"
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
-CONFIG_NAMES = ("train", "predict", "evaluate", "preprocess", "stats", "report")
+CONFIG_NAMES = ("train", "predict", "evaluate", "preprocess", "stats", "report", "export")
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:

@@ -17,9 +17,11 @@ from brats_unet.data.discovery import expected_pattern, list_case_dirs, resolve_
 from brats_unet.data.labels import LAYOUTS
 from brats_unet.inference.ensemble import out_of_fold_jobs
 from brats_unet.inference.segmenter import Case, Segmenter, is_case_folder, label_image, output_header
+from brats_unet.inference.uncertainty import qc_row, read_qc, save_uncertainty, segment_with_uncertainty, write_qc
 from brats_unet.utils import BratsError, atomic_path, check_writable_output
 
 log = logging.getLogger("brats_unet.predict")
+QC_FILE = "qc.csv"
 
 
 def find_input_cases(input_path: str | Path, preferred: str, only: Sequence[str] | None = None) -> list[Path]:
@@ -55,10 +57,12 @@ def save_probabilities(path: Path, probs: np.ndarray, case: Case) -> None:
 
 def predict_folder(segmenter: Segmenter, input_path: str | Path, output: str | Path, *,
                    only: Sequence[str] | None = None, layout: str | None = None,
-                   probabilities: bool = False, overwrite: bool = False, resume: bool = False) -> list[Path]:
+                   probabilities: bool = False, overwrite: bool = False, resume: bool = False,
+                   uncertainty: bool = False) -> list[Path]:
     """Predict every case in scope into `output`; return the prediction files (including those a resume skipped).
 
-    `<case>.nii.gz` is written last (atomically), so it marks a finished case for `resume`.
+    `<case>.nii.gz` is written last (atomically), so it marks a finished case for `resume`. `uncertainty`: also
+    `<case>_uncertainty.nii.gz` and one qc.csv row per case (inference/uncertainty.py).
     """
     if overwrite and resume:
         raise BratsError("overwrite=true and resume=true contradict each other: pick one")
@@ -77,12 +81,20 @@ def predict_folder(segmenter: Segmenter, input_path: str | Path, output: str | P
     if len(todo) < len(dirs):
         log.info("resume: %d of %d cases already predicted in %s", len(dirs) - len(todo), len(dirs), out_dir)
     start = time.perf_counter()
+    qc = read_qc(out_dir / QC_FILE) if uncertainty and resume else {}
     for case_dir, out in tqdm(todo, desc="predict", unit="case"):
-        case, labels, probs = segmenter.segment(case_dir, preferred, probabilities=probabilities)
+        if uncertainty:
+            case, labels, probs, unc = segment_with_uncertainty(segmenter, case_dir, preferred, probabilities)
+            save_uncertainty(out_dir / f"{case.name}_uncertainty.nii.gz", unc, case)
+            qc[case.name] = qc_row(case, labels, segmenter, unc)
+        else:
+            case, labels, probs = segmenter.segment(case_dir, preferred, probabilities=probabilities)
         if probs is not None:
             save_probabilities(out_dir / f"{case.name}_prob.nii.gz", probs, case)
         with atomic_path(out) as tmp:
             nib.save(label_image(labels, case), tmp)
+        if uncertainty:  # rewritten after each case: an interrupted run keeps the rows of the cases it wrote
+            write_qc(out_dir / QC_FILE, list(qc.values()))
     seconds = time.perf_counter() - start
     per_case = f" ({seconds / len(todo):.1f} s/case)" if todo else ""
     log.info("predicted %d cases in %.1f s%s on %s -> %s", len(todo), seconds, per_case, segmenter.device, out_dir)

@@ -25,6 +25,7 @@ from brats_unet.data.discovery import EXTENSIONS, CaseFiles, detect_case_files, 
 from brats_unet.data.labels import LAYOUTS, MODALITIES, SCHEMAS, LabelSchema, Layout, compatible
 from brats_unet.data.preprocess import Recipe, undo_crop
 from brats_unet.inference.ensemble import CheckpointSpec, check_compatible, resolve_checkpoints
+from brats_unet.inference.package import load_members, predict_defaults
 from brats_unet.models.sliding_window import flip_tta, postprocess_et, sliding_window
 from brats_unet.runtime import auto_precision, detect
 from brats_unet.training.build import build_module
@@ -92,13 +93,17 @@ def autocast_for(device: torch.device, precision: str) -> Callable[[], contextli
 
 def predict_probabilities(module: BratsModule, x: np.ndarray, patch_size: Sequence[int], *, overlap: float,
                           window_batch: int, tta: bool, device: torch.device,
-                          autocast: Callable[[], contextlib.AbstractContextManager]) -> np.ndarray:
-    """(C, *S) preprocessed volume -> (K, *S) float32 probabilities (softmax classes or sigmoid regions)."""
+                          autocast: Callable[[], contextlib.AbstractContextManager],
+                          activation: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
+    """(C, *S) preprocessed volume -> (K, *S) float32 probabilities (softmax classes or sigmoid regions).
+
+    `activation` (default: the head's probabilities) maps each blended (1, K, *S) logit map - each flip's, with TTA -
+    to what is averaged (inference/uncertainty.py adds per-sample statistics as channels)."""
     def predictor(batch: torch.Tensor) -> torch.Tensor:
         with autocast():
             return module(batch).float()
 
-    to_probabilities = module.loss.probabilities
+    to_probabilities = activation or module.loss.probabilities
     with torch.inference_mode():
         image = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(device)
         if tta:
@@ -220,6 +225,7 @@ class Segmenter:
         self._config = configs[0]
         self.tta, self.postprocess = bool(tta), bool(postprocess)
         self.overlap, self.window_batch = float(overlap), int(window_batch)
+        self.package: dict[str, Any] | None = None  # model.json, for a Segmenter.from_package
 
     @classmethod
     def from_checkpoint(cls, path: CheckpointSpec, device: str | torch.device = "auto", tta: bool = False,
@@ -232,6 +238,20 @@ class Segmenter:
         models = [load_model(p, channels_last=channels_last) for p in paths]
         return cls([m for m, _ in models], [c for _, c in models], device=device, tta=tta, postprocess=postprocess,
                    precision=precision, names=[str(p) for p in paths], **window)
+
+    @classmethod
+    def from_package(cls, path: str | Path, device: str | torch.device = "auto", tta: bool | None = None,
+                     postprocess: bool | None = None, precision: str = "auto", channels_last: bool = False,
+                     runtime: str = "torch", overlap: float | None = None, window_batch: int | None = None
+                     ) -> Segmenter:
+        """A brats-export model package (its hash and contents checked first); tta, postprocess, overlap and
+        window_batch default to the package's. runtime=onnx runs its ONNX graphs with onnxruntime."""
+        device = resolve_device(device)
+        meta, modules, configs, names = load_members(path, runtime=runtime, channels_last=channels_last)
+        options = predict_defaults(meta, tta=tta, postprocess=postprocess, overlap=overlap, window_batch=window_batch)
+        segmenter = cls(modules, configs, device=device, precision=precision, names=names, **options)
+        segmenter.package = meta
+        return segmenter
 
     @property
     def config(self) -> dict[str, Any]:
@@ -256,10 +276,19 @@ class Segmenter:
     def segment(self, case: CaseInput, layout: str | Layout | None = None, probabilities: bool = False
                 ) -> tuple[Case, np.ndarray, np.ndarray | None]:
         """(the loaded case, labels in its geometry and labels, probabilities (K, *S) or None)."""
+        loaded, x, meta = self.prepare(case, layout)
+        return self.finish(loaded, self._mean_probabilities(x), meta, probabilities)
+
+    def prepare(self, case: CaseInput, layout: str | Layout | None = None) -> tuple[Case, np.ndarray, dict[str, Any]]:
+        """(the loaded case, its preprocessed (C, *S) volume, the recipe's meta: crop box, original shape)."""
         loaded = load_input(case, self.modalities, resolve_layout(layout) if layout else self.layout)
+        x, _, meta = Recipe.from_config(self._config["preprocess"]).apply(loaded.images, None, self.schema)
+        return loaded, x, meta
+
+    def finish(self, loaded: Case, probs: np.ndarray, meta: dict[str, Any], probabilities: bool = False
+               ) -> tuple[Case, np.ndarray, np.ndarray | None]:
+        """Decode (and post-process) mean probabilities on the crop, put them back in the case's geometry."""
         schema = self.schema
-        x, _, meta = Recipe.from_config(self._config["preprocess"]).apply(loaded.images, None, schema)
-        probs = self._mean_probabilities(x)
         classes, et_prob = decode(probs, self.module.loss.activation, schema)
         if self.postprocess:
             classes = postprocess(classes, et_prob, schema)
@@ -273,13 +302,17 @@ class Segmenter:
                 full[0] = undo_crop(probs[0], box, shape, fill=1)
         return loaded, labels, full
 
-    def _mean_probabilities(self, x: np.ndarray) -> np.ndarray:
-        """The members' mean (K, *S) probabilities; one running sum, so memory does not grow with the models."""
+    def _mean_probabilities(self, x: np.ndarray,
+                            activation: Callable[[BratsModule], Callable[[torch.Tensor], torch.Tensor]] | None = None
+                            ) -> np.ndarray:
+        """The members' mean (K, *S) probabilities; one running sum, so memory does not grow with the models.
+        `activation(module)`: what each sample's logits become instead of probabilities (see predict_probabilities)."""
         total: np.ndarray | None = None
         for module, config in zip(self.modules, self.configs, strict=True):  # each model its own patch size
             probs = predict_probabilities(module, x, config["data"]["patch_size"], overlap=self.overlap,
                                           window_batch=self.window_batch, tta=self.tta, device=self.device,
-                                          autocast=self._autocast)
+                                          autocast=self._autocast,
+                                          activation=activation(module) if activation else None)
             if total is None:
                 total = probs
             else:

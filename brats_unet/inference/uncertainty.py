@@ -1,0 +1,168 @@
+"""How far to trust a segmentation: per-voxel uncertainty maps and a per-case QC row (brats-predict
+save_uncertainty=true -> <case>_uncertainty.nii.gz and qc.csv).
+
+Samples are every flip (tta=true: 8) of every ensemble member. Each sample's blended logits are turned, as they are
+averaged, into extra channels beside its probabilities: its own normalised entropy and its region masks (0/1). The
+same running sum the ensemble uses then holds the mean probabilities (bit-identical to a plain prediction), the mean
+per-sample entropy and, per voxel, the fraction of samples that predict each region - memory is flat in the number of
+samples. From these:
+
+- entropy: predictive entropy of the mean probabilities, normalised to [0, 1] (softmax: H / log K; sigmoid regions:
+  the mean binary entropy over regions / log 2);
+- mutual_information (several samples only): entropy minus the samples' mean entropy (BALD's disagreement term), in
+  the same units; 0 where every sample says the same;
+- agreement per region: the pooled pairwise Dice between samples, sum_pairs 2|A_i & A_j| / sum_pairs (|A_i| + |A_j|),
+  exact from the per-voxel counts c: sum c (c - 1) / ((S - 1) sum c); 1 when no sample predicts the region.
+
+Review rule (the `review` column of qc.csv; docs/export.md): a case is flagged when
+  1. its first region (the whole tumour) is empty, or
+  2. a region of at least MIN_VOLUME_ML has a sample agreement below MIN_AGREEMENT (several samples only), or
+  3. a region of at least MIN_VOLUME_ML has a mean entropy inside it above MAX_ENTROPY.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from brats_unet.data.cases import Case
+from brats_unet.data.labels import LabelSchema
+from brats_unet.data.preprocess import undo_crop
+from brats_unet.inference.segmenter import CaseInput, Segmenter, output_header, output_schema
+from brats_unet.utils import atomic_path, atomic_write_text
+
+MIN_AGREEMENT = 0.9
+MAX_ENTROPY = 0.3
+MIN_VOLUME_ML = 0.5
+UNCERTAINTY_CHANNELS = ("entropy", "mutual_information")
+
+
+def normalised_entropy(probs: Tensor, activation: str) -> Tensor:
+    """(B, K, *S) probabilities -> (B, *S) entropy in [0, 1]."""
+    p = probs.double()
+    if activation == "softmax":
+        return (-torch.xlogy(p, p).sum(1) / math.log(p.shape[1])).float()
+    binary = -(torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p))
+    return (binary.mean(1) / math.log(2)).float()
+
+
+def sample_statistics(head: nn.Module, schema: LabelSchema) -> Callable[[Tensor], Tensor]:
+    """The activation that turns one sample's logits (B, K, *S) into (B, K + 1 + R, *S): probabilities, their
+    normalised entropy, each region's mask (1.0 / 0.0) of the sample's own decoding."""
+    regions = [torch.tensor(schema.region_classes[r]) for r in schema.region_names]
+
+    def activation(logits: Tensor) -> Tensor:
+        probs = head.probabilities(logits)
+        classes = head.to_classes(logits)
+        masks = [torch.isin(classes, r.to(classes.device)) for r in regions]
+        return torch.cat([probs, normalised_entropy(probs, head.activation)[:, None],
+                          torch.stack(masks, 1).to(probs.dtype)], 1)
+
+    return activation
+
+
+def pooled_agreement(fraction: np.ndarray, samples: int) -> float | None:
+    """Pooled pairwise Dice between `samples` masks, from the per-voxel fraction of samples holding the region."""
+    if samples < 2:
+        return None
+    counts = np.rint(np.asarray(fraction, dtype=np.float64) * samples)
+    total = counts.sum()
+    return 1.0 if total == 0 else float((counts * (counts - 1)).sum() / ((samples - 1) * total))
+
+
+@dataclass
+class Uncertainty:
+    """Maps in the case's geometry (0 outside the model's crop) and per-region agreement."""
+
+    entropy: np.ndarray
+    mutual_information: np.ndarray | None
+    agreement: dict[str, float | None]
+    samples: int
+
+
+def segment_with_uncertainty(segmenter: Segmenter, case: CaseInput, layout: str | None = None,
+                             probabilities: bool = False
+                             ) -> tuple[Case, np.ndarray, np.ndarray | None, Uncertainty]:
+    """Segmenter.segment plus its Uncertainty: the labels and probabilities are the plain prediction's, bit for bit."""
+    loaded, x, meta = segmenter.prepare(case, layout)
+    schema = segmenter.schema
+    stats = segmenter._mean_probabilities(x, activation=lambda m: sample_statistics(m.loss, schema))
+    k = segmenter.module.loss.num_outputs
+    probs, mean_entropy, fractions = stats[:k], stats[k], stats[k + 1:]
+    samples = len(segmenter.modules) * (2 ** (x.ndim - 1) if segmenter.tta else 1)
+    entropy = normalised_entropy(torch.from_numpy(probs)[None], segmenter.module.loss.activation)[0].numpy()
+    box, shape = meta["crop_box"], meta["original_shape"]
+    mi = undo_crop(np.maximum(entropy - mean_entropy, 0), box, shape, fill=0) if samples > 1 else None
+    agreement = {r: pooled_agreement(fractions[i], samples) for i, r in enumerate(schema.region_names)}
+    loaded, labels, full = segmenter.finish(loaded, probs, meta, probabilities)
+    return loaded, labels, full, Uncertainty(undo_crop(entropy, box, shape, fill=0), mi, agreement, samples)
+
+
+def save_uncertainty(path: Path, uncertainty: Uncertainty, case: Case) -> None:
+    """(x, y, z, 1 or 2) float32 NIfTI: entropy, and mutual information when there were several samples."""
+    maps = [uncertainty.entropy] + ([uncertainty.mutual_information] if uncertainty.mutual_information is not None
+                                    else [])
+    img = nib.Nifti1Image(np.stack(maps, -1).astype(np.float32), case.affine, output_header(case.header, np.float32))
+    img.set_data_dtype(np.float32)
+    img.header["descrip"] = ",".join(UNCERTAINTY_CHANNELS[: len(maps)]).encode()
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+
+
+def qc_row(case: Case, labels: np.ndarray, segmenter: Segmenter, uncertainty: Uncertainty, *,
+           min_agreement: float = MIN_AGREEMENT, max_entropy: float = MAX_ENTROPY,
+           min_volume_ml: float = MIN_VOLUME_ML) -> dict[str, Any]:
+    """One qc.csv row: per region volume (mL), mean entropy inside, sample agreement; the review flag and why."""
+    schema = segmenter.schema
+    classes = output_schema(schema, case.layout).to_classes(labels)
+    masks = schema.region_masks(classes)
+    voxel_ml = float(np.prod(case.spacing)) / 1000.0
+    row: dict[str, Any] = {"case": case.name, "samples": uncertainty.samples}
+    reasons = []
+    for region, mask in zip(schema.region_names, masks, strict=True):
+        volume = float(mask.sum()) * voxel_ml
+        entropy = float(uncertainty.entropy[mask].mean()) if mask.any() else None
+        agreement = uncertainty.agreement[region]
+        row |= {f"volume_{region}_ml": round(volume, 3), f"entropy_{region}": _round(entropy),
+                f"agreement_{region}": _round(agreement)}
+        if volume >= min_volume_ml and agreement is not None and agreement < min_agreement:
+            reasons.append(f"{region} agreement {agreement:.2f} < {min_agreement}")
+        if volume >= min_volume_ml and entropy is not None and entropy > max_entropy:
+            reasons.append(f"{region} entropy {entropy:.2f} > {max_entropy}")
+    if not masks[0].any():
+        reasons.insert(0, f"no {schema.region_names[0]} predicted")
+    row |= {"review": int(bool(reasons)), "reasons": "; ".join(reasons)}
+    return row
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def write_qc(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """qc.csv, one row per case (sorted), columns in the first row's order."""
+    if not rows:
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in sorted(rows, key=lambda r: r["case"]):
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    atomic_write_text(path, buffer.getvalue())
+
+
+def read_qc(path: Path) -> dict[str, dict[str, str]]:
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        return {row["case"]: row for row in csv.DictReader(f)}
