@@ -33,6 +33,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+from scipy.stats import rankdata
 from torch import Tensor, nn
 
 from brats_unet.data.cases import Case
@@ -166,3 +167,15 @@ def read_qc(path: Path) -> dict[str, dict[str, str]]:
         return {}
     with open(path, newline="") as f:
         return {row["case"]: row for row in csv.DictReader(f)}
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve of `scores` for telling `positive` (e.g. wrong voxels) from the rest: the
+    Mann-Whitney U statistic with tied scores sharing their mean rank. None when either class is empty."""
+    scores, positive = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(positive, dtype=bool).ravel()
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
