@@ -43,7 +43,7 @@ def tiny_run(root: Path, work: Path, steps: int, epochs: int) -> Path:
     if not (run / "checkpoints" / "best.ckpt").is_file():
         cfg = compose([f"data.root={root}", f"paths.cache_dir={work / 'cache'}", f"paths.output_dir={run}",
                        "data=synthetic", "preprocess=modern", "model=unet3d_small", "model.filters=[4,8,16]",
-                       "model.dropout=0.1",
+                       "model.dropout=0.1", "scheduler.warmup_steps=0",
                        "data.patch_size=[32,32,32]", "data.batch_size=2", f"data.steps_per_epoch={steps}",
                        "data.num_workers=0", "data.persistent_workers=false", "trainer.accelerator=cpu",
                        "trainer.precision=32-true", "runtime.channels_last=false", f"trainer.max_epochs={epochs}",
