@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
+from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from brats_unet.runs import read_metrics
@@ -114,4 +115,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero and not trainer.fast_dev_run:
         atomic_write_json(output_dir / "metrics.json", summary)
         log_hparams(trainer, config, metrics)
+        log_best_checkpoint(trainer, best_path)
     return metrics
+
+
+def log_best_checkpoint(trainer: L.Trainer, best_path: str | None) -> None:
+    """MLflow: the best checkpoint as an artefact (checkpoints/best.ckpt). Lightning's own log_model uploads only the
+    files of the checkpoint callback that saved last, which with our two callbacks is last.ckpt."""
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger) and best_path:
+            logger.experiment.log_artifact(logger.run_id, best_path, artifact_path="checkpoints")
