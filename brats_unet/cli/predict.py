@@ -76,7 +76,7 @@ def device_options(cfg: DictConfig) -> dict[str, Any]:
 def predict_package(cfg: DictConfig) -> list[Path]:
     """brats-predict model=<package>: the package's defaults (tta, postprocess, overlap, window_batch) unless given."""
     require(cfg, "input", "output", usage="brats-predict model=<package dir> input=<root|case> output=<dir>")
-    if cfg.get("oof") or (cfg.get("ckpt_path") and not OmegaConf.is_missing(cfg, "ckpt_path")):
+    if cfg.get("oof") or (not OmegaConf.is_missing(cfg, "ckpt_path") and cfg.get("ckpt_path")):
         raise BratsError("model=<package> predicts with the package alone: drop ckpt_path / oof")
     options = device_options(cfg)
     if str(cfg.get("engine") or "torch") == "onnx":
