@@ -116,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             result[f"torch_s_per_case_tta_{tta}".lower()] = seconds_per_case(torch_seg, cases)
             result[f"onnx_s_per_case_tta_{tta}".lower()] = seconds_per_case(onnx_seg, cases)
         result["load_1min"] = os.getloadavg()[0]
+        result["threads"] = torch.get_num_threads()
     print_table([result], list(result)[2:], "export + uncertainty (tiny model, held-out synthetic cases)")
     device = torch.device("cpu")
     write_result("export_uncertainty", result, device, args.out)

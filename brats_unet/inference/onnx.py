@@ -43,6 +43,8 @@ def export_onnx(net: nn.Module, path: Path, in_channels: int, patch_size: Sequen
         # The U-Net's input checks (channels, divisibility) are Python branches the tracer records as constants: the
         # graph skips them, and the sliding window only feeds it whole patches.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # InstanceNorm always normalises with the input's own statistics; the exporter's "train=True" note is moot.
+        warnings.filterwarnings("ignore", message=".*instance_norm.*train=True")
         torch.onnx.export(net, (example,), str(tmp), input_names=[INPUT], output_names=[OUTPUT], opset_version=OPSET,
                           dynamic_axes={INPUT: axes, OUTPUT: axes}, dynamo=False)
 
