@@ -97,8 +97,10 @@ def model_card(meta: Mapping[str, Any], spec: Any = None) -> str:
               if overrides else "- No overrides recorded (no .hydra/overrides.yaml beside the checkpoint)."]
     lines += ["", "## Validation metrics", "Each member's final validation metrics (metrics.json of its run; Dice per "
               "region, HD95 in mm):", "", *_metrics_table(members)]
-    if isinstance(spec, str | Path) and (Path(spec) / "cv.md").is_file():
-        lines += ["", "### Cross-validation (the sweep's cv.md)", "", Path(spec, "cv.md").read_text().strip()]
+    cv = [Path(spec) / d / "cv.md" for d in ("report", ".")] if isinstance(spec, str | Path) else []
+    cv = [p for p in cv if p.is_file()]
+    if cv:  # brats-report run=<sweep> writes <sweep>/report/cv.md
+        lines += ["", f"### Cross-validation ({cv[0].relative_to(Path(spec))})", "", cv[0].read_text().strip()]
     timing = meta.get("inference_time")
     lines += ["", "## Inference time"]
     if timing:
