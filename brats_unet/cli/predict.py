@@ -15,7 +15,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from brats_unet.cli.common import require, user_errors
+from brats_unet.cli.common import require, trust_targets, user_errors
 from brats_unet.config import CONFIG_PATH
 from brats_unet.data.split import read_split
 from brats_unet.inference.folder import predict_folder, predict_out_of_fold
@@ -44,7 +44,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     # A list (an ensemble) arrives as a ListConfig; a file or sweep dir as a string.
     ckpt: Any = [str(p) for p in cfg.ckpt_path] if isinstance(cfg.ckpt_path, ListConfig) else str(cfg.ckpt_path)
     options = device_options(cfg)  # a checkpoint's defaults: no TTA, no post-processing, overlap 0.5, 2 windows
-    options |= {"tta": bool(cfg.tta), "postprocess": bool(cfg.postprocess),
+    options |= {"tta": bool(cfg.tta), "postprocess": bool(cfg.postprocess), "trust_targets": trust_targets(cfg),
                 "overlap": 0.5 if options["overlap"] is None else float(options["overlap"]),
                 "window_batch": 2 if options["window_batch"] is None else int(options["window_batch"])}
     if cfg.get("oof"):

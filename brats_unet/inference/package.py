@@ -32,6 +32,7 @@ from brats_unet.models.unet2d import UNet2D
 from brats_unet.models.unet3d import UNet3D
 from brats_unet.training.losses import CrossEntropyLoss, RegionDiceBCELoss
 from brats_unet.training.module import BratsModule
+from brats_unet.training.targets import is_trusted
 from brats_unet.utils import BratsError
 
 FORMAT = 1
@@ -70,6 +71,8 @@ def check_plain(node: Any, where: str, path: str = "") -> None:
     elif isinstance(node, list | tuple):
         for i, value in enumerate(node):
             check_plain(value, where, f"{path}[{i}]")
+    elif isinstance(node, str) and "${" in node:
+        raise BratsError(f"{where}: {path} holds an interpolation ({node[:80]!r}); a model package holds plain values")
     elif not (node is None or isinstance(node, bool | int | float | str)):
         raise BratsError(f"{where}: {path} holds a {type(node).__name__}; a model package holds JSON data only")
 
@@ -156,7 +159,7 @@ def build_network(spec: Mapping[str, Any], where: str, channels_last: bool = Fal
     """One of ARCHITECTURES from its name and plain keyword arguments."""
     spec = dict(spec)
     name = spec.pop("architecture", None)
-    if name not in ARCHITECTURES:
+    if name not in ARCHITECTURES or not is_trusted(class_path(ARCHITECTURES[name])):  # the allowlist, as for configs
         raise BratsError(f"{where}: network architecture {name!r} is not one of {sorted(ARCHITECTURES)}")
     try:
         return ARCHITECTURES[name](**spec, channels_last=channels_last)
