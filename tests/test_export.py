@@ -202,3 +202,16 @@ def test_onnx_missing_is_a_clear_error(package: Path, monkeypatch: pytest.Monkey
         return
     with pytest.raises(BratsError, match=r"runtime=onnx needs the `onnxruntime` package.*pip install -e '.\[export\]'"):
         Segmenter.from_package(package, device="cpu", runtime="onnx")
+
+
+def test_a_predictions_folder_records_the_package_and_refuses_another(package: Path, tmp_path: Path) -> None:
+    other = export_package(variant(tmp_path / "b.ckpt"), tmp_path / "other", measure=False)
+    out = tmp_path / "pred"
+    common = [f"input={CASE}", f"output={out}", "device=cpu", "precision=fp32"]
+    predict_command(compose_cli("predict", [f"package={package}", *common]))
+    record = json.loads((out / "prediction.json").read_text())["model"]["members"]
+    assert record == [{"checkpoint": str(package / "weights" / "member_0.safetensors"),
+                       "sha256": json.loads((package / "model.json").read_text())["files"][
+                           "weights/member_0.safetensors"]}]
+    with pytest.raises(BratsError, match="holds predictions by another model"):
+        predict_command(compose_cli("predict", [f"package={other}", "resume=true", *common]))
