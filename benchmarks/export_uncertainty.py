@@ -10,6 +10,8 @@ exports it with format=onnx, then predicts every held-out case (the split's vali
   the brain (voxels non-zero in any modality) and over the tumour neighbourhood (truth or predicted whole tumour,
   dilated by 3 voxels);
 - the share of voxels whose labels agree between runtimes and the largest probability difference;
+- calibration: expected calibration error (15 bins) of every output channel over the test cases' brain voxels,
+  before and after a temperature fitted on the validation cases (measured only: prediction does not rescale);
 - seconds per case of each runtime (after one warm-up), with the 1-minute load.
 Writes benchmarks/results/export_uncertainty-cpu.json.
 """
@@ -34,7 +36,13 @@ from brats_unet.data.cases import load_nifti
 from brats_unet.data.split import load_split
 from brats_unet.inference.export import export_package
 from brats_unet.inference.segmenter import Segmenter
-from brats_unet.inference.uncertainty import auroc, segment_with_uncertainty
+from brats_unet.inference.uncertainty import (
+    auroc,
+    expected_calibration_error,
+    fit_temperature,
+    scale_temperature,
+    segment_with_uncertainty,
+)
 from brats_unet.synth.generator import write_dataset
 
 
@@ -82,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch_seg = Segmenter.from_package(package, device="cpu", precision="fp32")
         onnx_seg = Segmenter.from_package(package, device="cpu", precision="fp32", runtime="onnx")
         scores: dict[str, list[np.ndarray]] = {k: [] for k in ("entropy", "mi", "wrong", "near")}
+        calibration: dict[str, list[np.ndarray]] = {k: [] for k in ("val_p", "val_y", "test_p", "test_y")}
         agree, voxels, max_diff = 0, 0, 0.0
         schema = torch_seg.schema
         for case in cases:
@@ -98,8 +107,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             scores["mi"].append(unc.mutual_information[inside])
             scores["wrong"].append((predicted != truth)[inside])
             scores["near"].append(near[inside])
+            # per output channel: sigmoid regions vs the truth's regions, softmax classes vs one-hot classes
+            target = (schema.region_masks(truth) if torch_seg.module.loss.activation == "sigmoid"
+                      else np.stack([truth == c for c in range(probs.shape[0])]))
+            subset = "val" if case.name in split["val"] else "test"
+            calibration[f"{subset}_p"].append(probs[:, inside].ravel())
+            calibration[f"{subset}_y"].append(target[:, inside].ravel())
         joined = {k: np.concatenate(v) for k, v in scores.items()}
         near = joined["near"]
+        cal = {k: np.concatenate(v) for k, v in calibration.items()}
+        temperature = fit_temperature(cal["val_p"], cal["val_y"])  # fitted on the validation cases only
         result = {
             "cases": [c.name for c in cases], "samples": 8, "train_steps": args.steps * args.epochs,
             "error_rate_brain": float(joined["wrong"].mean()),
@@ -110,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "mean_entropy_wrong": float(joined["entropy"][joined["wrong"]].mean()),
             "mean_entropy_right": float(joined["entropy"][~joined["wrong"]].mean()),
             "onnx_label_agreement": agree / voxels, "onnx_max_prob_diff": max_diff,
+            "ece_test": expected_calibration_error(cal["test_p"], cal["test_y"]), "temperature": temperature,
+            "ece_test_scaled": expected_calibration_error(scale_temperature(cal["test_p"], temperature),
+                                                          cal["test_y"]),
         }
         for tta in (False, True):
             torch_seg.tta = onnx_seg.tta = tta

@@ -24,9 +24,12 @@ from brats_unet.inference.segmenter import Segmenter
 from brats_unet.inference.uncertainty import (
     Uncertainty,
     auroc,
+    expected_calibration_error,
+    fit_temperature,
     normalised_entropy,
     pooled_agreement,
     qc_row,
+    scale_temperature,
     segment_with_uncertainty,
 )
 from brats_unet.training.fit import train
@@ -61,6 +64,20 @@ def test_auroc_by_hand() -> None:
     assert auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
     assert auroc(np.array([0.5, 0.5]), np.array([0, 1])) == pytest.approx(0.5)  # ties share their rank
     assert auroc(np.array([0.1, 0.2]), np.array([0, 0])) is None
+
+
+def test_calibration_error_by_hand_and_temperature_undoes_overconfidence() -> None:
+    # bins of width 0.1: {0.1, 0.1} holds 1 positive (|0.2 - 1| = 0.8), {0.9, 0.9} 2 (|1.8 - 2| = 0.2) -> 1.0 / 4
+    assert expected_calibration_error(np.array([0.1, 0.1, 0.9, 0.9]), np.array([0, 1, 1, 1]), bins=10) == \
+        pytest.approx(0.25)
+    rng = np.random.default_rng(0)
+    q = rng.uniform(0.02, 0.98, 40000)  # true probabilities
+    y = rng.random(q.size) < q
+    overconfident = scale_temperature(q, 0.5)  # logits doubled
+    t = fit_temperature(overconfident, y)
+    assert t == pytest.approx(2.0, rel=0.1)
+    assert expected_calibration_error(scale_temperature(overconfident, t), y) < \
+        expected_calibration_error(overconfident, y) / 3
 
 
 def test_uncertainty_leaves_the_prediction_bit_identical(tmp_path: Path) -> None:

@@ -103,7 +103,8 @@ def read_package(package: str | Path) -> dict[str, Any]:
     package = Path(package).expanduser()
     path = package / MODEL_JSON
     if not path.is_file():
-        hint = " (a checkpoint? use ckpt_path=)" if package.is_file() else ""
+        hint = (" (a zip: unzip it and pass the folder)" if package.suffix == ".zip" else
+                " (a checkpoint? use ckpt_path=)" if package.is_file() else "")
         raise BratsError(f"model={package} is not a model package: it has no {MODEL_JSON}{hint}; write one with "
                          "brats-export ckpt_path=<checkpoint> output=<dir>")
     try:

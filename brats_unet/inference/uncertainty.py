@@ -179,3 +179,31 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
         return None
     ranks = rankdata(scores)
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+# ---- calibration (measurement: benchmarks/export_uncertainty.py; prediction does not rescale) ---------------------
+def expected_calibration_error(probs: np.ndarray, truth: np.ndarray, bins: int = 15) -> float:
+    """ECE of binary probabilities: sum over equal-width bins of |mean confidence - accuracy| x share of voxels,
+    with confidence p and outcome truth (both flattened; every channel of a region head counts as its own voxel)."""
+    p, y = np.asarray(probs, dtype=np.float64).ravel(), np.asarray(truth, dtype=np.float64).ravel()
+    which = np.minimum((p * bins).astype(np.int64), bins - 1)
+    count = np.bincount(which, minlength=bins)
+    gap = np.abs(np.bincount(which, p, bins) - np.bincount(which, y, bins))  # per bin: |sum p - sum y|
+    return float(gap.sum() / max(p.size, 1)) if count.any() else 0.0
+
+
+def scale_temperature(probs: np.ndarray, temperature: float, eps: float = 1e-6) -> np.ndarray:
+    """sigmoid(logit(p) / T): T > 1 softens over-confident probabilities, T < 1 sharpens them."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
+    return 1.0 / (1.0 + np.exp(-np.log(p / (1 - p)) / temperature))
+
+
+def fit_temperature(probs: np.ndarray, truth: np.ndarray, grid: np.ndarray | None = None) -> float:
+    """The temperature (on a log grid, 0.25..8) that minimises the binary cross-entropy on these (validation) voxels."""
+    grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 61)) if grid is None else grid
+    y = np.asarray(truth, dtype=np.float64).ravel()
+    losses = []
+    for t in grid:
+        q = np.clip(scale_temperature(probs, float(t)).ravel(), 1e-7, 1 - 1e-7)
+        losses.append(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+    return float(grid[int(np.argmin(losses))])
