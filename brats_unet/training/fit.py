@@ -11,7 +11,7 @@ import lightning.pytorch as L
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from brats_unet.runs import read_metrics
+from brats_unet.runs import NEVER_VALIDATED, read_metrics, validated
 from brats_unet.runtime import configure_runtime, resolve_training
 from brats_unet.training.build import build_datamodule, build_module, build_trainer, user_instantiate
 from brats_unet.training.checkpoint import check_weights_fit, flatten, resolve_ckpt_path, warn_config_changes
@@ -97,6 +97,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # overwriting it with empty metrics.
         log.info("%s: the run was already complete (epoch %d, step %d); kept its metrics.json", ckpt_path,
                  trainer.current_epoch, trainer.global_step)
+        if not validated(previous):
+            log.warning("%s: this run %s", output_dir, NEVER_VALIDATED)
         return dict(previous.get("final") or {})
 
     checkpoint_cb = trainer.checkpoint_callback
@@ -116,6 +118,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         atomic_write_json(output_dir / "metrics.json", summary)
         log_hparams(trainer, config, metrics)
         log_best_checkpoint(trainer, best_path)
+        if not validated(summary):
+            log.warning("%s: this run %s", output_dir, NEVER_VALIDATED)
     return metrics
 
 
