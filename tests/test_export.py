@@ -215,3 +215,11 @@ def test_a_predictions_folder_records_the_package_and_refuses_another(package: P
                            "weights/member_0.safetensors"]}]
     with pytest.raises(BratsError, match="holds predictions by another model"):
         predict_command(compose_cli("predict", [f"package={other}", "resume=true", *common]))
+
+
+def test_the_training_spacing_a_checkpoint_records_goes_into_model_json(tmp_path: Path) -> None:
+    checkpoint = torch.load(CKPT, map_location="cpu", weights_only=True)
+    checkpoint["brats_spacing"] = [2.0, 2.0, 1.5]
+    torch.save(checkpoint, tmp_path / "spaced.ckpt")
+    meta = read_package(export_package(tmp_path / "spaced.ckpt", tmp_path / "pkg", measure=False))
+    assert meta["training_spacing"] == {"spacing": [2.0, 2.0, 1.5], "source": "checkpoint (brats_spacing)"}

@@ -40,6 +40,7 @@ from brats_unet.inference.package import (
 )
 from brats_unet.inference.segmenter import Segmenter, load_model
 from brats_unet.runs import read_metrics, read_overrides
+from brats_unet.training.checkpoint import load_checkpoint
 from brats_unet.training.module import BratsModule
 from brats_unet.utils import BratsError, atomic_write_json, atomic_write_text
 
@@ -89,8 +90,11 @@ def run_facts(ckpt: Path) -> dict[str, Any]:
 
 
 def training_spacing(config: Mapping[str, Any], ckpt: Path, limit: int = 50) -> dict[str, Any] | None:
-    """The voxel spacing (mm) of the training cases, read from their NIfTI headers (the stored config records a
-    spacing under preprocess.spacing / data.spacing when the recipe resamples: that wins)."""
+    """The voxel spacing (mm) of the training cases: the checkpoint's `brats_spacing` (the median the predictor
+    resamples inputs to, where recorded), else the stored config's, else read from the training cases' headers."""
+    recorded = load_checkpoint(ckpt).get("brats_spacing")
+    if recorded:
+        return {"spacing": [float(s) for s in recorded], "source": "checkpoint (brats_spacing)"}
     for section in ("preprocess", "data"):
         stored = (config.get(section) or {}).get("spacing")
         if stored:
