@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -152,3 +153,18 @@ def test_uncertainty_is_higher_on_wrong_voxels_of_a_tiny_trained_model(synthetic
     assert 0 < wrong_all.mean() < 0.5
     assert entropy_all[wrong_all].mean() > entropy_all[~wrong_all].mean() + 0.05
     assert auroc(entropy_all, wrong_all) > 0.7
+
+
+def test_resume_keeps_the_qc_rows_of_cases_already_predicted(synthetic_root: Path, tmp_path: Path) -> None:
+    cases = sorted(p.name for p in synthetic_root.iterdir())
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": cases[1:], "val": [], "test": cases[:1]}))
+    out = tmp_path / "pred"
+    common = [f"ckpt_path={CKPT}", f"input={synthetic_root}", f"output={out}", "device=cpu", "precision=fp32",
+              "save_uncertainty=true"]
+    predict_command(compose_cli("predict", [*common, f"split_file={split}"]))
+    first = (out / "qc.csv").read_text().splitlines()
+    predict_command(compose_cli("predict", [*common, "resume=true"]))
+    rows = (out / "qc.csv").read_text().splitlines()
+    assert len(first) == 2 and len(rows) == 1 + len(cases) and first[1] in rows
+    assert sorted(p.name for p in out.glob("*_uncertainty.nii.gz")) == [f"{c}_uncertainty.nii.gz" for c in cases]
