@@ -88,7 +88,7 @@ def model_card(meta: Mapping[str, Any], spec: Any = None) -> str:
     if cases:
         lines.append(f"- Cases: {cases['train']} train, {cases['val']} validation, {cases['test']} test (split.json of "
                      f"{first_run.get('run')}).")
-    if first_run.get("num_folds"):
+    if (first_run.get("num_folds") or 0) > 1:
         lines.append(f"- Cross-validation: {first_run['num_folds']} folds; members' folds: "
                      f"{[m.get('run', {}).get('fold') for m in members]}.")
     overrides = first_run.get("overrides")
@@ -108,6 +108,7 @@ def model_card(meta: Mapping[str, Any], spec: Any = None) -> str:
                      f"{timing['device']} ({timing['cpu']}, {timing['threads']} threads, tta={timing['tta']}), "
                      f"measured at export with 1-minute load {timing['load_1min']}.")
     else:
-        lines.append("- Not measured (no case found beside the run; pass measure_input=<case folder>).")
+        lines.append("- Not measured at export (measure=false, or no test/validation case of the run was found: pass "
+                     "measure_input=<case folder>).")
     lines += ["", "## Known limits", *(f"- {limit}" for limit in LIMITS), "", "## Licence", f"{meta['license']}", ""]
     return "\n".join(lines)
