@@ -12,7 +12,6 @@ skipped.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import sys
 import time
@@ -34,6 +33,7 @@ from benchmarks.common import (
 )
 from benchmarks.training import MODELS, build_net, preset
 from brats_unet.models.sliding_window import _window_starts, flip_tta, sliding_window  # the same window grid as predict
+from brats_unet.runtime import autocast
 from brats_unet.runtime import resolve as resolve_auto
 
 
@@ -47,11 +47,10 @@ def window_count(shape: Sequence[int], patch: int, overlap: float) -> int:
 def time_case(net: torch.nn.Module, image: torch.Tensor, patch: int, overlap: float, tta: bool, precision: str,
               window_batch: int) -> float:
     device = image.device
-    autocast = (torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
-                if precision != "fp32" else contextlib.nullcontext())
+    cast = autocast(device, precision)
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
-        with autocast:
+        with cast():
             return torch.sigmoid(net(x).float())
 
     run = flip_tta if tta else sliding_window

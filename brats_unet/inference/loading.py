@@ -1,0 +1,78 @@
+"""A brats-train checkpoint -> its network in eval mode and the run config it was trained with (the recipe: data,
+preprocessing, patch size, labels). Nothing here predicts; the Segmenter (segmenter.py) does."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from brats_unet.data.preprocess import Recipe
+from brats_unet.runtime import ProbeModel
+from brats_unet.training.build import build_module, data_schema, probe_model
+from brats_unet.training.checkpoint import load_checkpoint, upgrade_config, weight_mismatches
+from brats_unet.training.module import BratsModule
+from brats_unet.utils import BratsError
+
+
+@dataclass
+class StoredModel:
+    """A checkpoint read and checked, before its network is built: the path, the weights and the upgraded config."""
+
+    path: Path
+    state_dict: dict[str, Any]
+    config: DictConfig
+
+    @property
+    def in_channels(self) -> int:
+        return Recipe.from_config(self.config.preprocess).num_channels
+
+
+def read_checkpoint(ckpt_path: str | Path) -> StoredModel:
+    """Load a brats-train checkpoint safely and upgrade its stored config to today's keys."""
+    path = Path(ckpt_path).expanduser()
+    checkpoint = load_checkpoint(path)
+    config = checkpoint.get("brats_config")
+    if not config or "state_dict" not in checkpoint:
+        raise BratsError(f"{path} is not a brats-unet checkpoint: it lacks the 'brats_config' or 'state_dict' that "
+                         "brats-train writes")
+    absent = [k for k in ("data", "preprocess", "model", "loss", "optimizer") if k not in config]
+    if absent:
+        raise BratsError(f"checkpoint {path}: its stored config lacks {absent}; was it written by another version?")
+    return StoredModel(path, checkpoint["state_dict"], OmegaConf.create(upgrade_config(config)))
+
+
+def build_model(stored: StoredModel, channels_last: bool = False) -> tuple[BratsModule, dict[str, Any]]:
+    """Rebuild the module from the checkpoint's own config, load its weights strictly: (module in eval mode, config)."""
+    cfg, path = copy.deepcopy(stored.config), stored.path
+    cfg.runtime.compile = False  # a one-off inference pass does not repay compilation
+    cfg.runtime.channels_last = bool(channels_last)
+    try:
+        module = build_module(cfg, in_channels=stored.in_channels)
+    except (InstantiationException, ValueError, TypeError) as e:
+        raise BratsError(f"checkpoint {path}: cannot rebuild the model from its stored config: {e}") from e
+    state, problems = weight_mismatches(stored.state_dict, module)
+    if problems:
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise BratsError(f"checkpoint {path}: its weights do not fit the model its stored config describes (the model "
+                         f"config differs from the one that wrote them): {'; '.join(problems[:5])}{more}")
+    module.load_state_dict(state, strict=True)
+    return module.eval(), OmegaConf.to_container(cfg, resolve=True)
+
+
+def load_model(ckpt_path: str | Path, channels_last: bool = False) -> tuple[BratsModule, dict[str, Any]]:
+    """read_checkpoint + build_model: (module in eval mode, config)."""
+    return build_model(read_checkpoint(ckpt_path), channels_last)
+
+
+def inference_probe(stored: StoredModel, window_batch: int, device: torch.device) -> ProbeModel:
+    """The checkpoint's own network, at its patch size and the window batch, for the channels_last probe."""
+    loss = instantiate(stored.config.loss, schema=data_schema(stored.config.data))
+    return probe_model(stored.config.model, stored.in_channels, loss.num_outputs, stored.config.data.patch_size,
+                       window_batch, device)
