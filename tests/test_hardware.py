@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from helpers import compose_train, tiny_overrides
@@ -223,6 +225,10 @@ def test_train_resolves_auto_logs_it_and_records_what_ran(synthetic_root: Path, 
     assert (device, chosen, use, model.input_shape) == (torch.device("cpu"), precision, "train", (1, 4, 32, 32, 32))
     convs = [m for m in model.build(False).modules() if isinstance(m, torch.nn.Conv3d)]
     assert convs[0].out_channels == 4 and max(c.out_channels for c in convs) == 16
+    # the checkpoint records the training cases' median voxel size: brats-predict resamples other spacings to it
+    train_cases = json.loads((run / "split.json").read_text())["train"]
+    zooms = [nib.load(synthetic_root / c / f"{c}_t1.nii.gz").header.get_zooms()[:3] for c in train_cases]
+    assert ckpt["brats_spacing"] == pytest.approx(np.median(np.asarray(zooms, dtype=np.float64), axis=0).tolist())
     assert ckpt["brats_config"]["runtime"]["channels_last"] is True
 
 

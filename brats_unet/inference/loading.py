@@ -28,6 +28,7 @@ class StoredModel:
     path: Path
     state_dict: dict[str, Any]
     config: DictConfig
+    spacing: list[float] | None = None  # the training cases' median voxel size (mm); None: not recorded (older)
 
     @property
     def in_channels(self) -> int:
@@ -45,7 +46,11 @@ def read_checkpoint(ckpt_path: str | Path) -> StoredModel:
     absent = [k for k in ("data", "preprocess", "model", "loss", "optimizer") if k not in config]
     if absent:
         raise BratsError(f"checkpoint {path}: its stored config lacks {absent}; was it written by another version?")
-    return StoredModel(path, checkpoint["state_dict"], OmegaConf.create(upgrade_config(config)))
+    spacing = checkpoint.get("brats_spacing")
+    if spacing is not None and (len(spacing) != 3 or not all(isinstance(v, int | float) and v > 0 for v in spacing)):
+        raise BratsError(f"checkpoint {path}: brats_spacing must be 3 positive voxel sizes in mm, got {spacing!r}")
+    return StoredModel(path, checkpoint["state_dict"], OmegaConf.create(upgrade_config(config)),
+                       None if spacing is None else [float(v) for v in spacing])
 
 
 def build_model(stored: StoredModel, channels_last: bool = False) -> tuple[BratsModule, dict[str, Any]]:

@@ -29,13 +29,34 @@ from brats_unet.data.preprocess import Recipe, undo_crop
 from brats_unet.inference.decoding import decode, label_image, output_schema, postprocess, uncrop_probabilities
 from brats_unet.inference.ensemble import CheckpointSpec, check_compatible, resolve_checkpoints
 from brats_unet.inference.inputs import CaseInput, load_input
-from brats_unet.inference.loading import build_model, inference_probe, read_checkpoint
+from brats_unet.inference.loading import StoredModel, build_model, inference_probe, read_checkpoint
 from brats_unet.inference.probabilities import mean_probabilities
+from brats_unet.inference.resampling import resample, resampled_shape
 from brats_unet.runtime import autocast, check_channels_last, check_precision, describe, resolve, resolve_device
 from brats_unet.training.module import BratsModule
 from brats_unet.utils import BratsError
 
 log = logging.getLogger("brats_unet.predict")
+
+
+def _mm(spacing: Sequence[float] | None) -> str:
+    return "x".join(f"{v:g}" for v in spacing or ())
+
+
+def training_spacing(stored: Sequence[StoredModel]) -> list[float] | None:
+    """The voxel size the members were trained at (the first's; a warning where members differ by more than the
+    tolerance). None, said once, for checkpoints that do not record it: inputs are then not resampled."""
+    spacing = stored[0].spacing
+    if spacing is None:
+        log.warning("%s records no training voxel size (written before brats-unet recorded it): every input is "
+                    "predicted at its own voxel size, without resampling; retrain, or check inputs match the "
+                    "training data's spacing", stored[0].path)
+        return None
+    for other in stored[1:]:
+        if other.spacing is None or resampled_shape((100, 100, 100), other.spacing, spacing) is not None:
+            log.warning("ensemble members were trained at different voxel sizes (%s: %s mm, %s: %s mm); inputs are "
+                        "resampled to the first's", stored[0].path, _mm(spacing), other.path, _mm(other.spacing))
+    return spacing
 
 
 def _options(**given: Any) -> dict[str, Any]:
@@ -59,9 +80,11 @@ class Segmenter:
     def __init__(self, module: BratsModule | Sequence[BratsModule], config: Mapping[str, Any] | Sequence[Mapping],
                  *, device: str | torch.device | None = None, tta: bool | None = None,
                  postprocess: bool | None = None, precision: str | None = None, overlap: float | None = None,
-                 window_batch: int | None = None, names: Sequence[str] | None = None) -> None:
+                 window_batch: int | None = None, names: Sequence[str] | None = None,
+                 spacing: Sequence[float] | None = None) -> None:
         """One module and its run config, or equal-length lists of them (an ensemble; `names` for its errors).
-        An option left None takes brats-predict's default (conf/predict.yaml)."""
+        An option left None takes brats-predict's default (conf/predict.yaml). `spacing`: the training voxel size
+        (mm) to resample inputs to (None: predict every input at its own voxel size)."""
         opts = _options(device=device, tta=tta, postprocess=postprocess, precision=precision, overlap=overlap,
                         window_batch=window_batch)
         modules = [module] if isinstance(module, BratsModule) else list(module)
@@ -80,6 +103,7 @@ class Segmenter:
         self._config = configs[0]
         self.tta, self.postprocess = bool(opts["tta"]), bool(opts["postprocess"])
         self.overlap, self.window_batch = float(opts["overlap"]), int(opts["window_batch"])
+        self.spacing = None if spacing is None else tuple(float(v) for v in spacing)
 
     @classmethod
     def from_checkpoint(cls, path: CheckpointSpec, device: str | torch.device | None = None, tta: bool | None = None,
@@ -103,10 +127,12 @@ class Segmenter:
         choice, hw = resolve(device, opts["precision"], opts["channels_last"], use="infer", model=probe)
         log.info(describe(choice, hw))
         models = [build_model(s, channels_last=choice.channels_last) for s in stored]
+        spacing = training_spacing(stored)
         del stored
         opts.update(device=device, precision=choice.precision)
         del opts["channels_last"]
-        segmenter = cls([m for m, _ in models], [c for _, c in models], names=[str(p) for p in paths], **opts)
+        segmenter = cls([m for m, _ in models], [c for _, c in models], names=[str(p) for p in paths],
+                        spacing=spacing, **opts)
         segmenter.channels_last = choice.channels_last
         return segmenter
 
@@ -135,18 +161,32 @@ class Segmenter:
         """(the loaded case, labels in its geometry and labels, probabilities (K, *S) or None)."""
         loaded = load_input(case, self.modalities, resolve_layout(layout) if layout else self.layout)
         schema, activation = self.schema, self.module.loss.activation
-        x, _, meta = Recipe.from_config(self._config["preprocess"]).apply(loaded.images, None, schema)
+        own = next(iter(loaded.images.values())).shape
+        grid = resampled_shape(own, loaded.spacing, self.spacing)  # None: the model reads the case as it is
+        images = loaded.images if grid is None else {m: resample(v, grid) for m, v in loaded.images.items()}
+        if grid is not None:
+            log.info("%s: resampled from %s mm %s to the training spacing %s mm %s", loaded.name,
+                     _mm(loaded.spacing), own, _mm(self.spacing), grid)
+        x, _, meta = Recipe.from_config(self._config["preprocess"]).apply(images, None, schema)
         probs = mean_probabilities(self.modules, self.configs, x, overlap=self.overlap,
                                    window_batch=self.window_batch, tta=self.tta, device=self.device,
                                    autocast=self._autocast)
-        classes, et_prob = decode(probs, activation, schema)
+        box, shape = meta["crop_box"], meta["original_shape"]
+        full = None
+        if grid is None:
+            classes, et_prob = decode(probs, activation, schema)
+            # Outside the crop is background: the model never saw it (the seed's fixed crop, modern's nonzero box).
+            classes = undo_crop(classes, box, shape, fill=0)
+            et_prob = None if et_prob is None else undo_crop(et_prob, box, shape, fill=0)
+            if probabilities:
+                full = uncrop_probabilities(probs, box, shape, activation)
+        else:  # the probabilities back on the input's own grid, decoded there (nnU-Net's order)
+            full = resample(uncrop_probabilities(probs, box, shape, activation), own)
+            classes, et_prob = decode(full, activation, schema)
         if self.postprocess:
             classes = postprocess(classes, et_prob, schema)
-        box, shape = meta["crop_box"], meta["original_shape"]
-        # Outside the crop is background: the model never saw it (the seed's fixed crop, the nonzero box of modern).
-        labels = output_schema(schema, loaded.layout).from_classes(undo_crop(classes, box, shape, fill=0))
-        full = uncrop_probabilities(probs, box, shape, activation) if probabilities else None
-        return loaded, labels, full
+        labels = output_schema(schema, loaded.layout).from_classes(classes)
+        return loaded, labels, full if probabilities else None
 
     def predict(self, case: CaseInput, layout: str | Layout | None = None) -> nib.Nifti1Image:
         """uint8 label map in the dataset's own labels (the model's schema; ET 4 for 2021 names, 3 for 2023), the
