@@ -32,7 +32,16 @@ from brats_unet.inference.inputs import CaseInput, load_input
 from brats_unet.inference.loading import StoredModel, build_model, inference_probe, read_checkpoint
 from brats_unet.inference.probabilities import mean_probabilities
 from brats_unet.inference.resampling import resample, resampled_shape
-from brats_unet.runtime import autocast, check_channels_last, check_precision, describe, resolve, resolve_device
+from brats_unet.runtime import (
+    auto_precision,
+    autocast,
+    check_channels_last,
+    check_precision,
+    describe,
+    detect,
+    resolve,
+    resolve_device,
+)
 from brats_unet.training.module import BratsModule
 from brats_unet.utils import BratsError
 
@@ -95,7 +104,9 @@ class Segmenter:
         names = list(names) if names is not None else [f"model {i}" for i in range(len(modules))]
         check_compatible(names, configs, [m.loss.activation for m in modules])
         self.device = resolve_device(opts["device"])
-        self.precision = opts["precision"]
+        check_precision(opts["precision"])
+        # `auto` arrives resolved from from_checkpoint; a Segmenter built by hand resolves it here, by the same rule
+        self.precision = auto_precision(detect(self.device))[0] if opts["precision"] == "auto" else opts["precision"]
         self._autocast = autocast(self.device, self.precision)
         self.modules = [m.to(self.device).eval() for m in modules]
         self.module = self.modules[0]  # the decoding head, shared by every member
@@ -104,6 +115,7 @@ class Segmenter:
         self.tta, self.postprocess = bool(opts["tta"]), bool(opts["postprocess"])
         self.overlap, self.window_batch = float(opts["overlap"]), int(opts["window_batch"])
         self.spacing = None if spacing is None else tuple(float(v) for v in spacing)
+        self.channels_last: bool | None = None  # the memory format from_checkpoint chose (None: as the modules are)
 
     @classmethod
     def from_checkpoint(cls, path: CheckpointSpec, device: str | torch.device | None = None, tta: bool | None = None,
