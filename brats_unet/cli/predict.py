@@ -14,7 +14,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from brats_unet.cli.common import require, user_errors
+from brats_unet.cli.common import require, trust_targets, user_errors
 from brats_unet.config import CONFIG_PATH, PREDICT_OPTIONS
 from brats_unet.data.split import read_split
 from brats_unet.inference.folder import predict_folder, predict_out_of_fold
@@ -34,6 +34,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     # The API's own option names (config.PREDICT_OPTIONS): Segmenter.from_checkpoint resolves `auto` once.
     options = {k: cfg[k] for k in PREDICT_OPTIONS} | {"channels_last": cfg.runtime.channels_last}
     options["device"] = resolve_device(str(cfg.device))  # a bad device fails before any checkpoint is read
+    options["trust_targets"] = trust_targets(cfg)
     if cfg.get("oof"):
         if cfg.get("split_file") or not isinstance(ckpt, str):
             raise BratsError("oof=true predicts each fold's own split.json validation cases: pass ckpt_path=<cross-"

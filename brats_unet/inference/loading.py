@@ -4,6 +4,7 @@ preprocessing, patch size, labels). Nothing here predicts; the Segmenter (segmen
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from brats_unet.runtime import ProbeModel
 from brats_unet.training.build import build_module, data_schema, probe_model
 from brats_unet.training.checkpoint import load_checkpoint, upgrade_config, weight_mismatches
 from brats_unet.training.module import BratsModule
+from brats_unet.training.targets import check_targets
 from brats_unet.utils import BratsError
 
 
@@ -35,8 +37,9 @@ class StoredModel:
         return Recipe.from_config(self.config.preprocess).num_channels
 
 
-def read_checkpoint(ckpt_path: str | Path) -> StoredModel:
-    """Load a brats-train checkpoint safely and upgrade its stored config to today's keys."""
+def read_checkpoint(ckpt_path: str | Path, trust_targets: Sequence[str] = ()) -> StoredModel:
+    """Load a brats-train checkpoint safely and upgrade its stored config to today's keys. Its `_target_`s must be
+    the project's own or named in `trust_targets` (training.targets.check_targets)."""
     path = Path(ckpt_path).expanduser()
     checkpoint = load_checkpoint(path)
     config = checkpoint.get("brats_config")
@@ -49,7 +52,8 @@ def read_checkpoint(ckpt_path: str | Path) -> StoredModel:
     spacing = checkpoint.get("brats_spacing")
     if spacing is not None and (len(spacing) != 3 or not all(isinstance(v, int | float) and v > 0 for v in spacing)):
         raise BratsError(f"checkpoint {path}: brats_spacing must be 3 positive voxel sizes in mm, got {spacing!r}")
-    return StoredModel(path, checkpoint["state_dict"], OmegaConf.create(upgrade_config(config)),
+    return StoredModel(path, checkpoint["state_dict"],
+                       OmegaConf.create(check_targets(upgrade_config(config), path, trust_targets)),
                        None if spacing is None else [float(v) for v in spacing])
 
 
@@ -71,9 +75,10 @@ def build_model(stored: StoredModel, channels_last: bool = False) -> tuple[Brats
     return module.eval(), OmegaConf.to_container(cfg, resolve=True)
 
 
-def load_model(ckpt_path: str | Path, channels_last: bool = False) -> tuple[BratsModule, dict[str, Any]]:
+def load_model(ckpt_path: str | Path, channels_last: bool = False, trust_targets: Sequence[str] = ()
+               ) -> tuple[BratsModule, dict[str, Any]]:
     """read_checkpoint + build_model: (module in eval mode, config)."""
-    return build_model(read_checkpoint(ckpt_path), channels_last)
+    return build_model(read_checkpoint(ckpt_path, trust_targets), channels_last)
 
 
 def inference_probe(stored: StoredModel, window_batch: int, device: torch.device) -> ProbeModel:

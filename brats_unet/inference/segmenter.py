@@ -120,20 +120,22 @@ class Segmenter:
     @classmethod
     def from_checkpoint(cls, path: CheckpointSpec, device: str | torch.device | None = None, tta: bool | None = None,
                         postprocess: bool | None = None, precision: str | None = None,
-                        channels_last: bool | str | None = None, **window: Any) -> Segmenter:
+                        channels_last: bool | str | None = None, trust_targets: Sequence[str] = (),
+                        **window: Any) -> Segmenter:
         """Rebuild the model of a brats-train checkpoint (best.ckpt / last.ckpt), or an ensemble of several: a list
         of checkpoints or a sweep dir (each job's checkpoints/best.ckpt); `window`: overlap, window_batch.
 
         Every option left None is brats-predict's default (conf/predict.yaml, runtime/default.yaml): device auto,
         precision auto, channels_last auto, ... so the API predicts what the command predicts. `auto` is resolved
-        here once (brats_unet.runtime.resolve), the memory format probed with the checkpoint's own network."""
+        here once (brats_unet.runtime.resolve), the memory format probed with the checkpoint's own network.
+        `trust_targets`: your own `_target_`s a checkpoint may name (docs/trust.md)."""
         opts = _options(device=device, tta=tta, postprocess=postprocess, precision=precision,
                         channels_last=channels_last, **window)
         check_precision(opts["precision"])
         check_channels_last(opts["channels_last"])
         device = resolve_device(opts["device"])  # before loading: a bad device is a quick error
         paths = resolve_checkpoints(path)
-        stored = [read_checkpoint(p) for p in paths]
+        stored = [read_checkpoint(p, trust_targets) for p in paths]
         probe = inference_probe(stored[0], int(opts["window_batch"]), device) \
             if opts["channels_last"] == "auto" else None
         choice, hw = resolve(device, opts["precision"], opts["channels_last"], use="infer", model=probe)

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from brats_unet.data.preprocess import Recipe
-from brats_unet.runs import read_metrics
+from brats_unet.runs import NEVER_VALIDATED, read_metrics, validated
 from brats_unet.runtime import ProbeModel, configure_runtime, resolve_training, run_device
 from brats_unet.training.build import (
     build_datamodule,
@@ -114,6 +114,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # overwriting it with empty metrics.
         log.info("%s: the run was already complete (epoch %d, step %d); kept its metrics.json", ckpt_path,
                  trainer.current_epoch, trainer.global_step)
+        if not validated(previous):
+            log.warning("%s: this run %s", output_dir, NEVER_VALIDATED)
         return dict(previous.get("final") or {})
 
     checkpoint_cb = trainer.checkpoint_callback
@@ -132,4 +134,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero and not trainer.fast_dev_run:
         atomic_write_json(output_dir / "metrics.json", summary)
         log_hparams(trainer, config, metrics)
+        if not validated(summary):
+            log.warning("%s: this run %s", output_dir, NEVER_VALIDATED)
     return metrics
