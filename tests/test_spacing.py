@@ -12,6 +12,7 @@ import pytest
 from helpers import FIXTURES
 
 import brats_unet
+from brats_unet.inference import segmenter as segmenter_module
 from brats_unet.inference.loading import load_model
 from brats_unet.inference.resampling import resample, resampled_shape
 from brats_unet.inference.segmenter import Segmenter
@@ -77,11 +78,12 @@ def test_spacings_within_one_percent_are_not_resampled(cases, model) -> None:
     assert resampled_shape((48, 48, 32), (1.0, 1.0, 1.0), None) is None
 
 
-def test_a_checkpoint_without_a_spacing_predicts_as_before_and_says_so(cases, caplog) -> None:
-    coarse, _ = cases
+def test_a_checkpoint_without_a_spacing_predicts_as_before_and_says_so_once(caplog, monkeypatch) -> None:
+    monkeypatch.setattr(segmenter_module, "_warned_no_spacing", [])  # whatever loaded an old checkpoint before
     with caplog.at_level(logging.WARNING, logger="brats_unet.predict"):
         segmenter = brats_unet.Segmenter.from_checkpoint(OLD / "tiny_region.ckpt", device="cpu", precision="fp32")
+        brats_unet.Segmenter.from_checkpoint(OLD / "tiny_region.ckpt", device="cpu", precision="fp32")
     assert segmenter.spacing is None
-    assert "records no training voxel size" in caplog.text and "without resampling" in caplog.text
+    assert caplog.text.count("records no training voxel size") == 1 and "without resampling" in caplog.text
     expected = np.asarray(nib.load(OLD / "expected" / "plain.nii.gz").dataobj)
     assert np.array_equal(np.asarray(segmenter.predict(OLD / "BraTS2021_00000").dataobj), expected)

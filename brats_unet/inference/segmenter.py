@@ -48,6 +48,9 @@ from brats_unet.utils import BratsError
 log = logging.getLogger("brats_unet.predict")
 
 
+_warned_no_spacing: list[bool] = []
+
+
 def _mm(spacing: Sequence[float] | None) -> str:
     return "x".join(f"{v:g}" for v in spacing or ())
 
@@ -57,6 +60,9 @@ def training_spacing(stored: Sequence[StoredModel]) -> list[float] | None:
     tolerance). None, said once, for checkpoints that do not record it: inputs are then not resampled."""
     spacing = stored[0].spacing
     if spacing is None:
+        if _warned_no_spacing:  # once per process: out-of-fold prediction loads a checkpoint per fold
+            return None
+        _warned_no_spacing.append(True)
         log.warning("%s records no training voxel size (written before brats-unet recorded it): every input is "
                     "predicted at its own voxel size, without resampling; retrain, or check inputs match the "
                     "training data's spacing", stored[0].path)
