@@ -3,13 +3,17 @@
 `auto` for precision and the memory format: the fastest correct setting of the hardware at hand.
 
 brats-train's `trainer.precision: auto`, brats-predict's `precision=auto` and `runtime.channels_last: auto` (both
-commands) are resolved here, once, before anything is built; an explicit value always wins.
+commands) are resolved here, once per run (brats-train) or Segmenter (brats-predict and the Python API), before the
+network that runs is built; an explicit value always wins. Device and precision -> autocast are this module's too
+(`resolve_device`, `autocast`: the one rule training, prediction and the benchmarks use).
 
 - Precision follows a rule, because the kernels follow the same CPUID bits: oneDNN runs bf16 natively only on CPUs
   with AVX512-BF16 or AMX (elsewhere it emulates bf16 and is slower than fp32: 1.2-1.4x on this project's 2-core
   Xeon, whose hypervisor hides those flags); CUDA GPUs with native bf16 (Ampere+) get bf16, older ones fp16.
 - channels_last_3d has no reliable rule (it halves the CPU step here, on GPUs it depends on cuDNN and the norm
-  layers), so a short probe measures it once per machine, precision and use (train / infer) and caches the result.
+  layers), so a short probe times the run's own network (the caller hands it in as a `ProbeModel`: this layer
+  imports no models) on the device the run uses, once per machine, precision, use (train / infer) and network, and
+  caches the result. A rank of a multi-process run never times it (ranks could disagree): it reads the cache.
 
 The decision itself (`decide`) is a pure function of the capabilities and the probe's timings.
 """
