@@ -116,6 +116,13 @@ def test_predict_accepts_paths_and_arrays_with_either_releases_names() -> None:
         segmenter.predict({k: v for k, v in arrays.items() if k != "t2f"})
     with pytest.raises(BratsError, match=r"case: t2: shape \(4, 4, 4\) differs from t1 \(48, 48, 32\)"):
         segmenter.predict({**paths, "t2": (np.zeros((4, 4, 4)), case.affine)})
+    # in-memory images get the checks a case folder gets (data/cases.py's, one home)
+    nan = case.images["t1"].copy()
+    nan[0, 0, 0] = np.nan
+    with pytest.raises(BratsError, match=r"case: t1: 1 NaN or Inf voxels"):
+        segmenter.predict({**paths, "t1": (nan, case.affine)})
+    with pytest.raises(BratsError, match=r"case: t2: t2 image is all zero"):
+        segmenter.predict({**paths, "t2": (np.zeros_like(nan), case.affine)})
 
 
 def test_evaluate_api_gives_the_rows_and_summary_the_command_writes(tmp_path: Path) -> None:
