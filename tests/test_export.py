@@ -22,6 +22,7 @@ from brats_unet.inference import onnx as onnx_module
 from brats_unet.inference.export import export_package
 from brats_unet.inference.package import content_hash, read_package
 from brats_unet.inference.segmenter import Segmenter
+from brats_unet.inference.uncertainty import segment_with_uncertainty
 from brats_unet.utils import BratsError
 
 OLD = FIXTURES / "v0_1"
@@ -221,5 +222,13 @@ def test_the_training_spacing_a_checkpoint_records_goes_into_model_json(tmp_path
     checkpoint = torch.load(CKPT, map_location="cpu", weights_only=True)
     checkpoint["brats_spacing"] = [2.0, 2.0, 1.5]
     torch.save(checkpoint, tmp_path / "spaced.ckpt")
-    meta = read_package(export_package(tmp_path / "spaced.ckpt", tmp_path / "pkg", measure=False))
+    package = export_package(tmp_path / "spaced.ckpt", tmp_path / "pkg", measure=False)
+    meta = read_package(package)
     assert meta["training_spacing"] == {"spacing": [2.0, 2.0, 1.5], "source": "checkpoint (brats_spacing)"}
+    # ... and the package resamples inputs to it exactly as the checkpoint does
+    ckpt = Segmenter.from_checkpoint(tmp_path / "spaced.ckpt", device="cpu", precision="fp32")
+    pkg = Segmenter.from_package(package, device="cpu", precision="fp32")
+    assert pkg.spacing == ckpt.spacing == (2.0, 2.0, 1.5)
+    assert torch.equal(torch.from_numpy(ckpt.predict_proba(CASE)), torch.from_numpy(pkg.predict_proba(CASE)))
+    _, labels, _, unc = segment_with_uncertainty(pkg, CASE)  # maps come back to the input's grid too
+    assert unc.entropy.shape == labels.shape == nib.load(next(CASE.glob("*_t1.nii.gz"))).shape

@@ -3,6 +3,7 @@
     brats-predict ckpt_path=<run>/checkpoints/best.ckpt input=<BraTS root or one case folder> output=<dir> [tta=true]
     brats-predict ckpt_path='[a.ckpt,b.ckpt]' ...          an ensemble (also ckpt_path=<sweep dir>: every job's best)
     brats-predict ckpt_path=<cv sweep dir> oof=true ...    each fold's validation cases with that fold's model
+    brats-predict model=<brats-export package> ... [runtime=onnx] [save_uncertainty=true]     (docs/export.md)
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from brats_unet.cli.common import require, trust_targets, user_errors
-from brats_unet.config import CONFIG_PATH
+from brats_unet.config import CONFIG_PATH, PREDICT_OPTIONS
 from brats_unet.data.split import read_split
 from brats_unet.inference.folder import predict_folder, predict_out_of_fold
-from brats_unet.inference.segmenter import Segmenter, autocast_for, resolve_device
-from brats_unet.runtime import configure_runtime, describe, resolve
+from brats_unet.inference.segmenter import Segmenter
+from brats_unet.runtime import configure_runtime, resolve_device
 from brats_unet.utils import BratsError
 
 log = logging.getLogger("brats_unet.predict")
@@ -41,12 +42,13 @@ def predict(cfg: DictConfig) -> list[Path]:
                          "written with format=onnx> instead of ckpt_path")
     require(cfg, "ckpt_path", "input", "output", usage="brats-predict ckpt_path=<ckpt> input=<root|case> output=<dir> "
             "(or model=<brats-export package>)")
+    log.info("runtime: %s", configure_runtime(**(cfg.get("runtime") or {})))
     # A list (an ensemble) arrives as a ListConfig; a file or sweep dir as a string.
     ckpt: Any = [str(p) for p in cfg.ckpt_path] if isinstance(cfg.ckpt_path, ListConfig) else str(cfg.ckpt_path)
-    options = device_options(cfg)  # a checkpoint's defaults: no TTA, no post-processing, overlap 0.5, 2 windows
-    options |= {"tta": bool(cfg.tta), "postprocess": bool(cfg.postprocess), "trust_targets": trust_targets(cfg),
-                "overlap": 0.5 if options["overlap"] is None else float(options["overlap"]),
-                "window_batch": 2 if options["window_batch"] is None else int(options["window_batch"])}
+    # The API's own option names (config.PREDICT_OPTIONS): Segmenter.from_checkpoint resolves `auto` once.
+    options = {k: cfg[k] for k in PREDICT_OPTIONS} | {"channels_last": cfg.runtime.channels_last}
+    options["device"] = resolve_device(str(cfg.device))  # a bad device fails before any checkpoint is read
+    options["trust_targets"] = trust_targets(cfg)
     if cfg.get("oof"):
         if cfg.get("save_uncertainty"):
             raise BratsError("save_uncertainty=true is not available with oof=true (one qc.csv per model run)")
@@ -62,29 +64,22 @@ def predict(cfg: DictConfig) -> list[Path]:
     return predict_cases(cfg, segmenter)
 
 
-def device_options(cfg: DictConfig) -> dict[str, Any]:
-    """device, precision, channels_last, overlap, window_batch as the config and this machine decide them."""
-    log.info("runtime: %s", configure_runtime(**(cfg.get("runtime") or {})))
-    device = resolve_device(str(cfg.device))
-    autocast_for(device, str(cfg.precision))  # a bad precision fails before the probe runs
-    choice, hw = resolve(device, str(cfg.precision), cfg.runtime.channels_last, use="infer")
-    log.info(describe(choice, hw))
-    return {"device": device, "precision": choice.precision, "overlap": cfg.overlap, "window_batch": cfg.window_batch,
-            "channels_last": choice.channels_last}
-
-
 def predict_package(cfg: DictConfig) -> list[Path]:
     """brats-predict model=<package>: the package's defaults (tta, postprocess, overlap, window_batch) unless given."""
     require(cfg, "input", "output", usage="brats-predict model=<package dir> input=<root|case> output=<dir>")
     if cfg.get("oof") or (not OmegaConf.is_missing(cfg, "ckpt_path") and cfg.get("ckpt_path")):
         raise BratsError("model=<package> predicts with the package alone: drop ckpt_path / oof")
-    options = device_options(cfg)
-    if str(cfg.get("engine") or "torch") == "onnx":
-        options |= {"device": "cpu", "precision": "fp32", "channels_last": False}  # onnxruntime's CPU session
-    segmenter = Segmenter.from_package(cfg.package, runtime=str(cfg.get("engine") or "torch"), tta=cfg.tta,
-                                       postprocess=cfg.postprocess, **options)
+    log.info("runtime: %s", configure_runtime(**(cfg.get("runtime") or {})))
+    engine = str(cfg.get("engine") or "torch")
+    options = {k: cfg[k] for k in PREDICT_OPTIONS}
+    options["device"] = resolve_device(str(cfg.device))
+    channels_last = cfg.runtime.channels_last is True
+    if engine == "onnx":  # onnxruntime's CPU session: float32 in, float32 out
+        options |= {"device": resolve_device("cpu"), "precision": "fp32"}
+        channels_last = False
+    segmenter = Segmenter.from_package(cfg.package, runtime=engine, channels_last=channels_last, **options)
     log.info("model package %s: %d member(s), tta=%s, postprocess=%s, runtime=%s", cfg.package,
-             len(segmenter.modules), segmenter.tta, segmenter.postprocess, cfg.get("engine") or "torch")
+             len(segmenter.modules), segmenter.tta, segmenter.postprocess, engine)
     return predict_cases(cfg, segmenter)
 
 

@@ -1,9 +1,9 @@
 """brats-export: a checkpoint, a list of them or a sweep dir -> one model package (inference/package.py) with a
 generated MODEL_CARD.md (inference/card.py), optionally ONNX graphs and a zip.
 
-Every member is loaded exactly as brats-predict loads it (segmenter.load_model: the checked config, strict weights),
-and its network's state_dict is written as tensors only; predicting from the package is bit-identical to predicting
-from the checkpoints (tests/test_export.py).
+Every member is loaded exactly as brats-predict loads it (inference.loading.load_model: the checked config, strict
+weights), and its network's state_dict is written as tensors only; predicting from the package is bit-identical to
+predicting from the checkpoints (tests/test_export.py).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from brats_unet.data.discovery import list_case_dirs, resolve_layout
 from brats_unet.data.split import load_split
 from brats_unet.inference.card import model_card
 from brats_unet.inference.ensemble import CheckpointSpec, resolve_checkpoints
+from brats_unet.inference.loading import load_model
 from brats_unet.inference.onnx import export_onnx
 from brats_unet.inference.package import (
     FORMAT,
@@ -38,7 +39,7 @@ from brats_unet.inference.package import (
     file_sha256,
     schema_json,
 )
-from brats_unet.inference.segmenter import Segmenter, load_model
+from brats_unet.inference.segmenter import Segmenter
 from brats_unet.runs import read_metrics, read_overrides
 from brats_unet.training.checkpoint import load_checkpoint
 from brats_unet.training.module import BratsModule
@@ -178,10 +179,12 @@ def export_package(spec: CheckpointSpec, output: str | Path, *, formats: Sequenc
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = resolve_checkpoints(spec)
     loaded = [load_model(p) for p in paths]
+    config = loaded[0][1]
+    spacing = training_spacing(config, paths[0])
+    resample_to = spacing["spacing"] if spacing and spacing["source"].startswith("checkpoint") else None
     segmenter = Segmenter([m for m, _ in loaded], [c for _, c in loaded], device="cpu", precision="fp32", tta=tta,
                           postprocess=postprocess, overlap=overlap, window_batch=window_batch,
-                          names=[str(p) for p in paths])  # refuses members that cannot be averaged
-    config = loaded[0][1]
+                          names=[str(p) for p in paths], spacing=resample_to)  # refuses members that cannot be averaged
     recipe = dict(config["preprocess"])
     check_plain(recipe, f"{paths[0]} (preprocess config)")
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as tmp:
@@ -213,7 +216,7 @@ def export_package(spec: CheckpointSpec, output: str | Path, *, formats: Sequenc
             "layout": config["data"]["layout"],
             "label_schema": schema_json(schema),
             "preprocessing": recipe,
-            "training_spacing": training_spacing(config, paths[0]),
+            "training_spacing": spacing,
             "training_data": {"root_name": Path(str(config["data"].get("root", ""))).name or None,
                               "cases": (members[0]["run"] or {}).get("cases")},
             "activation": segmenter.module.loss.activation,

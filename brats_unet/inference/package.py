@@ -216,7 +216,7 @@ def load_members(package: str | Path, runtime: str = "torch", channels_last: boo
     return meta, modules, configs, names
 
 
-def predict_defaults(meta: Mapping[str, Any], **given: Any) -> dict[str, Any]:
+def package_options(meta: Mapping[str, Any], **given: Any) -> dict[str, Any]:
     """The package's TTA / post-processing / window defaults, with the values the user gave (not None) on top."""
     defaults = dict(meta.get("defaults") or {})
     return {k: v if v is not None else defaults.get(k) for k, v in given.items()}

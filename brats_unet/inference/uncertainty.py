@@ -38,8 +38,10 @@ from torch import Tensor, nn
 
 from brats_unet.data.cases import Case
 from brats_unet.data.labels import LabelSchema
-from brats_unet.data.preprocess import undo_crop
-from brats_unet.inference.segmenter import CaseInput, Segmenter, output_header, output_schema
+from brats_unet.inference.decoding import output_header, output_schema
+from brats_unet.inference.inputs import CaseInput
+from brats_unet.inference.probabilities import mean_probabilities
+from brats_unet.inference.segmenter import Segmenter
 from brats_unet.utils import atomic_path, atomic_write_text
 
 MIN_AGREEMENT = 0.9
@@ -83,7 +85,8 @@ def pooled_agreement(fraction: np.ndarray, samples: int) -> float | None:
 
 @dataclass
 class Uncertainty:
-    """Maps in the case's geometry (0 outside the model's crop) and per-region agreement."""
+    """Maps in the case's geometry (0 outside the model's crop; resampled back like the probabilities when the case
+    was resampled to the training spacing) and per-region agreement (on the model's grid)."""
 
     entropy: np.ndarray
     mutual_information: np.ndarray | None
@@ -97,16 +100,18 @@ def segment_with_uncertainty(segmenter: Segmenter, case: CaseInput, layout: str 
     """Segmenter.segment plus its Uncertainty: the labels and probabilities are the plain prediction's, bit for bit."""
     loaded, x, meta = segmenter.prepare(case, layout)
     schema = segmenter.schema
-    stats = segmenter._mean_probabilities(x, activation=lambda m: sample_statistics(m.loss, schema))
+    stats = mean_probabilities(segmenter.modules, segmenter.configs, x, overlap=segmenter.overlap,
+                               window_batch=segmenter.window_batch, tta=segmenter.tta, device=segmenter.device,
+                               autocast=segmenter._autocast,
+                               activation_for=lambda m: sample_statistics(m.loss, schema))
     k = segmenter.module.loss.num_outputs
     probs, mean_entropy, fractions = stats[:k], stats[k], stats[k + 1:]
     samples = len(segmenter.modules) * (2 ** (x.ndim - 1) if segmenter.tta else 1)
     entropy = normalised_entropy(torch.from_numpy(probs)[None], segmenter.module.loss.activation)[0].numpy()
-    box, shape = meta["crop_box"], meta["original_shape"]
-    mi = undo_crop(np.maximum(entropy - mean_entropy, 0), box, shape, fill=0) if samples > 1 else None
+    mi = segmenter.to_input_grid(np.maximum(entropy - mean_entropy, 0), meta) if samples > 1 else None
     agreement = {r: pooled_agreement(fractions[i], samples) for i, r in enumerate(schema.region_names)}
     loaded, labels, full = segmenter.finish(loaded, probs, meta, probabilities)
-    return loaded, labels, full, Uncertainty(undo_crop(entropy, box, shape, fill=0), mi, agreement, samples)
+    return loaded, labels, full, Uncertainty(segmenter.to_input_grid(entropy, meta), mi, agreement, samples)
 
 
 def save_uncertainty(path: Path, uncertainty: Uncertainty, case: Case) -> None:
