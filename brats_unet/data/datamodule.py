@@ -185,6 +185,7 @@ class BratsDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self.augment = build_augment(self.augment_cfg, intensity_channels=len(self.preprocess["modalities"]))
         self.split: dict[str, Any] | None = None
+        self._resume_epoch = 0
 
     @property
     def num_channels(self) -> int:
@@ -253,12 +254,16 @@ class BratsDataModule(L.LightningDataModule):
         return max(len(self.train_set), self.batch_size)
 
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+        # Its own generator: creating an iterator draws the workers' base seed from it, not from the global torch
+        # RNG that dropout uses. Otherwise persistent workers (one draw in epoch 0 of a straight run, one in the
+        # first epoch of a resumed one) shift dropout masks and a resumed run no longer ends bit-identical.
         return DataLoader(
             dataset,
             batch_size=batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
             **kwargs,
         )
 
@@ -269,7 +274,26 @@ class BratsDataModule(L.LightningDataModule):
                 f"data.steps_per_epoch=null: {len(self.train_set)} training cases / batch size {self.batch_size}")
         log.info("steps per epoch: %d (%s%s)", steps, rule, f", per device of {world}" if world > 1 else "")
         sampler = PatchSampler(len(self.train_set), self.samples_per_epoch, seed=self.seed)
+        # Lightning 2.6 may build a resumed run's training iterator before it restores the loops and calls
+        # set_epoch (the scheduler's trainer.estimated_stepping_batches does), and worker processes draw their
+        # first indices as soon as the iterator exists: start at the epoch the fit continues from, or a run resumed
+        # with num_workers > 0 would replay epoch 0's patches.
+        sampler.set_epoch(self._fit_epoch())
         return self._loader(self.train_set, self.batch_size, sampler=sampler, drop_last=True)
+
+    def _fit_epoch(self) -> int:
+        """The epoch the fit is in: the loop's count, or, before Lightning restores the loops of a resumed run, the
+        one its checkpoint recorded (load_state_dict)."""
+        epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
+        return max(epoch, self._resume_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        # Lightning counts an epoch processed before on_train_epoch_end, where last.ckpt is written: this is the
+        # epoch a resumed fit continues with.
+        return {"sampler_epoch": self._fit_epoch()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_epoch = int(state_dict.get("sampler_epoch", 0))
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         """Whole volumes, one per batch. Under DDP each case goes to exactly one rank: Lightning's default sampler

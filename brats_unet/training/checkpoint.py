@@ -106,7 +106,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
                         ) -> dict[str, Any]:
-        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        # Lightning passes no map_location: torch.load would then put every tensor on the device it was saved from
+        # (rank 0's cuda:0 for every DDP rank). The CPU is always there; Lightning moves weights and optimiser
+        # state to each rank's own device as it loads them.
+        return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=True)
 
 
 def resume_candidates(output_dir: Path) -> list[Path]:
