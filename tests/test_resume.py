@@ -31,8 +31,9 @@ class InterruptAtEpoch(L.Callback):
 def readme_setting(root: Path, cache: Path, out: Path) -> list[str]:
     fixed = ("data.num_workers", "data.persistent_workers", "trainer.precision", "runtime.channels_last")
     return [*(o for o in tiny_overrides(root, cache, out) if o.split("=")[0] not in fixed),
-            "data.num_workers=2", "data.persistent_workers=true", "trainer.precision=auto", "runtime.channels_last=auto",
-            "trainer.check_val_every_n_epoch=1", "data.steps_per_epoch=3", "trainer.max_epochs=2", "augment=modern",
+            "data.num_workers=2", "data.persistent_workers=true", "trainer.precision=auto",
+            "runtime.channels_last=auto", "trainer.check_val_every_n_epoch=1", "data.steps_per_epoch=3",
+            "trainer.max_epochs=2", "augment=modern",
             "model.dropout=0.2", "logger=none"]
 
 
