@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from brats_unet.data import cache
-from brats_unet.data.datamodule import BratsDataModule, make_split
-from brats_unet.data.split import load_split
+from brats_unet.data.datamodule import BratsDataModule
+from brats_unet.data.split import load_split, make_split
 from brats_unet.utils import BratsError
 
 PRE = {"name": "modern", "modalities": ["t1ce", "t2", "flair"], "normalize": "zscore", "crop": "nonzero",
@@ -77,7 +77,8 @@ def test_kfold_assignment_is_the_same_on_every_machine():
     assert [s["val"] for s in splits] == [_pick([4, 5, 8]), _pick([0, 2, 7]), _pick([1, 3])]
     assert all(s["test"] == _pick([6, 9]) for s in splits)
     assert splits[1] == {"train": _pick([1, 3, 4, 5, 8]), "val": _pick([0, 2, 7]), "test": _pick([6, 9]), "seed": 0,
-                         "fold": 1, "num_folds": 3}
+                         "fold": 1, "num_folds": 3, "val_fraction": 0.2, "test_fraction": 0.2, "train_cases": None,
+                         "val_cases": None}
     assert make_split(_names(10), seed=1, test_fraction=0.2, num_folds=3, fold=0)["val"] != splits[0]["val"]
 
 
@@ -168,8 +169,70 @@ def test_split_json_is_written_and_reused_on_resume(tiny_cache):
     written = json.loads((tiny_cache["out"] / "split.json").read_text())
     assert [len(written[k]) for k in ("train", "val", "test")] == [4, 1, 1]
     assert written == dm.split
-    resumed = _dm(tiny_cache, split_seed=99)  # a resumed run keeps its own split whatever the seed says
+    assert (written["val_fraction"], written["test_fraction"], written["seed"]) == (0.2, 0.2, 0)  # the spec too
+    resumed = _dm(tiny_cache)
     assert resumed.split == written
+
+
+def _checkpoint_in(run):
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"trained on the split beside it")
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("fold", 2, r"data\.fold: split\.json has 0, the config asks 2"),
+    ("num_folds", 2, r"data\.num_folds: split\.json has 3, the config asks 2"),
+    ("split_seed", 9, r"data\.split_seed: split\.json has 0, the config asks 9"),
+    ("test_fraction", 0.4, r"data\.test_fraction: split\.json has 0\.2, the config asks 0\.4"),
+])
+def test_a_run_dirs_split_for_other_settings_is_refused_when_a_checkpoint_depends_on_it(tiny_cache, key, value,
+                                                                                         message):
+    _dm(tiny_cache, num_folds=3, fold=0)
+    _checkpoint_in(tiny_cache["out"])
+    with pytest.raises(BratsError, match=message + r".*last\.ckpt was trained on it"):
+        _dm(tiny_cache, **{"num_folds": 3, "fold": 0, key: value})
+
+
+def test_a_single_splits_fractions_and_counts_are_checked_too(tiny_cache):
+    _dm(tiny_cache)
+    _checkpoint_in(tiny_cache["out"])
+    with pytest.raises(BratsError, match=r"data\.val_fraction: split\.json has 0\.2, the config asks 0\.4"):
+        _dm(tiny_cache, val_fraction=0.4)
+    with pytest.raises(BratsError, match=r"data\.val_cases: split\.json has None, the config asks 1"):
+        _dm(tiny_cache, val_cases=1)
+
+
+def test_a_split_json_no_checkpoint_depends_on_is_written_anew(tiny_cache, caplog):
+    first = _dm(tiny_cache, num_folds=3, fold=0).split
+    again = _dm(tiny_cache, num_folds=3, fold=2)
+    assert "no checkpoint depends on it, so it is written anew" in caplog.text
+    stored = json.loads((tiny_cache["out"] / "split.json").read_text())
+    assert stored["fold"] == 2 and stored["val"] == again.split["val"] != first["val"]
+    assert again.split["val"] == make_split(_names(6), seed=0, test_fraction=0.2, num_folds=3, fold=2)["val"]
+
+
+def test_a_fresh_run_allowed_to_overwrite_writes_its_own_split(tiny_cache):
+    _dm(tiny_cache, num_folds=3, fold=0)
+    _checkpoint_in(tiny_cache["out"])
+    args = dict(root=tiny_cache["root"], layout="brats2021", cache_dir=tiny_cache["cache_dir"], preprocess=PRE,
+                patch_size=(8, 8, 8), num_workers=0, test_fraction=0.2, num_folds=3, fold=1,
+                output_dir=tiny_cache["out"])
+    dm = BratsDataModule(**args)
+    dm.fresh_run = True  # what brats-train sets for a run without ckpt_path (overwrite=true let it start)
+    dm.setup("fit")
+    assert json.loads((tiny_cache["out"] / "split.json").read_text())["fold"] == 1
+
+
+def test_a_split_json_from_before_the_spec_was_recorded_is_still_checked_on_what_it_holds(tiny_cache):
+    run = tiny_cache["out"]
+    run.mkdir(parents=True)
+    old = make_split(_names(6), seed=0, test_fraction=0.2, num_folds=3, fold=0)
+    (run / "split.json").write_text(json.dumps({k: old[k] for k in ("train", "val", "test", "seed", "fold",
+                                                                    "num_folds")}))
+    _checkpoint_in(run)
+    assert _dm(tiny_cache, num_folds=3, fold=0, test_fraction=0.4).split["val"] == old["val"]  # not recorded
+    with pytest.raises(BratsError, match=r"data\.fold: split\.json has 0, the config asks 1"):
+        _dm(tiny_cache, num_folds=3, fold=1)
 
 
 def test_split_from_counts_and_a_clear_error_when_short(tiny_cache):

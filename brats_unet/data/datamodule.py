@@ -26,8 +26,9 @@ from brats_unet.data.cases import schema_of
 from brats_unet.data.discovery import list_case_dirs
 from brats_unet.data.preprocess import Recipe
 from brats_unet.data.sampling import PatchSampler, choose_patch_start, crop_or_pad
-from brats_unet.data.split import load_split, make_split
+from brats_unet.data.split import SUBSETS, SplitSpec, load_split
 from brats_unet.data.transforms import Augment, build_augment
+from brats_unet.runs import run_checkpoints
 from brats_unet.utils import BratsError, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -169,15 +170,10 @@ class BratsDataModule(L.LightningDataModule):
         self.patch_size = tuple(int(p) for p in patch)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
-        self.split_args = {
-            "val_fraction": val_fraction,
-            "test_fraction": test_fraction,
-            "train_cases": train_cases,
-            "val_cases": val_cases,
-            "num_folds": num_folds,
-            "fold": fold,
-            "seed": split_seed,
-        }
+        self.split_spec = SplitSpec(val_fraction, test_fraction, train_cases, val_cases, num_folds, fold, split_seed)
+        # True for a fit that starts afresh (brats-train without ckpt_path, where overwrite=true allowed replacing
+        # the folder's checkpoints): a split.json that disagrees with the config is then written anew.
+        self.fresh_run = False
         self.split_file = Path(split_file) if split_file else None
         self.foreground_fraction, self.steps_per_epoch = foreground_fraction, steps_per_epoch
         self.skip_bad_cases = skip_bad_cases
@@ -225,13 +221,27 @@ class BratsDataModule(L.LightningDataModule):
         own = self.output_dir / "split.json" if self.output_dir else None
         if own is not None and own.is_file():  # resume: the run's own split wins
             split = load_split(own, cached=cached, cache_path=self.cache_path)
-            if self.split_file and load_split(self.split_file, cached=cached)["train"] != split["train"]:
-                raise BratsError(f"data.split_file {self.split_file} differs from this run's {own}")
-            return split
+            if self.split_file:
+                other = load_split(self.split_file, cached=cached)
+                differ = [k for k in SUBSETS if other[k] != split[k]]
+                if differ:
+                    raise BratsError(f"data.split_file {self.split_file} differs from this run's {own} "
+                                     f"({', '.join(differ)} cases)")
+                return split
+            problems = self.split_spec.mismatches(split)
+            if not problems:
+                return split
+            checkpoints = run_checkpoints(self.output_dir)
+            if checkpoints and not self.fresh_run:
+                raise BratsError(f"{own} is not the split this config asks for ({'; '.join(problems)}), and "
+                                 f"{checkpoints[0]} was trained on it. Resume with the run's own data settings, or "
+                                 "train this split in a new run dir (omit hydra.run.dir, or name a new one)")
+            log.warning("%s is not the split this config asks for (%s); no checkpoint depends on it, so it is "
+                        "written anew", own, "; ".join(problems))
         if self.split_file:
             split = load_split(self.split_file, cached=cached, cache_path=self.cache_path)
         else:
-            split = make_split(cached, **self.split_args)
+            split = self.split_spec.make(cached)
         if own is not None:
             atomic_write_json(own, split)
         return split

@@ -23,7 +23,7 @@ from brats_unet.utils import BratsError, atomic_path
 log = logging.getLogger("brats_unet.training")
 
 # Keys that legitimately differ between an interrupted run and its resumption.
-RESUME_IGNORED_KEYS = ("ckpt_path", "paths.output_dir", "hydra")
+RESUME_IGNORED_KEYS = ("ckpt_path", "overwrite", "paths.output_dir", "hydra")
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:

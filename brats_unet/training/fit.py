@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from brats_unet.runs import read_metrics
+from brats_unet.runs import read_metrics, run_checkpoints
 from brats_unet.runtime import configure_runtime, resolve_training
 from brats_unet.training.build import build_datamodule, build_module, build_trainer, user_instantiate
 from brats_unet.training.checkpoint import check_weights_fit, flatten, resolve_ckpt_path, warn_config_changes
@@ -56,6 +56,21 @@ def resolve_auto(cfg: DictConfig) -> None:
         log.info(line)
 
 
+def check_fresh_run_dir(output_dir: Path, ckpt_path: str | None, overwrite: bool) -> None:
+    """BratsError when a fit that starts afresh would write over the checkpoints a run dir already holds."""
+    found = run_checkpoints(output_dir)
+    if not found:
+        return
+    if overwrite:
+        log.warning("overwrite=true: a fresh run in %s replaces its checkpoints (%s)", output_dir,
+                    ", ".join(p.name for p in found))
+        return
+    how = "ckpt_path=last found none it could resume" if ckpt_path else "no ckpt_path was given"
+    raise BratsError(f"{output_dir} already holds checkpoints ({', '.join(str(p) for p in found[:3])}) and this run "
+                     f"would start afresh ({how}): resume it with ckpt_path=last, start a new run dir (omit "
+                     "hydra.run.dir, or name a new one), or pass overwrite=true to replace them")
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (and optionally test) as the config says; write metrics.json; return the final metrics."""
     check_values(cfg)  # seconds, not minutes: before the cache, the model or a worker exists
@@ -71,7 +86,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                  checkpoint.get("global_step"))
         changed = warn_config_changes(checkpoint, config, ckpt_path)
 
+    if checkpoint is None:
+        check_fresh_run_dir(output_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite")))
+    elif "scheduler.total_steps" not in changed and {"trainer.max_epochs", "trainer.max_steps"} & set(changed):
+        log.warning("the fit's length changed and scheduler.total_steps is not set: the LR schedule spans the whole "
+                    "fit, so from here it follows a different curve than the run started with (set "
+                    "scheduler.total_steps to plan a run in legs)")
+
     datamodule = build_datamodule(cfg, str(output_dir))
+    datamodule.fresh_run = checkpoint is None
     module = user_instantiate("model/loss/optimizer/scheduler",
                               lambda: build_module(cfg, datamodule.num_channels, config))
     preflight(cfg, module.net)
