@@ -11,7 +11,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from brats_unet.cli.common import user_errors
+from brats_unet.cli.common import trust_targets, user_errors
 from brats_unet.config import CONFIG_PATH
 from brats_unet.reporting.writer import write_report
 from brats_unet.utils import BratsError
@@ -23,7 +23,8 @@ def report(cfg: DictConfig) -> dict[str, Path]:
         raise BratsError("pass run=<run dir or sweep dir> (config key run)")
     written = write_report(cfg.run, cfg.get("output"), metric=cfg.metric, data_root=cfg.get("data_root"),
                            layout=cfg.layout, predictions=cfg.get("predictions"), case=cfg.get("case"),
-                           max_cases=int(cfg.max_cases), overwrite=bool(cfg.get("overwrite")))
+                           max_cases=int(cfg.max_cases), overwrite=bool(cfg.get("overwrite")),
+                           trust_targets=trust_targets(cfg))
     print(f"report for {cfg.run} written to {next(iter(written.values())).parent if written else cfg.run}:")
     for path in written.values():
         print(f"  {path}")

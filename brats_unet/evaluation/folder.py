@@ -23,6 +23,7 @@ from brats_unet.data.discovery import EXTENSIONS, find_file, layout_order, list_
 from brats_unet.data.labels import LAYOUTS, Layout
 from brats_unet.data.split import read_split
 from brats_unet.evaluation.challenges import CHALLENGES, Challenge
+from brats_unet.evaluation.manifest import check_one_model
 from brats_unet.evaluation.scoring import check_options, resolve_challenge, score_labels
 from brats_unet.utils import BratsError, atomic_path, atomic_write_json
 
@@ -194,6 +195,7 @@ def evaluate(pred: str | Path, truth: str | Path, *, output: str | Path | None =
     extra = [c for c in preds if c not in truths]
     outside = [c for c in preds if c in truths and c not in scope]
     scored = [c for c in scope if c in preds or missing_as_empty]
+    model = check_one_model(pred, [c for c in scored if c in preds])  # prediction.json: one model wrote them all
     if not any(c in preds for c in scope):
         raise BratsError(f"none of the {len(preds)} predictions in {pred} matches one of the {len(scope)} truth "
                          f"cases in scope under {truth} (e.g. prediction {next(iter(preds), '-')}, truth "
@@ -226,6 +228,7 @@ def evaluate(pred: str | Path, truth: str | Path, *, output: str | Path | None =
         "extra_predictions": extra,
         "outside_split_predictions": outside,
         "missing_as_empty": bool(missing_as_empty),
+        "model": model,  # what prediction.json says wrote the predictions (None: a folder without one)
         "pred": str(Path(pred).expanduser().resolve()),
         "truth": str(Path(truth).expanduser().resolve()),
         "split_file": str(split_file) if split_file else None,

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,9 +156,10 @@ def sweep_report(sweep: Path, output: Path, metric: str) -> dict[str, Path]:
 
 def write_report(run: str | Path, output: str | Path | None = None, *, metric: str = "val/dice_mean",
                  data_root: str | Path | None = None, layout: str = "brats2021", predictions: str | Path | None = None,
-                 case: str | None = None, max_cases: int = 4, overwrite: bool = False) -> dict[str, Path]:
+                 case: str | None = None, max_cases: int = 4, overwrite: bool = False,
+                 trust_targets: Sequence[str] = ()) -> dict[str, Path]:
     """Write the report for `run` (a run dir or a sweep dir) into `output` (default <run>/report); return
-    {name: file written}."""
+    {name: file written}. `trust_targets`: your own `_target_`s the run's config may name (docs/trust.md)."""
     run = Path(run).expanduser()
     if not run.is_dir():
         raise BratsError(f"run folder {run} does not exist or is not a folder (config key run)")
@@ -176,7 +178,7 @@ def write_report(run: str | Path, output: str | Path | None = None, *, metric: s
     if predictions:
         overlay_cases = load_overlay_cases(predictions, data_root, layout, int(max_cases))
     example = load_example_case(data_root, layout, case) if data_root else None
-    network = network_of(run)
+    network = network_of(run, trust_targets)
 
     check_writable_output(output, bool(overwrite))
     data_figures: dict[str, Path] = {}
