@@ -4,10 +4,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import compose_train
 
 from brats_unet.data import cache
-from brats_unet.data.datamodule import BratsDataModule
-from brats_unet.data.split import load_split, make_split
+from brats_unet.data.datamodule import BratsDataModule, LoaderSettings
+from brats_unet.data.split import SplitSpec, load_split, make_split
 from brats_unet.utils import BratsError
 
 PRE = {"name": "modern", "modalities": ["t1ce", "t2", "flair"], "normalize": "zscore", "crop": "nonzero",
@@ -158,7 +159,7 @@ def _dm(tiny_cache, **kw):
                 augment=MODERN_AUG, patch_size=(8, 8, 8), batch_size=2, num_workers=0, val_fraction=0.2,
                 test_fraction=0.2, output_dir=tiny_cache["out"], seed=0)
     args.update(kw)
-    dm = BratsDataModule(**args)
+    dm = BratsDataModule(**{k: v for k, v in args.items() if v is not None})  # None: leave the key out
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -324,13 +325,33 @@ def test_val_loader_returns_whole_volumes_with_spacing(tiny_cache):
     assert len(list(dm.test_dataloader())) == 1
 
 
-def test_bad_arguments_name_their_config_key(tiny_cache):
-    with pytest.raises(BratsError, match=r"data\.patch_size must be 3 positive integers .*\[128, 128\]"):
-        _dm(tiny_cache, patch_size=[128, 128])
-    with pytest.raises(BratsError, match=r"data\.patch_size"):
-        _dm(tiny_cache, patch_size=[8, 0, 8])
-    with pytest.raises(BratsError, match=r"data\.batch_size must be positive, got 0"):
-        _dm(tiny_cache, batch_size=0)
+def test_bad_arguments_name_their_config_key_as_brats_train_does(tiny_cache):
+    """One check, one message: the DataModule built directly says what brats-train's preflight says."""
+    from brats_unet.training.preflight import check_values
+
+    cases = [({"patch_size": [128, 128]}, r"data\.patch_size must hold 3 positive integers, got 2: \[128, 128\]"),
+             ({"patch_size": [8, 0, 8]}, r"data\.patch_size must be positive .*\[0\] <= 0"),
+             ({"batch_size": 0}, r"data\.batch_size must be a positive integer, got 0"),
+             ({"foreground_fraction": 1.5}, r"data\.foreground_fraction must be a number in \[0, 1\], got 1\.5"),
+             ({"steps_per_epoch": 0}, r"data\.steps_per_epoch must be a positive integer or null, got 0")]
+    for change, message in cases:
+        with pytest.raises(BratsError, match=message):
+            _dm(tiny_cache, **change)
+        key, value = next(iter(change.items()))
+        with pytest.raises(BratsError, match=message):
+            check_values(compose_train([f"data.{key}={value}".replace(" ", "")]))
+    with pytest.raises(BratsError, match=r"unknown data config keys: data\.batchsize"):
+        _dm(tiny_cache, batchsize=2)
+
+
+def test_the_split_and_loader_come_as_one_argument_each_or_as_the_configs_flat_keys(tiny_cache):
+    grouped = _dm(tiny_cache, batch_size=None, num_workers=None, val_fraction=None, test_fraction=None,
+                  split=SplitSpec(val_fraction=0.2, test_fraction=0.2), loader=LoaderSettings(batch_size=2,
+                                                                                              num_workers=0))
+    flat = _dm(tiny_cache)
+    assert grouped.split == flat.split and grouped.loader == flat.loader
+    with pytest.raises(BratsError, match=r"pass either split= or its data\.\* keys \(fold\), not both"):
+        _dm(tiny_cache, split=SplitSpec(), val_fraction=None, test_fraction=None, fold=0)
 
 
 def test_num_channels_needs_no_setup(tmp_path):

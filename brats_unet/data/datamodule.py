@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from brats_unet.data import cache
 from brats_unet.data.cases import schema_of
+from brats_unet.data.checks import check_data_settings
 from brats_unet.data.discovery import list_case_dirs
 from brats_unet.data.preprocess import Recipe
 from brats_unet.data.sampling import PatchSampler, choose_patch_start, crop_or_pad
@@ -41,8 +43,13 @@ def steps_per_epoch(num_train_cases: int, batch_size: int, steps: int | None = N
     rounded down like Keras (100 / 2 = 50, 50 / 2 = 25), at least 1. Under DDP the sampler's patches are shared out
     between the ranks (the last rank padded), and each rank drops its incomplete batch.
     """
-    samples = steps * batch_size if steps else max(num_train_cases, batch_size)
-    return max(1, -(-samples // world_size) // batch_size)
+    return max(1, -(-samples_per_epoch(num_train_cases, batch_size, steps) // world_size) // batch_size)
+
+
+def samples_per_epoch(num_train_cases: int, batch_size: int, steps: int | None = None) -> int:
+    """Training patches drawn per epoch (over all devices): data.steps_per_epoch batches when set, else one patch per
+    training case (at least one batch)."""
+    return steps * batch_size if steps else max(num_train_cases, batch_size)
 
 
 class _CachedCases:
@@ -115,9 +122,47 @@ class VolumeDataset(Dataset):
         }
 
 
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How batches are loaded: data.batch_size, data.num_workers, data.pin_memory, data.persistent_workers."""
+
+    batch_size: int = 2
+    num_workers: int = 2
+    pin_memory: bool = False
+    persistent_workers: bool = True
+
+
+# conf/data/*.yaml keys (what users type) -> the group and field they fill.
+GROUPED_KEYS = {
+    **{f.name: ("loader", f.name) for f in fields(LoaderSettings)},
+    **{("split_seed" if f.name == "seed" else f.name): ("split", f.name) for f in fields(SplitSpec)},
+}
+
+
+def group_keys(keys: Mapping[str, Any], split: SplitSpec | None, loader: LoaderSettings | None
+               ) -> tuple[SplitSpec, LoaderSettings]:
+    """The flat data.* keys of a config, folded into the split and loader groups (or the groups as given)."""
+    unknown = sorted(k for k in keys if k not in GROUPED_KEYS)
+    if unknown:
+        raise BratsError(f"unknown data config keys: {', '.join('data.' + k for k in unknown)}")
+    groups: dict[str, dict[str, Any]] = {"split": {}, "loader": {}}
+    for key, value in keys.items():
+        group, name = GROUPED_KEYS[key]
+        groups[group][name] = value
+    for name, given in (("split", split), ("loader", loader)):
+        if given is not None and groups[name]:
+            raise BratsError(f"pass either {name}= or its data.* keys ({', '.join(groups[name])}), not both")
+    return split or SplitSpec(**groups["split"]), loader or LoaderSettings(**groups["loader"])
+
+
 class BratsDataModule(L.LightningDataModule):
-    """BraTS cases from a preprocessing cache. Arguments are the keys of conf/data/brats2021.yaml, plus the run
-    directory (`output_dir`, where split.json goes) and the run `seed` (patch order and augmentation)."""
+    """BraTS cases from a preprocessing cache, plus the run directory (`output_dir`, where split.json goes) and the
+    run `seed` (patch order and augmentation).
+
+    The split and the loader are one argument each (`split=SplitSpec(...)`, `loader=LoaderSettings(...)`); a config
+    (conf/data/*.yaml, instantiated by Hydra) gives their keys flat instead, as users type them (data.batch_size,
+    data.val_fraction, data.split_seed, ...: GROUPED_KEYS), and they are grouped here.
+    """
 
     def __init__(
         self,
@@ -129,36 +174,20 @@ class BratsDataModule(L.LightningDataModule):
         modalities: Sequence[str] | None = None,
         augment: Mapping | DictConfig | None = None,
         patch_size: Sequence[int] = (128, 128, 128),
-        batch_size: int = 2,
-        num_workers: int = 2,
-        pin_memory: bool = False,
-        persistent_workers: bool = True,
-        val_fraction: float = 0.2,
-        test_fraction: float = 0.0,
-        train_cases: int | None = None,
-        val_cases: int | None = None,
-        num_folds: int = 1,
-        fold: int = 0,
-        split_seed: int = 0,
-        split_file: str | Path | None = None,
         foreground_fraction: float = 0.33,
         steps_per_epoch: int | None = None,
         skip_bad_cases: bool = False,
+        split: SplitSpec | None = None,
+        split_file: str | Path | None = None,
+        loader: LoaderSettings | None = None,
         output_dir: str | Path | None = None,
         seed: int = 0,
+        **keys: Any,
     ) -> None:
         super().__init__()
-        patch = list(patch_size) if isinstance(patch_size, Sequence | np.ndarray) else []
-        if len(patch) != 3 or not all(
-            isinstance(p, int | np.integer) and not isinstance(p, bool) and p > 0 for p in patch
-        ):
-            raise BratsError(f"data.patch_size must be 3 positive integers (x, y, z), got {patch_size!r}")
-        if batch_size <= 0:
-            raise BratsError(f"data.batch_size must be positive, got {batch_size}")
-        if not 0.0 <= foreground_fraction <= 1.0:
-            raise BratsError(f"data.foreground_fraction must be in [0, 1], got {foreground_fraction}")
-        if steps_per_epoch is not None and steps_per_epoch <= 0:
-            raise BratsError(f"data.steps_per_epoch must be positive or null, got {steps_per_epoch}")
+        self.split_spec, self.loader = group_keys(keys, split, loader)
+        check_data_settings(patch_size, self.loader.batch_size, self.loader.num_workers, steps_per_epoch,
+                            foreground_fraction, self.split_spec.num_folds, self.split_spec.fold)
         self.root, self.layout, self.cache_dir = Path(root), layout, Path(cache_dir)
         self.preprocess, self.augment_cfg = cache.to_plain(preprocess), cache.to_plain(augment or {})
         self.recipe = Recipe.from_config(self.preprocess)
@@ -167,10 +196,8 @@ class BratsDataModule(L.LightningDataModule):
         if absent:
             raise BratsError(f"preprocess.modalities {list(self.recipe.modalities)} asks for {absent}, which this "
                              f"dataset does not have (data.modalities {list(modalities)}): set preprocess.modalities")
-        self.patch_size = tuple(int(p) for p in patch)
-        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
-        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
-        self.split_spec = SplitSpec(val_fraction, test_fraction, train_cases, val_cases, num_folds, fold, split_seed)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.batch_size, self.num_workers = int(self.loader.batch_size), int(self.loader.num_workers)
         # True for a fit that starts afresh (brats-train without ckpt_path, where overwrite=true allowed replacing
         # the folder's checkpoints): a split.json that disagrees with the config is then written anew.
         self.fresh_run = False
@@ -259,9 +286,7 @@ class BratsDataModule(L.LightningDataModule):
 
     @property
     def samples_per_epoch(self) -> int:
-        if self.steps_per_epoch:
-            return self.steps_per_epoch * self.batch_size
-        return max(len(self.train_set), self.batch_size)
+        return samples_per_epoch(len(self.train_set), self.batch_size, self.steps_per_epoch)
 
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
         # Its own generator: creating an iterator draws the workers' base seed from it, not from the global torch
@@ -271,8 +296,8 @@ class BratsDataModule(L.LightningDataModule):
             dataset,
             batch_size=batch_size,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            pin_memory=self.loader.pin_memory,
+            persistent_workers=self.loader.persistent_workers and self.num_workers > 0,
             generator=torch.Generator().manual_seed(self.seed),
             **kwargs,
         )
