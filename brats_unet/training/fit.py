@@ -88,7 +88,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     if checkpoint is None:
         check_fresh_run_dir(output_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite")))
-    elif "scheduler.total_steps" not in changed and {"trainer.max_epochs", "trainer.max_steps"} & set(changed):
+    elif (cfg.get("scheduler") and cfg.scheduler.get("total_steps") is None
+          and {"trainer.max_epochs", "trainer.max_steps"} & set(changed)):
         log.warning("the fit's length changed and scheduler.total_steps is not set: the LR schedule spans the whole "
                     "fit, so from here it follows a different curve than the run started with (set "
                     "scheduler.total_steps to plan a run in legs)")
