@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import nibabel as nib
-import numpy as np
 from omegaconf import DictConfig
 
 from brats_unet.data import cache
@@ -53,7 +52,7 @@ def _volume_shapes(cfg: DictConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
     folder = cache.cache_path(data.cache_dir, data.layout, data.root, pre, data.get("schema"))
     cases = cache.cached_cases(folder)
     for case in cases:
-        x = np.load(folder / f"{case}_x.npy", mmap_mode="r")  # reads the header only
+        x, _, _ = cache.load_cached(folder, case, mmap=True)  # memory-mapped: reads the headers only
         yield case, tuple(int(s) for s in x.shape[1:])
     if cases:
         return
