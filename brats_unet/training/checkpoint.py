@@ -216,6 +216,8 @@ def rng_states() -> dict[str, Any]:
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:
+    """Put back the states rank 0 saved, on every rank. Under DDP that is each rank's own state too: seed_everything
+    gives every rank the same seed and every rank draws the same sequence (same ops, same shapes)."""
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])

@@ -118,6 +118,8 @@ class BratsModule(L.LightningModule):
         saved = [b.detach().clone() for b in self.net.buffers()] if skip else []
         outputs = self(image)
         loss = self.supervised_loss(outputs, target)
+        # The one host sync per step left: a non-finite loss must stop or skip the step before the optimiser applies
+        # its gradients (and before a periodic checkpoint could save poisoned weights).
         if not torch.isfinite(loss):
             cases = ", ".join(batch.get("case", []))
             if skip:
