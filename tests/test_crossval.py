@@ -70,7 +70,7 @@ def test_report_writes_per_fold_metrics_with_mean_and_std(sweep: Path, tmp_path:
     best = [m["best"]["val/dice_mean"] for m in finals]
     assert [float(r["best val/dice_mean"]) for r in rows[:2]] == best
     text = (tmp_path / "report" / "cv.md").read_text()
-    assert "2 of 2 folds finished (data.num_folds=2)" in text and "Did not finish" not in text
+    assert "2 of 2 folds finished and validated (data.num_folds=2)" in text and "Did not finish" not in text
     mean_row = next(line for line in text.splitlines() if line.startswith("| mean ± std"))
     assert f"{np.mean(best):.4f} ± {np.std(best, ddof=1):.4f}" in mean_row
 
@@ -80,7 +80,7 @@ def test_report_writes_per_fold_metrics_with_mean_and_std(sweep: Path, tmp_path:
     (partial / "1" / "metrics.json").unlink()
     write_report(partial, tmp_path / "partial_report")
     text = (tmp_path / "partial_report" / "cv.md").read_text()
-    assert "1 of 2 folds finished" in text
+    assert "1 of 2 folds finished and validated" in text
     assert "Did not finish (no metrics.json; left out of the mean): fold 1 (job 1)." in text
     with open(tmp_path / "partial_report" / "cv.csv") as f:
         rows = list(csv.DictReader(f))

@@ -14,9 +14,9 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from brats_unet.data.cases import load_validated_case
+from brats_unet.data.cases import load_validated_case, schema_of
 from brats_unet.data.discovery import find_cases, resolve_layout
-from brats_unet.data.labels import MODALITIES
+from brats_unet.data.labels import MODALITIES, LabelSchema
 from brats_unet.data.preprocess import Recipe
 from brats_unet.runs import final_value, find_jobs, format_markdown, read_metrics, read_overrides
 from brats_unet.training.build import build_network, data_schema
@@ -150,10 +150,10 @@ def network_of(run: Path, trust_targets: Sequence[str] = ()) -> tuple[Path, dict
 
 
 # ---- Figure 2: one case's modalities and label -------------------------------------------------------------------
-def load_example_case(data_root: str | Path, layout: str, case: str | None = None
-                      ) -> tuple[str, dict[str, np.ndarray], np.ndarray]:
-    """(case, {modality: volume}, internal classes) of `case` (default: the first labelled case), read and
-    validated the way brats-preprocess reads it."""
+def load_example_case(data_root: str | Path, layout: str, case: str | None = None,
+                      schema: LabelSchema | str | None = None) -> tuple[str, dict[str, np.ndarray], np.ndarray]:
+    """(case, {modality: volume}, internal classes of `schema`, default the layout's) of `case` (default: the first
+    labelled case), read and validated the way brats-preprocess reads it."""
     layout_obj = resolve_layout(layout)
     cases = {c.case: c for c in find_cases(data_root, layout_obj, require_seg=True)}
     if case is None:
@@ -161,5 +161,6 @@ def load_example_case(data_root: str | Path, layout: str, case: str | None = Non
     elif case not in cases:
         raise BratsError(f"case {case!r} is not a labelled case under {data_root} (config key case; e.g. "
                          f"{sorted(cases)[0]})")
-    images, seg, _ = load_validated_case(cases[case], layout_obj, MODALITIES)
-    return case, {m: images[m] for m in MODALITIES}, layout_obj.label_schema.to_classes(seg)
+    labels = schema_of(layout_obj, schema)
+    images, seg, _ = load_validated_case(cases[case], layout_obj, MODALITIES, schema=labels)
+    return case, {m: images[m] for m in MODALITIES}, labels.to_classes(seg)
