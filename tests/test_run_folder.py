@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import run_script
+from omegaconf import OmegaConf
 
+from brats_unet.cli.train import RunDirGuard
 from brats_unet.data.split import make_split
 from brats_unet.inference.ensemble import out_of_fold_jobs
 from brats_unet.training.fit import check_fresh_run_dir, train
@@ -75,3 +78,38 @@ def test_out_of_fold_checks_each_split_against_its_checkpoints_fold(tmp_path: Pa
     with pytest.raises(BratsError, match=r"0/split\.json is not the split .*0/checkpoints/best\.ckpt was trained on "
                                          r"\(data\.fold: checkpoint 0, split\.json 1\)"):
         out_of_fold_jobs(bad)
+
+
+def test_the_refusal_comes_before_hydra_rewrites_the_other_runs_config(tmp_path: Path) -> None:
+    """Hydra writes `.hydra/` into the run dir before train() runs: the guard refuses first (a Hydra callback)."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.ckpt").write_bytes(b"fold 0")
+    config = OmegaConf.create({"hydra": {"run": {"dir": str(run)}, "sweep": {"dir": str(tmp_path)}},
+                               "ckpt_path": None, "overwrite": False})
+    with pytest.raises(SystemExit) as stop:
+        RunDirGuard().on_run_start(config)
+    assert stop.value.code == 2
+    with pytest.raises(SystemExit):
+        RunDirGuard().on_run_start(OmegaConf.merge(config, {"ckpt_path": "last"}))  # nothing it could resume
+    with pytest.raises(SystemExit):
+        RunDirGuard().on_multirun_start(config)  # a sweep dir whose job `run` holds checkpoints
+    RunDirGuard().on_run_start(OmegaConf.merge(config, {"overwrite": True}))
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"resumable")
+    RunDirGuard().on_run_start(OmegaConf.merge(config, {"ckpt_path": "last"}))
+    assert "run_dir_guard" in yaml.safe_load((CONF / "train.yaml").read_text())["hydra"]["callbacks"]
+
+
+@pytest.mark.slow
+def test_brats_train_in_a_used_run_dir_exits_2_and_leaves_its_hydra_folder(synthetic_root: Path, tmp_path: Path
+                                                                          ) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"fold 0")
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "overrides.yaml").write_text("- data.fold=0\n")
+    result = run_script("brats-train", [f"hydra.run.dir={run}", f"data.root={synthetic_root}", "data.fold=2",
+                                        "data.num_folds=3"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "already holds checkpoints" in result.stderr + result.stdout
+    assert (run / ".hydra" / "overrides.yaml").read_text() == "- data.fold=0\n"

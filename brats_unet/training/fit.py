@@ -56,7 +56,8 @@ def resolve_auto(cfg: DictConfig) -> None:
         log.info(line)
 
 
-def check_fresh_run_dir(output_dir: Path, ckpt_path: str | None, overwrite: bool) -> None:
+def check_fresh_run_dir(output_dir: Path, ckpt_path: str | None, overwrite: bool, dir_key: str = "hydra.run.dir"
+                        ) -> None:
     """BratsError when a fit that starts afresh would write over the checkpoints a run dir already holds."""
     found = run_checkpoints(output_dir)
     if not found:
@@ -68,7 +69,7 @@ def check_fresh_run_dir(output_dir: Path, ckpt_path: str | None, overwrite: bool
     how = "ckpt_path=last found none it could resume" if ckpt_path else "no ckpt_path was given"
     raise BratsError(f"{output_dir} already holds checkpoints ({', '.join(str(p) for p in found[:3])}) and this run "
                      f"would start afresh ({how}): resume it with ckpt_path=last, start a new run dir (omit "
-                     "hydra.run.dir, or name a new one), or pass overwrite=true to replace them")
+                     f"{dir_key}, or name a new one), or pass overwrite=true to replace them")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
