@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.resources
 from collections.abc import Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -10,6 +12,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 CONFIG_MODULE = "brats_unet.conf"
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 CONFIG_NAMES = ("train", "predict", "evaluate", "preprocess", "stats", "report")
+# The prediction settings the Python API shares with brats-predict: conf/predict.yaml (+ runtime/default.yaml's
+# channels_last) is their one home, so `Segmenter.from_checkpoint(ckpt).predict(case)` runs what the command runs.
+PREDICT_OPTIONS = ("device", "precision", "tta", "postprocess", "overlap", "window_batch")
+
+
+def predict_defaults() -> dict[str, Any]:
+    """brats-predict's defaults for PREDICT_OPTIONS and channels_last, read from the shipped YAML."""
+    root = importlib.resources.files(CONFIG_MODULE)
+    predict = OmegaConf.create((root / "predict.yaml").read_text())
+    runtime = OmegaConf.create((root / "runtime" / "default.yaml").read_text())
+    return {**{k: predict[k] for k in PREDICT_OPTIONS}, "channels_last": runtime.channels_last}
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:

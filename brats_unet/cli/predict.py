@@ -15,11 +15,11 @@ import hydra
 from omegaconf import DictConfig, ListConfig
 
 from brats_unet.cli.common import require, trust_targets, user_errors
-from brats_unet.config import CONFIG_PATH
+from brats_unet.config import CONFIG_PATH, PREDICT_OPTIONS
 from brats_unet.data.split import read_split
 from brats_unet.inference.folder import predict_folder, predict_out_of_fold
-from brats_unet.inference.segmenter import Segmenter, autocast_for, resolve_device
-from brats_unet.runtime import configure_runtime, describe, resolve
+from brats_unet.inference.segmenter import Segmenter
+from brats_unet.runtime import configure_runtime, resolve_device
 from brats_unet.utils import BratsError
 
 log = logging.getLogger("brats_unet.predict")
@@ -29,15 +29,12 @@ def predict(cfg: DictConfig) -> list[Path]:
     """Predict every case in scope; return the prediction files (including those a resume skipped)."""
     require(cfg, "ckpt_path", "input", "output", usage="brats-predict ckpt_path=<ckpt> input=<root|case> output=<dir>")
     log.info("runtime: %s", configure_runtime(**(cfg.get("runtime") or {})))
-    device = resolve_device(str(cfg.device))
-    autocast_for(device, str(cfg.precision))  # a bad precision fails before the probe runs
-    choice, hw = resolve(device, str(cfg.precision), cfg.runtime.channels_last, use="infer")
-    log.info(describe(choice, hw))
     # A list (an ensemble) arrives as a ListConfig; a file or sweep dir as a string.
     ckpt: Any = [str(p) for p in cfg.ckpt_path] if isinstance(cfg.ckpt_path, ListConfig) else str(cfg.ckpt_path)
-    options = {"device": device, "tta": bool(cfg.tta), "postprocess": bool(cfg.postprocess),
-               "precision": choice.precision, "overlap": float(cfg.overlap), "window_batch": int(cfg.window_batch),
-               "channels_last": choice.channels_last, "trust_targets": trust_targets(cfg)}
+    # The API's own option names (config.PREDICT_OPTIONS): Segmenter.from_checkpoint resolves `auto` once.
+    options = {k: cfg[k] for k in PREDICT_OPTIONS} | {"channels_last": cfg.runtime.channels_last}
+    options["device"] = resolve_device(str(cfg.device))  # a bad device fails before any checkpoint is read
+    options["trust_targets"] = trust_targets(cfg)
     if cfg.get("oof"):
         if cfg.get("split_file") or not isinstance(ckpt, str):
             raise BratsError("oof=true predicts each fold's own split.json validation cases: pass ckpt_path=<cross-"

@@ -284,6 +284,19 @@ class BratsDataModule(L.LightningDataModule):
         self.val_set = VolumeDataset(_CachedCases(path, self.split["val"]))
         self.test_set = VolumeDataset(_CachedCases(path, self.split["test"]))
 
+    def training_spacing(self) -> list[float] | None:
+        """The training cases' median voxel size (mm, per array axis) from the cache's meta: the sizes the model
+        learns at, recorded in its checkpoints so prediction can resample other spacings to it."""
+        if self.split is None or not self.split["train"]:
+            return None
+        train = tuple(self.split["train"])
+        if getattr(self, "_spacing", (None, None))[0] != train:  # once per split: every checkpoint asks
+            spacings = [cache.load_cached(self.cache_path, case, mmap=True)[2].get("spacing") for case in train]
+            spacings = [s for s in spacings if s is not None]
+            median = np.median(np.asarray(spacings, dtype=np.float64), axis=0) if spacings else None
+            self._spacing = (train, None if median is None else [float(v) for v in median])
+        return self._spacing[1]
+
     @property
     def samples_per_epoch(self) -> int:
         return samples_per_epoch(len(self.train_set), self.batch_size, self.steps_per_epoch)

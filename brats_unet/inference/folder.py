@@ -15,12 +15,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from brats_unet.data.cases import Case
 from brats_unet.data.discovery import expected_pattern, list_case_dirs, resolve_layout, subfolders
 from brats_unet.data.labels import LAYOUTS
 from brats_unet.evaluation.folder import find_predictions
 from brats_unet.evaluation.manifest import MANIFEST, describe, differences, model_key, read_manifest, write_manifest
+from brats_unet.inference.decoding import label_image, output_header
 from brats_unet.inference.ensemble import out_of_fold_jobs
-from brats_unet.inference.segmenter import Case, Segmenter, is_case_folder, label_image, output_header
+from brats_unet.inference.inputs import is_case_folder
+from brats_unet.inference.segmenter import Segmenter
 from brats_unet.utils import BratsError, atomic_path, check_writable_output
 
 log = logging.getLogger("brats_unet.predict")

@@ -3,7 +3,9 @@ callbacks, loggers and the Trainer. A bad config value becomes a BratsError nami
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as L
@@ -15,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from brats_unet.data.cases import schema_of
+from brats_unet.runtime import ProbeModel, probe_input_shape
 from brats_unet.training.checkpoint import AtomicCheckpointIO
 from brats_unet.training.module import BratsModule
 from brats_unet.utils import BratsError
@@ -47,6 +50,17 @@ def build_network(model: Mapping[str, Any], in_channels: int, out_channels: int,
     """The network a model config describes, in the channels-last memory format if asked (runtime.channels_last)."""
     model = OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else dict(model)
     return instantiate(model, in_channels=in_channels, out_channels=out_channels, channels_last=channels_last)
+
+
+def probe_model(model: Mapping[str, Any], in_channels: int, out_channels: int, patch: Sequence[int], batch: int,
+                device: torch.device | str) -> ProbeModel:
+    """The run's own network as the channels_last probe times it (brats_unet.runtime), on `device`'s input size."""
+    model = OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else dict(model)
+    shape = probe_input_shape(device, batch, in_channels, patch)
+    spec = json.dumps({"model": model, "in": in_channels, "out": out_channels}, sort_keys=True, default=str)
+    name = (f"{str(model.get('_target_', 'net')).rsplit('.', 1)[-1]} {hashlib.sha1(spec.encode()).hexdigest()[:10]} "
+            f"{'x'.join(str(s) for s in shape)}")
+    return ProbeModel(lambda cl: build_network(model, in_channels, out_channels, channels_last=cl), shape, name)
 
 
 def build_module(cfg: DictConfig, in_channels: int, config: dict[str, Any] | None = None) -> BratsModule:

@@ -8,11 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from brats_unet.data.preprocess import Recipe
 from brats_unet.runs import NEVER_VALIDATED, read_metrics, run_checkpoints, validated
-from brats_unet.runtime import configure_runtime, resolve_training
-from brats_unet.training.build import build_datamodule, build_module, build_trainer, user_instantiate
+from brats_unet.runtime import ProbeModel, configure_runtime, resolve_training, run_device
+from brats_unet.training.build import (
+    build_datamodule,
+    build_module,
+    build_trainer,
+    data_schema,
+    probe_model,
+    user_instantiate,
+)
 from brats_unet.training.checkpoint import check_weights_fit, flatten, resolve_ckpt_path, warn_config_changes
 from brats_unet.training.preflight import check_values, preflight
 from brats_unet.utils import BratsError, atomic_write_json
@@ -35,6 +44,13 @@ def log_hparams(trainer: L.Trainer, config: dict[str, Any], metrics: dict[str, f
             logger.log_hyperparams(hparams)
 
 
+def run_probe_model(cfg: DictConfig, device: Any) -> ProbeModel:
+    """This run's network, input channels, patch and batch for the channels_last probe."""
+    in_channels = Recipe.from_config(cfg.preprocess).num_channels
+    loss = user_instantiate("loss", lambda: instantiate(cfg.loss, schema=data_schema(cfg.data)))
+    return probe_model(cfg.model, in_channels, loss.num_outputs, cfg.data.patch_size, cfg.data.batch_size, device)
+
+
 def resolve_auto(cfg: DictConfig) -> None:
     """trainer.precision / runtime.channels_last `auto` -> this machine's fastest setting, written into cfg."""
     precision, runtime = cfg.trainer.get("precision", "32-true"), cfg.get("runtime") or {}
@@ -42,8 +58,10 @@ def resolve_auto(cfg: DictConfig) -> None:
     if precision != "auto" and channels_last != "auto":
         return
     try:
+        device = run_device(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", "auto"))
+        probe = run_probe_model(cfg, device) if channels_last == "auto" else None
         precision, channels_last, line = resolve_training(cfg.trainer.get("accelerator", "auto"), precision,
-                                                          channels_last)
+                                                          channels_last, model=probe, device=device)
     except (RuntimeError, AssertionError) as e:  # accelerator=gpu without CUDA: Lightning words it for the user
         log.warning("could not detect the hardware for auto (%s); auto means 32-true, contiguous", e)
         precision = "32-true" if precision == "auto" else precision

@@ -229,6 +229,11 @@ class BratsModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["brats_config"] = self.config
+        # The training cases' voxel size: brats-predict resamples a case at another spacing to it.
+        datamodule = getattr(self._trainer, "datamodule", None)
+        spacing = datamodule.training_spacing() if hasattr(datamodule, "training_spacing") else None
+        if spacing is not None:
+            checkpoint["brats_spacing"] = spacing
         checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
