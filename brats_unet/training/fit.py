@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from brats_unet.data.preprocess import Recipe
-from brats_unet.runs import NEVER_VALIDATED, read_metrics, validated
+from brats_unet.runs import NEVER_VALIDATED, read_metrics, run_checkpoints, validated
 from brats_unet.runtime import ProbeModel, configure_runtime, resolve_training, run_device
 from brats_unet.training.build import (
     build_datamodule,
@@ -75,6 +75,22 @@ def resolve_auto(cfg: DictConfig) -> None:
         log.info(line)
 
 
+def check_fresh_run_dir(output_dir: Path, ckpt_path: str | None, overwrite: bool, dir_key: str = "hydra.run.dir"
+                        ) -> None:
+    """BratsError when a fit that starts afresh would write over the checkpoints a run dir already holds."""
+    found = run_checkpoints(output_dir)
+    if not found:
+        return
+    if overwrite:
+        log.warning("overwrite=true: a fresh run in %s replaces its checkpoints (%s)", output_dir,
+                    ", ".join(p.name for p in found))
+        return
+    how = "ckpt_path=last found none it could resume" if ckpt_path else "no ckpt_path was given"
+    raise BratsError(f"{output_dir} already holds checkpoints ({', '.join(str(p) for p in found[:3])}) and this run "
+                     f"would start afresh ({how}): resume it with ckpt_path=last, start a new run dir (omit "
+                     f"{dir_key}, or name a new one), or pass overwrite=true to replace them")
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (and optionally test) as the config says; write metrics.json; return the final metrics."""
     check_values(cfg)  # seconds, not minutes: before the cache, the model or a worker exists
@@ -90,7 +106,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                  checkpoint.get("global_step"))
         changed = warn_config_changes(checkpoint, config, ckpt_path)
 
+    if checkpoint is None:
+        check_fresh_run_dir(output_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite")))
+    elif (cfg.get("scheduler") and cfg.scheduler.get("total_steps") is None
+          and {"trainer.max_epochs", "trainer.max_steps"} & set(changed)):
+        log.warning("the fit's length changed and scheduler.total_steps is not set: the LR schedule spans the whole "
+                    "fit, so from here it follows a different curve than the run started with (set "
+                    "scheduler.total_steps to plan a run in legs)")
+
     datamodule = build_datamodule(cfg, str(output_dir))
+    datamodule.fresh_run = checkpoint is None
     module = user_instantiate("model/loss/optimizer/scheduler",
                               lambda: build_module(cfg, datamodule.num_channels, config))
     preflight(cfg, module.net)
