@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from helpers import FIXTURES, compose_cli
 
 from brats_unet.cli.postprocess import postprocess as postprocess_command
@@ -110,8 +111,9 @@ def make_sweep(tmp_path: Path, ckpt: Path | None, cases: list[str], root: Path) 
                  "num_folds": 2}
         (job / "split.json").write_text(json.dumps(split))
         (job / "checkpoints").mkdir()
-        if ckpt is None:
-            (job / "checkpoints" / "best.ckpt").write_bytes(b"")  # never loaded: the predictions are given
+        if ckpt is None:  # only its config is read (the split check): the predictions are given
+            torch.save({"brats_config": {"data": {"fold": fold, "num_folds": 2, "split_seed": 0}}},
+                       job / "checkpoints" / "best.ckpt")
         else:
             shutil.copy(ckpt, job / "checkpoints" / "best.ckpt")
     return sweep
