@@ -121,11 +121,8 @@ def _unchanged(recorded: Stamp | None, now: Stamp, marker: Path) -> bool:
     they count as unchanged when no raw file is newer than the entry itself."""
     if recorded is not None:
         return recorded == now
-    try:
-        written = marker.stat().st_mtime_ns
-    except OSError:
-        return False
-    return all(v is not None and v[2] <= written for v in now.values())
+    written = _mtime_ns(marker)
+    return written is not None and all(v is not None and v[2] <= written for v in now.values())
 
 
 @dataclass(frozen=True)
