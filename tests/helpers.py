@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig
 
 from brats_unet.cli.evaluate import evaluate
 from brats_unet.config import compose
+from brats_unet.synth.generator import FULL_SHAPE, generate_case, schema_seg
 
 # Tiny volumes keep the end-to-end tests to seconds; the fixed seed crop is scaled to fit them.
 TINY_SHAPE = (64, 64, 48)
@@ -83,3 +85,11 @@ def read_metrics_csv(path: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         return list(reader.fieldnames or []), {row["case"]: row for row in reader}
+
+
+def make_case(rng: np.random.Generator, shape: tuple[int, ...] = FULL_SHAPE
+              ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """One synthetic case as arrays: images (int16) per canonical modality, seg (uint8, BraTS 2021 labels {0, 1, 2,
+    4}), affine (the physical voxel size of `shape`: 240 / shape[0] mm ...)."""
+    case = generate_case(rng, shape)
+    return case.images, schema_seg(case, "brats2021"), case.affine

@@ -12,12 +12,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import compose_cli, compose_train, script, tiny_overrides
+from helpers import compose_cli, compose_train, make_case, script, tiny_overrides
 
 from brats_unet.cli.predict import predict
 from brats_unet.data.labels import LAYOUTS
 from brats_unet.inference.segmenter import decode
-from brats_unet.synth.generator import make_case, write_dataset
+from brats_unet.synth.generator import write_dataset
 from brats_unet.training.build import build_module
 from brats_unet.training.fit import run_config
 from brats_unet.utils import BratsError

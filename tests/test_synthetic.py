@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import hashlib
+import json
 import os
+import platform
 
 import nibabel as nib
 import numpy as np
 import pytest
+import scipy
+from helpers import FIXTURES, make_case
 from scipy import ndimage as ndi
 
 from brats_unet.cli.synth import main
 from brats_unet.data.labels import MODALITIES
+from brats_unet.runtime import detect
 from brats_unet.synth import anatomy as A
 from brats_unet.synth import generator as S
 from brats_unet.synth import tumour as T
@@ -47,10 +54,10 @@ def test_best_threshold_accuracy_by_hand():
     assert best_threshold_accuracy(np.array([1, 3]), np.array([2, 4])) == 0.75
 
 
-def test_make_case_deterministic_types_and_composition(small_cases):
-    images, seg, affine = S.make_case(S.case_rng(0, 0), SMALL)
-    again, seg_again, _ = S.make_case(S.case_rng(0, 0), SMALL)
-    other, seg_other, _ = S.make_case(S.case_rng(1, 0), SMALL)
+def test_generate_case_deterministic_types_and_composition(small_cases):
+    images, seg, affine = make_case(S.case_rng(0, 0), SMALL)
+    again, seg_again, _ = make_case(S.case_rng(0, 0), SMALL)
+    other, seg_other, _ = make_case(S.case_rng(1, 0), SMALL)
     case = small_cases[0]
     assert list(images) == list(MODALITIES)
     for m in MODALITIES:
@@ -217,7 +224,7 @@ def test_write_dataset_files(tmp_path, small_cases, layout, cases, names, labels
     assert folders == [tmp_path / c for c in cases]
     assert sorted(p.name for p in tmp_path.iterdir()) == cases
     assert sorted(os.listdir(folders[1])) == names
-    images, seg = small_cases[1].images, small_cases[1].seg(4)  # written case 1 == generated case 1
+    images, seg = small_cases[1].images, S.schema_seg(small_cases[1], "brats2021")  # written case 1 == generated case 1
     by_modality = dict(zip(["flair", "seg", "t1", "t1ce", "t2"] if layout == "brats2021"
                            else ["seg", "t1ce", "t1", "flair", "t2"], names, strict=True))
     for key, name in by_modality.items():
@@ -294,7 +301,7 @@ def test_cli_writes_2023_layout_and_reports_folder(tmp_path, capsys):
     assert "[1/1] BraTS-GLI-00000-000: written" in out
     assert f"1 synthetic cases in {(tmp_path / 'syn').resolve()}" in out
     seg = nib.load(tmp_path / "syn" / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-seg.nii.gz")
-    expected = S.make_case(S.case_rng(0, 0), (32, 32, 24))[1]  # BraTS 2021 labels: ET 4 becomes 3 in 2023
+    expected = make_case(S.case_rng(0, 0), (32, 32, 24))[1]  # BraTS 2021 labels: ET 4 becomes 3 in 2023
     np.testing.assert_array_equal(np.asarray(seg.dataobj), np.where(expected == 4, 3, expected))
     np.testing.assert_allclose(seg.header.get_zooms(), (7.5, 7.5, 155 / 24))
 
@@ -318,7 +325,7 @@ def test_cli_errors_exit_2_without_traceback(tmp_path, capsys, args, message):
 
 @pytest.mark.slow
 def test_full_size_case_is_plausible():
-    images, seg, affine = S.make_case(S.case_rng(0, 0))
+    images, seg, affine = make_case(S.case_rng(0, 0))
     assert seg.shape == (240, 240, 155) and all(im.shape == seg.shape for im in images.values())
     brain_ml = (images["t1"] > 0).sum() / 1000  # 1 mm voxels
     wt_ml, tc_ml = (seg > 0).sum() / 1000, np.isin(seg, (1, 4)).sum() / 1000
@@ -326,3 +333,27 @@ def test_full_size_case_is_plausible():
     assert 20 < wt_ml < 200 and 0.1 < tc_ml / wt_ml < 0.7
     for m in MODALITIES:  # WM at 300-1200 units (times bias and per-case contrast), far below int16 limits
         assert 150 < np.median(images[m][images[m] > 0]) < 4000 and images[m].max() < 15_000
+
+
+def _digests(root) -> dict[str, str]:
+    """sha256 (16 hex) of each file under root; NIfTI digested decompressed, so the zlib version does not matter."""
+    out = {}
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        data = p.read_bytes()
+        out[str(p.relative_to(root))] = hashlib.sha256(gzip.decompress(data) if p.name.endswith(".gz")
+                                                       else data).hexdigest()[:16]
+    return out
+
+
+def test_written_files_are_the_recorded_ones(tmp_path):
+    """The files brats-synth writes, byte for byte, as recorded in tests/fixtures/synth_digests.json (written by the
+    generator before write_dataset was split into small functions). Float rounding differs between CPUs and library
+    versions, so the comparison runs only in the environment the digests were recorded in."""
+    recorded = json.loads((FIXTURES / "synth_digests.json").read_text())
+    env = {"cpu": detect("cpu").name, "machine": platform.machine(), "numpy": np.__version__,
+           "scipy": scipy.__version__, "nibabel": nib.__version__}
+    if env != recorded["environment"]:
+        pytest.skip(f"digests recorded in {recorded['environment']}, this is {env}")
+    for layout, want in recorded["layouts"].items():
+        S.write_dataset(tmp_path / layout, want["cases"], recorded["seed"], layout=layout, shape=recorded["shape"])
+        assert _digests(tmp_path / layout) == want["files"], layout

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ from brats_unet.synth.tumour import BG, TISSUE_CLASS, TISSUES, draw_lesions, pai
 from brats_unet.utils import BratsError, atomic_path, atomic_write_json
 
 __all__ = ["FULL_SHAPE", "TISSUES", "SynthCase", "brats_affine", "case_name", "case_rng", "generate_case",
-           "make_case", "physical_spacing", "write_dataset"]
+           "physical_spacing", "schema_seg", "write_dataset"]
 _VERSION = "v2"  # bump when the generator changes, so old folders are not mistaken for complete new cases
 COARSE_MM = 6.0  # grid on which lesions are placed (anatomy is smooth at that scale)
 
@@ -54,10 +54,6 @@ class SynthCase:
     tissue: np.ndarray  # uint8, values index TISSUES (healthy tissue by majority, lesion tissues, cavity)
     healthy: np.ndarray  # uint8, the majority healthy tissue (WM, GM, CSF) each voxel had before the lesions
     affine: np.ndarray
-
-    def seg(self, et_label: int = 4) -> np.ndarray:
-        """BraTS label map with ET as `et_label` (4: BraTS 2021, 3: BraTS 2023)."""
-        return np.where(self.classes == 3, et_label, self.classes).astype(np.uint8)
 
 
 def generate_case(rng: np.random.Generator, shape: Sequence[int] = FULL_SHAPE,
@@ -95,18 +91,6 @@ def generate_case(rng: np.random.Generator, shape: Sequence[int] = FULL_SHAPE,
     tissue[box], healthy[box] = crop_tissue, crop_healthy
     affine = brats_affine(shape, physical_spacing(shape) if spacing is None else spacing)
     return SynthCase(images, TISSUE_CLASS[tissue], tissue, healthy, affine)
-
-
-def make_case(
-    rng: np.random.Generator, shape: Sequence[int] = FULL_SHAPE, spacing: Sequence[float] | None = None
-) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """One synthetic case: images (int16) per canonical modality, seg (uint8, BraTS 2021 labels {0,1,2,4}), affine.
-
-    The head has the same physical size whatever `shape`; by default the affine's voxel size says so
-    (240 / shape[0] mm ...), so a 120 x 120 x 78 case is the same head at 2 mm and HD95 stays in mm.
-    """
-    case = generate_case(rng, shape, spacing)
-    return case.images, case.seg(4), case.affine
 
 
 @dataclass(frozen=True)
@@ -152,10 +136,10 @@ def resolve_release(layout: str) -> Release:
     return RELEASES[key]
 
 
-def schema_seg(case: SynthCase, schema: LabelSchema) -> np.ndarray:
-    """The case's label map in `schema`'s values (uint8)."""
+def schema_seg(case: SynthCase, schema: LabelSchema | str) -> np.ndarray:
+    """The case's label map in `schema`'s values (uint8), e.g. "brats2021" (ET 4) or "brats2023" (ET 3)."""
     out = np.zeros(case.classes.shape, np.uint8)
-    for value, name in schema.labels:
+    for value, name in resolve_schema(schema).labels:
         for source in CLASS_SOURCES.get(name, ()):
             mask = case.tissue == TISSUES.index(source) if source == "cavity" else case.classes == source
             out[mask] = value
@@ -253,6 +237,63 @@ def _write_case(out: Path, layout: str, seed: int, index: int, shape: tuple[int,
     return time.perf_counter() - start
 
 
+def _check_request(cases: int, shape: Sequence[int]) -> tuple[int, ...]:
+    """The grid as a tuple; BratsError for a case count or a shape the generator cannot make."""
+    shape = tuple(int(n) for n in shape)
+    if int(cases) < 1:
+        raise BratsError(f"cases must be at least 1, got {cases}")
+    if len(shape) != 3 or min(shape) < 16:
+        raise BratsError(f"shape must be three sizes of at least 16 voxels, got {list(shape)}")
+    return shape
+
+
+def _output_folder(out: str | Path) -> Path:
+    """`out`, created if needed; BratsError unless it is a writable folder."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BratsError(f"cannot create output folder {out}: {e.strerror}") from e
+    if not out.is_dir() or not os.access(out, os.W_OK):
+        raise BratsError(f"output folder {out} is not a writable folder")
+    return out
+
+
+def _is_complete(out: Path, release: Release, layout: str, seed: int, index: int, shape: tuple[int, ...],
+                 overwrite: bool) -> bool:
+    """Whether case `index` is already on disk as this generator would write it (then it is skipped: resume).
+    BratsError when its folder holds anything else, unless `overwrite`."""
+    name = case_name(layout, index)
+    folder = case_folder(out, release, name)
+    files = {key: folder / filename for key, filename in layout_files(release, name).items()}
+    tag = _tag(seed, index)
+    if release.layout.channels:  # one shared folder: a case is done when its label map is ours
+        return not overwrite and files["seg"].is_file() and _is_ours(files["seg"], tag, shape)
+    if folder.exists() and not folder.is_dir():
+        raise BratsError(f"{folder} exists and is not a case folder")
+    return folder.is_dir() and not overwrite and _case_done(folder, files, tag, shape)
+
+
+def _write_cases(jobs: list[tuple[Path, str, int, int, tuple[int, ...]]], workers: int) -> Iterator[tuple[int, float]]:
+    """Write each job's case (`workers` processes when more than one case), yielding (index, seconds) in order."""
+    if not jobs:
+        return
+    shape = jobs[0][4]  # load the atlas before forking workers: they inherit it instead of each reading it again
+    tissue_for_spacing(tuple(round(float(v), 3) for v in FULL_MM / np.array(shape)))
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+            yield from zip((j[3] for j in jobs), pool.map(_write_case, *zip(*jobs, strict=True)), strict=True)
+    else:
+        for job in jobs:
+            yield job[3], _write_case(*job)
+
+
+def _write_msd_index(out: Path, names: Sequence[str]) -> None:
+    """MSD's dataset.json: the task description and every case's image and label file."""
+    training = [{"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"} for n in names]
+    atomic_write_json(out / "dataset.json", {**MSD_DATASET, "numTraining": len(names), "training": training})
+
+
 def write_dataset(
     out: str | Path,
     cases: int,
@@ -270,18 +311,8 @@ def write_dataset(
     """
     release = resolve_release(layout)
     layout = RELEASE_ALIASES.get(layout, layout)
-    shape = tuple(int(n) for n in shape)
-    if int(cases) < 1:
-        raise BratsError(f"cases must be at least 1, got {cases}")
-    if len(shape) != 3 or min(shape) < 16:
-        raise BratsError(f"shape must be three sizes of at least 16 voxels, got {list(shape)}")
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BratsError(f"cannot create output folder {out}: {e.strerror}") from e
-    if not out.is_dir() or not os.access(out, os.W_OK):
-        raise BratsError(f"output folder {out} is not a writable folder")
+    shape = _check_request(cases, shape)
+    out = _output_folder(out)
 
     def report(i: int, status: str) -> None:
         if progress:
@@ -289,32 +320,14 @@ def write_dataset(
 
     pending = []  # check every folder before writing anything, so a refusal comes first
     for i in range(int(cases)):
-        name = case_name(layout, i)
-        folder = case_folder(out, release, name)
-        files = {key: folder / filename for key, filename in layout_files(release, name).items()}
-        if release.layout.channels:  # one shared folder: a case is done when its label map is ours
-            done = not overwrite and files["seg"].is_file() and _is_ours(files["seg"], _tag(seed, i), shape)
-        elif folder.exists() and not folder.is_dir():
-            raise BratsError(f"{folder} exists and is not a case folder")
-        else:
-            done = folder.is_dir() and not overwrite and _case_done(folder, files, _tag(seed, i), shape)
-        if done:
+        if _is_complete(out, release, layout, seed, i, shape, overwrite):
             report(i, "complete, skipped")
         else:
             pending.append(i)
-    jobs = [(out, layout, seed, i, shape) for i in pending]
-    if pending:  # load the atlas before forking workers: they inherit it instead of each reading it again
-        tissue_for_spacing(tuple(round(float(v), 3) for v in FULL_MM / np.array(shape)))
-    if workers > 1 and len(pending) > 1:
-        with ProcessPoolExecutor(min(workers, len(pending))) as pool:
-            for i, seconds in zip(pending, pool.map(_write_case, *zip(*jobs, strict=True)), strict=True):
-                report(i, f"written in {seconds:.1f} s")
-    else:
-        for job in jobs:
-            report(job[3], f"written in {_write_case(*job):.1f} s")
+    for i, seconds in _write_cases([(out, layout, seed, i, shape) for i in pending], workers):
+        report(i, f"written in {seconds:.1f} s")
     names = [case_name(layout, i) for i in range(int(cases))]
     if release.layout.channels:
-        training = [{"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"} for n in names]
-        atomic_write_json(out / "dataset.json", {**MSD_DATASET, "numTraining": len(names), "training": training})
+        _write_msd_index(out, names)
         return [out / "imagesTr" / n for n in names]
     return [out / n for n in names]
