@@ -23,13 +23,16 @@ import numpy as np
 from brats_unet.data.discovery import resolve_layout
 from brats_unet.data.labels import MODALITIES, LabelSchema, Layout, resolve_schema
 from brats_unet.synth.anatomy import FULL_MM, FULL_SHAPE, Pose, grid_axes, load_atlas, sample_tissue, tissue_for_spacing
-from brats_unet.synth.appearance import render
-from brats_unet.synth.tumour import BG, TISSUE_CLASS, TISSUES, draw_lesions, paint_lesions
+from brats_unet.synth.appearance import draw_distractor_contrast, render
+from brats_unet.synth.distractors import draw_distractors
+from brats_unet.synth.tumour import BG, TISSUE_CLASS, TISSUES, draw_lesions, draw_metastases, paint_lesions
 from brats_unet.utils import BratsError, atomic_path, atomic_write_json
 
 __all__ = ["FULL_SHAPE", "TISSUES", "SynthCase", "brats_affine", "case_name", "case_rng", "generate_case",
            "physical_spacing", "schema_seg", "write_dataset"]
 _VERSION = "v2"  # bump when the generator changes, so old folders are not mistaken for complete new cases
+GOLDEN = (5 ** 0.5 - 1) / 2  # healthy heads: case i is one when frac((i + 1) * GOLDEN) < --healthy-fraction
+CYSTS = 0.5  # share of paediatric tumours (--layout ped) with a cyst (label CC)
 COARSE_MM = 6.0  # grid on which lesions are placed (anatomy is smooth at that scale)
 
 
@@ -54,13 +57,17 @@ class SynthCase:
     tissue: np.ndarray  # uint8, values index TISSUES (healthy tissue by majority, lesion tissues, cavity)
     healthy: np.ndarray  # uint8, the majority healthy tissue (WM, GM, CSF) each voxel had before the lesions
     affine: np.ndarray
+    distractors: np.ndarray | None = None  # uint8 distractors.DISTRACTORS codes (labelled background), if drawn
 
 
 def generate_case(rng: np.random.Generator, shape: Sequence[int] = FULL_SHAPE,
-                  spacing: Sequence[float] | None = None, cavity: bool = False) -> SynthCase:
+                  spacing: Sequence[float] | None = None, cavity: bool = False, *, tumour: bool = True,
+                  metastases: bool = False, distractors: np.random.Generator | None = None) -> SynthCase:
     """One synthetic case on a `shape` grid covering the BraTS field of view (a small shape is the same head at a
     coarser resolution). `spacing` only sets the affine's voxel size (default: the physical one, 240 / shape[0]
-    mm ...). `cavity` adds a resection cavity (tissue "cavity", class 0) at the main tumour's centre."""
+    mm ...). `cavity` adds a resection cavity (tissue "cavity", class 0) at the main tumour's centre (a paediatric
+    cyst where the release labels one). `tumour=False`: a healthy head; `metastases`: several mostly small lesions
+    instead of a glioma; `distractors`: the random stream of bright healthy structures to add (None: none)."""
     shape = tuple(int(n) for n in shape)
     mm = tuple(float(v) for v in FULL_MM / np.array(shape))
     tissue_for_spacing(tuple(round(v, 3) for v in mm))  # the pre-blurred atlas for this resolution (cached)
@@ -68,7 +75,12 @@ def generate_case(rng: np.random.Generator, shape: Sequence[int] = FULL_SHAPE,
     coarse = grid_axes([int(np.ceil(f / COARSE_MM)) for f in FULL_MM])
     cprobs, ccoords = sample_tissue(pose, coarse, mm)
     atlas = load_atlas()
-    lesions = draw_lesions(rng, coarse, cprobs, ccoords[2] > atlas.centre[2] + atlas.brain_z_mm, cavity)
+    if not tumour:
+        lesions = []
+    elif metastases:
+        lesions = draw_metastases(rng, coarse, cprobs, cavity)
+    else:
+        lesions = draw_lesions(rng, coarse, cprobs, ccoords[2] > atlas.centre[2] + atlas.brain_z_mm, cavity)
     # Work in the brain's bounding box (plus a margin for the warp and mass effect): most of the grid is empty.
     inside = np.argwhere(cprobs.sum(0) > 0.02)
     lo_mm = np.array([coarse[i][j] for i, j in enumerate(inside.min(0))]) - COARSE_MM - 6
@@ -79,7 +91,11 @@ def generate_case(rng: np.random.Generator, shape: Sequence[int] = FULL_SHAPE,
     axes = grid_axes(shape, box)
     probs, _ = sample_tissue(pose, axes, mm, [les.push for les in lesions])
     lesion_map = paint_lesions(rng, lesions, axes, probs, mm)
-    crop_images = render(rng, probs, lesion_map, axes, mm)
+    crop_distractors, contrast = None, None
+    if distractors is not None:
+        crop_distractors = draw_distractors(distractors, probs, lesion_map, axes, mm)
+        contrast = draw_distractor_contrast(distractors)
+    crop_images = render(rng, probs, lesion_map, axes, mm, distractors=crop_distractors, distractor_contrast=contrast)
     brain = (probs.sum(0) > 0.5) | (lesion_map > 0)
     crop_healthy = np.where(brain, np.argmax(probs, axis=0).astype(np.uint8) + 1, BG).astype(np.uint8)
     crop_tissue = np.where(lesion_map > 0, lesion_map, crop_healthy)
@@ -90,7 +106,11 @@ def generate_case(rng: np.random.Generator, shape: Sequence[int] = FULL_SHAPE,
     tissue, healthy = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
     tissue[box], healthy[box] = crop_tissue, crop_healthy
     affine = brats_affine(shape, physical_spacing(shape) if spacing is None else spacing)
-    return SynthCase(images, TISSUE_CLASS[tissue], tissue, healthy, affine)
+    full_distractors = None
+    if crop_distractors is not None:
+        full_distractors = np.zeros(shape, np.uint8)
+        full_distractors[box] = crop_distractors
+    return SynthCase(images, TISSUE_CLASS[tissue], tissue, healthy, affine, full_distractors)
 
 
 @dataclass(frozen=True)
@@ -101,6 +121,8 @@ class Release:
     schema: str  # a data.labels.SCHEMAS name
     case_pattern: str  # str.format pattern of the case folder name, given the index
     modalities: tuple[str, ...] = MODALITIES
+    version: str = _VERSION  # the generator version of this release's cases (in every file's header)
+    metastases: bool = False  # several mostly small lesions instead of a glioma
 
     @property
     def layout(self) -> Layout:
@@ -116,17 +138,18 @@ RELEASES: dict[str, Release] = {
     "2021": Release("brats2021", "brats2021", "BraTS2021_{:05d}"),  # data=brats2021
     "2023": Release("brats2023", "brats2023", "BraTS-GLI-{:05d}-000"),  # data=brats2023
     "2024_gli": Release("brats2023", "brats2024_gli", "BraTS-GLI-{:05d}-100"),  # data=brats2024_gli
-    "met": Release("brats2023", "brats_met", "BraTS-MET-{:05d}-000"),  # data=brats_met
+    "met": Release("brats2023", "brats_met", "BraTS-MET-{:05d}-000", version="v3", metastases=True),  # data=brats_met
     "men": Release("brats2023", "brats_men", "BraTS-MEN-{:05d}-000"),  # data=brats_men
     "men_rt": Release("brats2023", "brats_men_rt", "BraTS-MEN-RT-{:04d}-1", ("t1ce",)),  # data=brats_men_rt
-    "ped": Release("brats2023", "brats_ped", "BraTS-PED-{:05d}-000"),  # data=brats_ped
+    "ped": Release("brats2023", "brats_ped", "BraTS-PED-{:05d}-000", version="v3"),  # data=brats_ped: cysts (CC)
     "ssa": Release("brats2023", "brats2023", "BraTS-SSA-{:05d}-000"),  # data=brats_ssa
     "msd": Release("msd", "msd_brain", "BRATS_{:03d}"),  # data=msd_brain: 4D imagesTr/, labelsTr/, dataset.json
 }
 RELEASE_ALIASES = {"brats2021": "2021", "brats2023": "2023"}
 # Each schema class is painted from the generator's tissues: its glioma classes (1 NCR incl. non-enhancing core,
-# 2 oedema, 3 ET) or the resection cavity. A class with no source (paediatric cysts, CC) stays absent.
-CLASS_SOURCES = {"ncr": (1,), "netc": (1,), "ed": (2,), "snfh": (2,), "et": (3,), "gtv": (1, 3), "rc": ("cavity",)}
+# 2 oedema, 3 ET) or the fluid-filled cavity (a resection cavity, or in paediatric tumours a cyst).
+CLASS_SOURCES = {"ncr": (1,), "netc": (1,), "ed": (2,), "snfh": (2,), "et": (3,), "gtv": (1, 3), "rc": ("cavity",),
+                 "cc": ("cavity",)}
 
 
 def resolve_release(layout: str) -> Release:
@@ -183,8 +206,41 @@ def case_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
 
 
-def _tag(seed: int, index: int) -> bytes:
-    return f"brats-synth {_VERSION} seed={seed} case={index}".encode()
+@dataclass(frozen=True)
+class Options:
+    """What brats-synth can add to the default cases; off by default, so the default output stays as it was."""
+
+    distractors: bool = False  # bright healthy structures, labelled background (synth/distractors.py)
+    healthy_fraction: float = 0.0  # share of heads without a tumour
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.healthy_fraction) <= 1.0:
+            raise BratsError(f"healthy fraction must be in [0, 1], got {self.healthy_fraction}")
+
+    def is_healthy(self, index: int) -> bool:
+        """Case `index` has no tumour: a low-discrepancy rule, so any run of cases holds about the fraction asked
+        for and a case's answer does not depend on how many are generated."""
+        return ((index + 1) * GOLDEN) % 1.0 < self.healthy_fraction
+
+    @property
+    def tag(self) -> str:
+        """What the options add to a file's header tag ("" by default), so a resume with other options is refused."""
+        return (" +distractors" if self.distractors else "") + \
+            (f" healthy={self.healthy_fraction:g}" if self.healthy_fraction else "")
+
+
+def case_options(release: Release, seed: int, index: int, options: Options) -> dict:
+    """generate_case's keyword arguments for case `index`. Option draws (cysts, distractors) come from their own
+    stream, a sibling of case_rng's, so a case with options keeps the head, tumour and scanner it has without."""
+    extra = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 1)))
+    names = release.label_schema.class_names
+    cyst = extra.random() < CYSTS
+    return {"cavity": "rc" in names or ("cc" in names and cyst), "tumour": not options.is_healthy(index),
+            "metastases": release.metastases, "distractors": extra if options.distractors else None}
+
+
+def _tag(release: Release, seed: int, index: int, options: Options) -> bytes:
+    return f"brats-synth {release.version} seed={seed} case={index}{options.tag}".encode()
 
 
 def _save(path: Path, data: np.ndarray, affine: np.ndarray, tag: bytes) -> None:
@@ -225,15 +281,15 @@ def _case_done(folder: Path, files: dict[str, Path], tag: bytes, shape: tuple[in
     return files["seg"].exists()
 
 
-def _write_case(out: Path, layout: str, seed: int, index: int, shape: tuple[int, ...]) -> float:
+def _write_case(out: Path, layout: str, seed: int, index: int, shape: tuple[int, ...], options: Options) -> float:
     """Generate and save case `index` (images first, seg last: the seg file marks a complete case); returns seconds."""
     start = time.perf_counter()
     release = resolve_release(layout)
     name = case_name(layout, index)
-    case = generate_case(case_rng(seed, index), shape, cavity="rc" in release.label_schema.class_names)
+    case = generate_case(case_rng(seed, index), shape, **case_options(release, seed, index, options))
     arrays = layout_arrays(case, release)
     for key, filename in layout_files(release, name).items():
-        _save(case_folder(out, release, name) / filename, arrays[key], case.affine, _tag(seed, index))
+        _save(case_folder(out, release, name) / filename, arrays[key], case.affine, _tag(release, seed, index, options))
     return time.perf_counter() - start
 
 
@@ -260,13 +316,13 @@ def _output_folder(out: str | Path) -> Path:
 
 
 def _is_complete(out: Path, release: Release, layout: str, seed: int, index: int, shape: tuple[int, ...],
-                 overwrite: bool) -> bool:
+                 options: Options, overwrite: bool) -> bool:
     """Whether case `index` is already on disk as this generator would write it (then it is skipped: resume).
     BratsError when its folder holds anything else, unless `overwrite`."""
     name = case_name(layout, index)
     folder = case_folder(out, release, name)
     files = {key: folder / filename for key, filename in layout_files(release, name).items()}
-    tag = _tag(seed, index)
+    tag = _tag(release, seed, index, options)
     if release.layout.channels:  # one shared folder: a case is done when its label map is ours
         return not overwrite and files["seg"].is_file() and _is_ours(files["seg"], tag, shape)
     if folder.exists() and not folder.is_dir():
@@ -274,7 +330,8 @@ def _is_complete(out: Path, release: Release, layout: str, seed: int, index: int
     return folder.is_dir() and not overwrite and _case_done(folder, files, tag, shape)
 
 
-def _write_cases(jobs: list[tuple[Path, str, int, int, tuple[int, ...]]], workers: int) -> Iterator[tuple[int, float]]:
+def _write_cases(jobs: list[tuple[Path, str, int, int, tuple[int, ...], Options]], workers: int
+                 ) -> Iterator[tuple[int, float]]:
     """Write each job's case (`workers` processes when more than one case), yielding (index, seconds) in order."""
     if not jobs:
         return
@@ -303,12 +360,16 @@ def write_dataset(
     overwrite: bool = False,
     progress: bool = False,
     workers: int = 1,
+    distractors: bool = False,
+    healthy_fraction: float = 0.0,
 ) -> list[Path]:
     """Write `cases` synthetic cases in a BraTS layout under `out` (`workers` processes); returns the case folders.
 
     Re-running the same command skips finished cases (resumes after a kill); a folder holding anything else is
-    refused unless `overwrite`.
+    refused unless `overwrite`. `distractors`: add bright healthy structures (labelled background);
+    `healthy_fraction`: that share of the heads has no tumour. Both off by default (the output is then unchanged).
     """
+    options = Options(bool(distractors), float(healthy_fraction))
     release = resolve_release(layout)
     layout = RELEASE_ALIASES.get(layout, layout)
     shape = _check_request(cases, shape)
@@ -320,11 +381,11 @@ def write_dataset(
 
     pending = []  # check every folder before writing anything, so a refusal comes first
     for i in range(int(cases)):
-        if _is_complete(out, release, layout, seed, i, shape, overwrite):
+        if _is_complete(out, release, layout, seed, i, shape, options, overwrite):
             report(i, "complete, skipped")
         else:
             pending.append(i)
-    for i, seconds in _write_cases([(out, layout, seed, i, shape) for i in pending], workers):
+    for i, seconds in _write_cases([(out, layout, seed, i, shape, options) for i in pending], workers):
         report(i, f"written in {seconds:.1f} s")
     names = [case_name(layout, i) for i in range(int(cases))]
     if release.layout.channels:
