@@ -357,3 +357,67 @@ def test_written_files_are_the_recorded_ones(tmp_path):
     for layout, want in recorded["layouts"].items():
         S.write_dataset(tmp_path / layout, want["cases"], recorded["seed"], layout=layout, shape=recorded["shape"])
         assert _digests(tmp_path / layout) == want["files"], layout
+
+
+# ---- distractors, healthy heads, metastases and paediatric cysts (issue 20 section 3, issue 19 item 7) ----
+
+def test_distractors_are_background_bright_where_they_should_be_and_change_nothing_else(small_cases):
+    from brats_unet.synth.distractors import CAP, PLEXUS, VESSEL, WMH
+
+    release = S.resolve_release("2021")
+    kinds = set()
+    for i in (0, 3):  # between them, all four kinds
+        plain = small_cases[i]
+        case = S.generate_case(S.case_rng(0, i), SMALL, **S.case_options(release, 0, i, S.Options(distractors=True)))
+        d = case.distractors
+        np.testing.assert_array_equal(case.classes, plain.classes)  # same tumour, same labels: distractors are 0
+        assert plain.distractors is None and not (d > 0)[case.classes > 0].any() and (case.tissue[d > 0] > 0).all()
+        far = ~ndi.binary_dilation(d > 0, iterations=3)  # beyond the blur's reach the images are the same
+        for m in MODALITIES:
+            np.testing.assert_array_equal(case.images[m][far], plain.images[m][far])
+        wm = {m: np.median(case.images[m][(case.healthy == 1) & far]) for m in MODALITIES}
+        for code, modality in ((PLEXUS, "t1ce"), (VESSEL, "t1ce"), (CAP, "flair"), (WMH, "flair")):
+            if (d == code).sum() >= 3:
+                kinds.add(code)
+                assert np.median(case.images[modality][d == code]) > 1.1 * wm[modality], (i, code)
+    assert kinds == {PLEXUS, VESSEL, CAP, WMH}
+
+
+def test_healthy_fraction_gives_heads_without_tumour_and_is_part_of_the_case_identity(tmp_path):
+    # Case i is healthy when frac((i + 1) * 0.618...) < 0.4: 0.618, 0.236, 0.854, 0.472, 0.090 -> cases 1 and 4.
+    folders = S.write_dataset(tmp_path, cases=5, seed=0, shape=(32, 32, 24), healthy_fraction=0.4)
+    tumour = [bool(np.asarray(nib.load(f / f"{f.name}_seg.nii.gz").dataobj).any()) for f in folders]
+    assert tumour == [True, False, True, True, False]
+    header = nib.load(folders[1] / "BraTS2021_00001_t1.nii.gz").header
+    assert bytes(header["descrip"]).rstrip(b"\0") == b"brats-synth v2 seed=0 case=1 healthy=0.4"
+    assert (np.asarray(nib.load(folders[1] / "BraTS2021_00001_t1.nii.gz").dataobj) > 0).sum() > 1000  # a head
+    with pytest.raises(BratsError, match=r"not this synthetic case \(brats-synth v2 seed=0 case=0 \+distractors"):
+        S.write_dataset(tmp_path, cases=1, seed=0, shape=(32, 32, 24), distractors=True)
+    with pytest.raises(BratsError, match=r"healthy fraction must be in \[0, 1\], got 1.5"):
+        S.write_dataset(tmp_path / "x", cases=1, seed=0, shape=(32, 32, 24), healthy_fraction=1.5)
+
+
+def test_paediatric_cases_hold_cysts_and_metastases_include_small_lesions():
+    # Before: a PED label map never held CC (3), and MET cases were one glioma of 2-110 cm3.
+    ped, met = S.resolve_release("ped"), S.resolve_release("met")
+    cc = [3 in S.schema_seg(S.generate_case(S.case_rng(0, i), SMALL, **S.case_options(ped, 0, i, S.Options())),
+                            ped.label_schema) for i in range(2)]
+    assert cc == [True, False]  # CYSTS: half of the tumours
+    voxel_ml = np.prod(S.physical_spacing(SMALL)) / 1000
+    lesions = []
+    for i in range(2):
+        case = S.generate_case(S.case_rng(0, i), SMALL, **S.case_options(met, 0, i, S.Options()))
+        labels, n = ndi.label(np.isin(case.classes, (1, 3)), ndi.generate_binary_structure(3, 3))
+        lesions += (np.bincount(labels.ravel())[1:] * voxel_ml).tolist()
+    assert len(lesions) >= 4 and min(lesions) < 0.5  # several lesions per case, some under half a millilitre
+
+
+def test_cli_distractor_options(tmp_path, capsys):
+    main(["--out", str(tmp_path / "syn"), "--cases", "2", "--shape", "32", "32", "24", "--workers", "1",
+          "--distractors", "--healthy-fraction", "1"])
+    seg = nib.load(tmp_path / "syn" / "BraTS2021_00000" / "BraTS2021_00000_seg.nii.gz")
+    assert not np.asarray(seg.dataobj).any()
+    assert bytes(seg.header["descrip"]).rstrip(b"\0") == b"brats-synth v2 seed=0 case=0 +distractors healthy=1"
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "x"), "--healthy-fraction", "-0.1"])
+    assert exc.value.code == 2 and "error: healthy fraction must be in [0, 1], got -0.1" in capsys.readouterr().err
