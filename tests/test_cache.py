@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from brats_unet.cli.preprocess import preprocess
 from brats_unet.cli.stats import stats
-from brats_unet.data.cache import build_cache, cache_key, cache_path, cached_cases, load_cached
+from brats_unet.data.cache import build_cache, cache_key, cache_path, cached_cases, cached_shape, load_cached
 from brats_unet.data.cases import read_case_files
 from brats_unet.data.discovery import case_files
 from brats_unet.data.preprocess import preprocess_case
@@ -84,7 +84,7 @@ def test_build_cache_files_match_preprocessing(root, tmp_path):
     images, seg, _ = read_case_files(files, MODERN["modalities"])
     ex, ey, _ = preprocess_case(images, seg, modalities=MODERN["modalities"], normalize="zscore", crop="nonzero",
                                 crop_box=None, foreground_channel=False, schema="brats2021")
-    assert x.shape == (4, 14, 11, 12) == ex.shape
+    assert x.shape == (4, 14, 11, 12) == ex.shape and cached_shape(out, "BraTS2021_00001") == (14, 11, 12)
     np.testing.assert_array_equal(x, ex.astype(np.float16))
     np.testing.assert_array_equal(y, ey)
     assert meta["crop_box"] == [[3, 17], [4, 15], [2, 14]] and meta["original_shape"] == list(SHAPE)

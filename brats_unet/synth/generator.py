@@ -1,8 +1,9 @@
 """Synthetic BraTS-like cases: a real-anatomy head with a glioma, four MRI sequences and a BraTS label map.
 
 Real BraTS cannot be downloaded here, so demos and tests use these stand-ins. A case is generated in three steps:
-anatomy (data/anatomy.py: the MNI152 template's tissue maps, posed and warped per case), lesions (data/tumour.py:
-placed by anatomy, with mass effect) and appearance (data/appearance.py: a randomised scanner per case). The head is
+anatomy (anatomy.py: the MNI152 template's tissue maps, posed and warped per case), lesions (tumour.py: placed by
+anatomy, with mass effect) and appearance (appearance.py: a randomised scanner per case), plus, on request, bright
+healthy structures that are not tumour (distractors.py). The head is
 laid out in millimetres of the 240x240x155 BraTS field of view and sampled at the requested shape, so a small shape is
 the same head at coarser resolution. Generation returns canonical modalities and internal classes (`SynthCase`);
 the layout step below names and labels the files, so a new BraTS release is a small change there.
