@@ -21,6 +21,7 @@ from brats_unet.data.labels import MODALITIES
 from brats_unet.runtime import detect
 from brats_unet.synth import anatomy as A
 from brats_unet.synth import generator as S
+from brats_unet.synth import releases as R
 from brats_unet.synth import tumour as T
 from brats_unet.utils import BratsError
 
@@ -364,7 +365,7 @@ def test_written_files_are_the_recorded_ones(tmp_path):
 def test_distractors_are_background_bright_where_they_should_be_and_change_nothing_else(small_cases):
     from brats_unet.synth.distractors import CAP, PLEXUS, VESSEL, WMH
 
-    release = S.resolve_release("2021")
+    release = R.resolve_release("2021")
     kinds = set()
     for i in (0, 3):  # between them, all four kinds
         plain = small_cases[i]
@@ -399,7 +400,7 @@ def test_healthy_fraction_gives_heads_without_tumour_and_is_part_of_the_case_ide
 
 def test_paediatric_cases_hold_cysts_and_metastases_include_small_lesions():
     # Before: a PED label map never held CC (3), and MET cases were one glioma of 2-110 cm3.
-    ped, met = S.resolve_release("ped"), S.resolve_release("met")
+    ped, met = R.resolve_release("ped"), R.resolve_release("met")
     cc = [3 in S.schema_seg(S.generate_case(S.case_rng(0, i), SMALL, **S.case_options(ped, 0, i, S.Options())),
                             ped.label_schema) for i in range(2)]
     assert cc == [True, False]  # CYSTS: half of the tumours

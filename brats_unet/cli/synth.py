@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from brats_unet.cli.common import user_errors
-from brats_unet.synth.generator import FULL_SHAPE, RELEASE_ALIASES, RELEASES, write_dataset
+from brats_unet.synth.generator import FULL_SHAPE, write_dataset
+from brats_unet.synth.releases import RELEASE_ALIASES, RELEASES
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,10 +3,10 @@
 Real BraTS cannot be downloaded here, so demos and tests use these stand-ins. A case is generated in three steps:
 anatomy (anatomy.py: the MNI152 template's tissue maps, posed and warped per case), lesions (tumour.py: placed by
 anatomy, with mass effect) and appearance (appearance.py: a randomised scanner per case), plus, on request, bright
-healthy structures that are not tumour (distractors.py). The head is
-laid out in millimetres of the 240x240x155 BraTS field of view and sampled at the requested shape, so a small shape is
-the same head at coarser resolution. Generation returns canonical modalities and internal classes (`SynthCase`);
-the layout step below names and labels the files, so a new BraTS release is a small change there.
+healthy structures that are not tumour (distractors.py). The head is laid out in millimetres of the 240x240x155 BraTS
+field of view and sampled at the requested shape, so a small shape is the same head at coarser resolution. Generation
+returns canonical modalities and internal classes (`SynthCase`); the writing step below names and labels the files as
+a release does (releases.py), so a new BraTS release is a small change there.
 """
 
 from __future__ import annotations
@@ -21,17 +21,24 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from brats_unet.data.discovery import resolve_layout
-from brats_unet.data.labels import MODALITIES, LabelSchema, Layout, resolve_schema
+from brats_unet.data.labels import MODALITIES, LabelSchema, resolve_schema
 from brats_unet.synth.anatomy import FULL_MM, FULL_SHAPE, Pose, grid_axes, load_atlas, sample_tissue, tissue_for_spacing
 from brats_unet.synth.appearance import draw_distractor_contrast, render
 from brats_unet.synth.distractors import draw_distractors
+from brats_unet.synth.releases import (
+    MSD_DATASET,
+    RELEASE_ALIASES,
+    Release,
+    case_folder,
+    case_name,
+    layout_files,
+    resolve_release,
+)
 from brats_unet.synth.tumour import BG, TISSUE_CLASS, TISSUES, draw_lesions, draw_metastases, paint_lesions
 from brats_unet.utils import BratsError, atomic_path, atomic_write_json
 
 __all__ = ["FULL_SHAPE", "TISSUES", "SynthCase", "brats_affine", "case_name", "case_rng", "generate_case",
            "physical_spacing", "schema_seg", "write_dataset"]
-_VERSION = "v2"  # bump when the generator changes, so old folders are not mistaken for complete new cases
 GOLDEN = (5 ** 0.5 - 1) / 2  # healthy heads: case i is one when frac((i + 1) * GOLDEN) < --healthy-fraction
 CYSTS = 0.5  # share of paediatric tumours (--layout ped) with a cyst (label CC)
 COARSE_MM = 6.0  # grid on which lesions are placed (anatomy is smooth at that scale)
@@ -114,50 +121,10 @@ def generate_case(rng: np.random.Generator, shape: Sequence[int] = FULL_SHAPE,
     return SynthCase(images, TISSUE_CLASS[tissue], tissue, healthy, affine, full_distractors)
 
 
-@dataclass(frozen=True)
-class Release:
-    """How one BraTS release stores a case: file naming, label schema, case names, the sequences it ships."""
-
-    files: str  # a data.labels.LAYOUTS name
-    schema: str  # a data.labels.SCHEMAS name
-    case_pattern: str  # str.format pattern of the case folder name, given the index
-    modalities: tuple[str, ...] = MODALITIES
-    version: str = _VERSION  # the generator version of this release's cases (in every file's header)
-    metastases: bool = False  # several mostly small lesions instead of a glioma
-
-    @property
-    def layout(self) -> Layout:
-        return resolve_layout(self.files)
-
-    @property
-    def label_schema(self) -> LabelSchema:
-        return resolve_schema(self.schema)
-
-
-# brats-synth --layout NAME (data=... in brackets): each sub-challenge's naming and labels.
-RELEASES: dict[str, Release] = {
-    "2021": Release("brats2021", "brats2021", "BraTS2021_{:05d}"),  # data=brats2021
-    "2023": Release("brats2023", "brats2023", "BraTS-GLI-{:05d}-000"),  # data=brats2023
-    "2024_gli": Release("brats2023", "brats2024_gli", "BraTS-GLI-{:05d}-100"),  # data=brats2024_gli
-    "met": Release("brats2023", "brats_met", "BraTS-MET-{:05d}-000", version="v3", metastases=True),  # data=brats_met
-    "men": Release("brats2023", "brats_men", "BraTS-MEN-{:05d}-000"),  # data=brats_men
-    "men_rt": Release("brats2023", "brats_men_rt", "BraTS-MEN-RT-{:04d}-1", ("t1ce",)),  # data=brats_men_rt
-    "ped": Release("brats2023", "brats_ped", "BraTS-PED-{:05d}-000", version="v3"),  # data=brats_ped: cysts (CC)
-    "ssa": Release("brats2023", "brats2023", "BraTS-SSA-{:05d}-000"),  # data=brats_ssa
-    "msd": Release("msd", "msd_brain", "BRATS_{:03d}"),  # data=msd_brain: 4D imagesTr/, labelsTr/, dataset.json
-}
-RELEASE_ALIASES = {"brats2021": "2021", "brats2023": "2023"}
 # Each schema class is painted from the generator's tissues: its glioma classes (1 NCR incl. non-enhancing core,
 # 2 oedema, 3 ET) or the fluid-filled cavity (a resection cavity, or in paediatric tumours a cyst).
 CLASS_SOURCES = {"ncr": (1,), "netc": (1,), "ed": (2,), "snfh": (2,), "et": (3,), "gtv": (1, 3), "rc": ("cavity",),
                  "cc": ("cavity",)}
-
-
-def resolve_release(layout: str) -> Release:
-    key = RELEASE_ALIASES.get(layout, layout)
-    if key not in RELEASES:
-        raise BratsError(f"unknown data layout {layout!r}; choose one of {sorted([*RELEASES, *RELEASE_ALIASES])}")
-    return RELEASES[key]
 
 
 def schema_seg(case: SynthCase, schema: LabelSchema | str) -> np.ndarray:
@@ -170,36 +137,12 @@ def schema_seg(case: SynthCase, schema: LabelSchema | str) -> np.ndarray:
     return out
 
 
-def layout_files(release: Release, name: str) -> dict[str, str]:
-    """Array key -> file path of one case relative to its folder (MSD: to the root); the seg comes last (written
-    last, it marks a complete case)."""
-    if release.layout.channels:
-        return {"image": f"imagesTr/{name}.nii.gz", "seg": f"labelsTr/{name}.nii.gz"}
-    return {key: release.layout.filename(name, key) for key in (*release.modalities, "seg")}
-
-
 def layout_arrays(case: SynthCase, release: Release) -> dict[str, np.ndarray]:
     """Array key -> data as the release stores it (seg in its own label values; MSD: one 4D image)."""
     seg = schema_seg(case, release.label_schema)
     if release.layout.channels:
         return {"image": np.stack([case.images[m] for m in release.layout.channels], axis=-1), "seg": seg}
     return {**{m: case.images[m] for m in release.modalities}, "seg": seg}
-
-
-def case_folder(out: Path, release: Release, name: str) -> Path:
-    """Where a case's files live: its own folder, or (MSD) the dataset root with imagesTr/ and labelsTr/."""
-    return out if release.layout.channels else out / name
-
-
-MSD_DATASET = {"name": "BrainTumour", "description": "brats-synth: synthetic cases in the MSD Task01 layout",
-               "tensorImageSize": "4D", "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
-               "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}}
-
-
-def case_name(layout: str, index: int) -> str:
-    """Folder name of case `index` as the release names it (BraTS2021_00000, BraTS-GLI-00000-000, ...)."""
-    release = resolve_release(layout)
-    return release.case_pattern.format(index + 1 if release.layout.channels else index)  # MSD counts from 1
 
 
 def case_rng(seed: int, index: int) -> np.random.Generator:
