@@ -351,3 +351,18 @@ def test_a_cache_built_before_raw_stamps_is_kept_unless_a_raw_file_is_newer(root
     assert "raw_files" not in json.loads((out / "BraTS2021_00000.json").read_text())  # older raw files: kept
     assert load_cached(out, "BraTS2021_00001", mmap=False)[1].max() == 2  # newer: rebuilt (and stamped)
     assert "raw_files" in load_cached(out, "BraTS2021_00001")[2]
+
+
+def test_the_check_reads_the_index_not_every_meta(root, tmp_path):
+    from brats_unet.data.cache import cache_status
+
+    out = build_cache(root, "brats2021", tmp_path / "cache", SEED, num_workers=0, progress=False)
+    meta = out / "BraTS2021_00001.json"
+    written = meta.stat().st_mtime_ns
+    meta.write_text("not json")  # were it parsed, the case would count as changed
+    os.utime(meta, ns=(written, written))  # ... but config.json's index still vouches for this very file
+    dirs = sorted(p for p in root.iterdir())
+    status = cache_status(out, dirs, "brats2021", SEED["modalities"])
+    assert status.current == ["BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002"] and not status.changed
+    os.utime(meta, ns=(written + 1, written + 1))  # another meta than the index saw: read it, and rebuild
+    assert cache_status(out, dirs, "brats2021", SEED["modalities"]).changed == ["BraTS2021_00001"]
