@@ -37,7 +37,7 @@ from brats_unet.synth.releases import (
 from brats_unet.synth.tumour import BG, TISSUE_CLASS, TISSUES, draw_lesions, draw_metastases, paint_lesions
 from brats_unet.utils import BratsError, atomic_path, atomic_write_json
 
-__all__ = ["FULL_SHAPE", "TISSUES", "SynthCase", "brats_affine", "case_name", "case_rng", "generate_case",
+__all__ = ["FULL_SHAPE", "TISSUES", "Options", "SynthCase", "brats_affine", "case_options", "case_rng", "generate_case",
            "physical_spacing", "schema_seg", "write_dataset"]
 GOLDEN = (5 ** 0.5 - 1) / 2  # healthy heads: case i is one when frac((i + 1) * GOLDEN) < --healthy-fraction
 CYSTS = 0.5  # share of paediatric tumours (--layout ped) with a cyst (label CC)
