@@ -31,7 +31,8 @@ from scipy import ndimage
 from benchmarks.common import median, parse_ints, parse_words, print_table, threads, write_result
 from brats_unet.evaluation.challenges import CHALLENGES, Challenge
 from brats_unet.evaluation.lesionwise import lesionwise_metrics
-from brats_unet.evaluation.metrics import crop_pair, dice, hd95_from_distances, nsd_from_distances, surface_distances
+from brats_unet.evaluation.region import dice
+from brats_unet.evaluation.surface import crop_pair, hd95_from_distances, nsd_from_distances, surface_distances
 
 # Tissue roles of the generator, mapped to each challenge's labels by label name.
 ROLES = {"ed": 1, "snfh": 1, "gtv": 1, "et": 2, "ncr": 3, "netc": 3, "cc": 4, "rc": 5}
@@ -132,7 +133,10 @@ def official_evaluator(challenge: Challenge):
 
 
 def official_metrics(pred: np.ndarray, truth: np.ndarray, challenge: Challenge, evaluator=None) -> dict[str, float]:
-    """The official pipeline on arrays: panoptica's evaluate, then the challenge's parser on its JSON, one CSV row."""
+    """The official pipeline on arrays: panoptica's evaluate, then the challenge's parser on its JSON, one CSV row.
+
+    The arrays go in with their axes reversed, as panoptica sees a NIfTI file it reads (through SimpleITK): that is
+    the order in which it numbers lesions, which decides ties in the matching (1 mm data: nothing else changes)."""
     import pandas as pd
     from brats_evaluation import parse_mets_results, parse_seg_results
 
@@ -140,7 +144,7 @@ def official_metrics(pred: np.ndarray, truth: np.ndarray, challenge: Challenge, 
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
             contextlib.redirect_stderr(io.StringIO()), tempfile.TemporaryDirectory() as tmp:
         warnings.simplefilter("ignore")
-        groups = evaluator.evaluate(pred, truth)
+        groups = evaluator.evaluate(np.ascontiguousarray(pred.T), np.ascontiguousarray(truth.T))
         record = {name: result.to_dict(True) for name, result in groups.items()}
         record["subject_name"] = "case"
         json_path, csv_path = Path(tmp) / "results.json", Path(tmp) / "parsed.csv"

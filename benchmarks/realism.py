@@ -29,7 +29,7 @@ from scipy import ndimage as ndi
 
 from benchmarks.common import parse_ints, print_table, write_result
 from brats_unet.data.labels import LAYOUTS, MODALITIES, SCHEMAS
-from brats_unet.evaluation.metrics import dice
+from brats_unet.evaluation.region import dice
 from brats_unet.synth import anatomy as A
 from brats_unet.synth import generator as S
 from brats_unet.synth import tumour as T

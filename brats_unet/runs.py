@@ -135,6 +135,19 @@ def read_metrics(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+NEVER_VALIDATED = ("finished without validating once: validation runs every trainer.check_val_every_n_epoch epochs "
+                   "and the run stopped before the first (e.g. quickstart's 2 with max_epochs=1), so it has no val/ "
+                   "metrics and no checkpoints/best.ckpt, and resuming it (ckpt_path=last) trains nothing more; "
+                   "retrain with trainer.check_val_every_n_epoch=1 or more epochs, or use its checkpoints/last.ckpt "
+                   "explicitly")
+
+
+def validated(metrics: Mapping[str, Any]) -> bool:
+    """Whether a finished run (its metrics.json) ever validated: a best checkpoint, or a val/ metric at the end."""
+    best = metrics.get("best") or {}
+    return bool(best.get("checkpoint")) or any(str(k).startswith("val/") for k in (metrics.get("final") or {}))
+
+
 def final_value(metrics: Mapping[str, Any], name: str) -> float | None:
     final = metrics.get("final") or {}
     for key in (f"{name}_epoch", name):  # an on_step+on_epoch metric: the epoch mean, not the last step

@@ -1,4 +1,4 @@
-"""The public Python API: the README example verbatim, API == commands, old checkpoints, unsafe checkpoints."""
+"""The public Python API: the docs' example verbatim, API == commands, old checkpoints, unsafe checkpoints."""
 
 from __future__ import annotations
 
@@ -18,21 +18,20 @@ from brats_unet.cli.evaluate import evaluate as evaluate_command
 from brats_unet.cli.predict import predict as predict_command
 from brats_unet.utils import BratsError
 
-README = Path(__file__).parents[1] / "README.md"
+API_DOC = Path(__file__).parents[1] / "docs" / "python-api.md"
 OLD = FIXTURES / "v0_1"  # written by the code before the library refactor (see its README.md)
 OLD_CASE = OLD / "BraTS2021_00000"
 
 
 def readme_api_example() -> str:
-    section = README.read_text().split("## Python API", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return re.search(r"```python\n(.*?)```", API_DOC.read_text(), re.S).group(1)
 
 
 @pytest.mark.slow
 def test_readme_python_api_example_runs_verbatim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(readme_api_example(), "README.md (Python API)", "exec"), scope)
+    exec(compile(readme_api_example(), "docs/python-api.md", "exec"), scope)
     assert 0.0 <= scope["metrics"]["val/dice_mean"] <= 1.0
     image, probs, case = scope["image"], scope["probs"], scope["case"]
     assert image.get_data_dtype() == np.uint8 and image.shape == (64, 64, 48)

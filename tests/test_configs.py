@@ -15,7 +15,8 @@ from hydra.utils import instantiate
 from brats_unet.training.build import build_module
 
 CONF = Path(__file__).parents[1] / "conf"
-README = Path(__file__).parents[1] / "README.md"
+ROOT = Path(__file__).parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 SCHEDULERS = sorted(p.stem for p in (CONF / "scheduler").glob("*.yaml"))
 LOSSES = sorted(p.stem for p in (CONF / "loss").glob("*.yaml"))
@@ -52,8 +53,8 @@ def test_every_dataset_config_builds_with_both_heads(data: str) -> None:
 
 
 def readme_train_commands() -> list[str]:
-    """Every `brats-train ...` command in the README (code blocks and tables)."""
-    text = README.read_text()
+    """Every `brats-train ...` command in the README and docs/*.md (code blocks and tables)."""
+    text = "\n".join(page.read_text() for page in DOCS)
     commands = re.findall(r"`(brats-train [^`]+)`", text)
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         commands += [line.split("#")[0].strip() for line in block.replace("\\\n", " ").splitlines()

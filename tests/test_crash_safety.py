@@ -66,6 +66,11 @@ def visible(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
 
 
+def predictions(folder: Path) -> list[str]:
+    """The visible label maps (not prediction.json, which names the model that wrote them)."""
+    return [name for name in visible(folder) if name.endswith(".nii.gz")]
+
+
 # ---- preprocessing ------------------------------------------------------------------------------------------------
 def test_kill_during_preprocessing_then_rerun_equals_a_clean_run(tmp_path: Path) -> None:
     root = tmp_path / "data"
@@ -128,7 +133,7 @@ def test_kill_during_prediction_then_resume_writes_every_case(tmp_path: Path) ->
     pred = tmp_path / "pred"
     started = lambda: pred.is_dir() and any(pred.glob("*.nii.gz"))  # noqa: E731
     killed = kill_when("brats-predict", args(pred), tmp_path, started, random.Random().uniform(0.0, 0.5))
-    written = visible(pred)
+    written = predictions(pred)
     assert len(written) < 16 or not killed
     for name in written:  # every file the killed run left is a whole NIfTI
         assert nib.load(pred / name).get_fdata().shape == SHAPE
@@ -136,8 +141,8 @@ def test_kill_during_prediction_then_resume_writes_every_case(tmp_path: Path) ->
     run("brats-predict", args(pred, "resume=true"), tmp_path)
     run("brats-predict", args(tmp_path / "clean"), tmp_path)
     cases = sorted(p.name for p in root.iterdir())
-    assert visible(pred) == visible(tmp_path / "clean") == [f"{c}.nii.gz" for c in cases]
-    for name in visible(pred):
+    assert predictions(pred) == predictions(tmp_path / "clean") == [f"{c}.nii.gz" for c in cases]
+    for name in predictions(pred):
         a = np.asarray(nib.load(pred / name).dataobj)
         b = np.asarray(nib.load(tmp_path / "clean" / name).dataobj)
         assert a.dtype == np.uint8 and np.array_equal(a, b), name

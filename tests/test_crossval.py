@@ -70,7 +70,7 @@ def test_report_writes_per_fold_metrics_with_mean_and_std(sweep: Path, tmp_path:
     best = [m["best"]["val/dice_mean"] for m in finals]
     assert [float(r["best val/dice_mean"]) for r in rows[:2]] == best
     text = (tmp_path / "report" / "cv.md").read_text()
-    assert "2 of 2 folds finished (data.num_folds=2)" in text and "Did not finish" not in text
+    assert "2 of 2 folds finished and validated (data.num_folds=2)" in text and "Did not finish" not in text
     mean_row = next(line for line in text.splitlines() if line.startswith("| mean ± std"))
     assert f"{np.mean(best):.4f} ± {np.std(best, ddof=1):.4f}" in mean_row
 
@@ -80,7 +80,7 @@ def test_report_writes_per_fold_metrics_with_mean_and_std(sweep: Path, tmp_path:
     (partial / "1" / "metrics.json").unlink()
     write_report(partial, tmp_path / "partial_report")
     text = (tmp_path / "partial_report" / "cv.md").read_text()
-    assert "1 of 2 folds finished" in text
+    assert "1 of 2 folds finished and validated" in text
     assert "Did not finish (no metrics.json; left out of the mean): fold 1 (job 1)." in text
     with open(tmp_path / "partial_report" / "cv.csv") as f:
         rows = list(csv.DictReader(f))
@@ -94,7 +94,8 @@ def test_out_of_fold_predicts_each_case_with_the_model_that_did_not_train_on_it(
     predict_command(compose_cli("predict", [f"ckpt_path={sweep}", "oof=true", f"input={synthetic_root}",
                                             f"output={out}", "device=cpu"]))
     folds = [split(sweep / job) for job in ("0", "1")]
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{c}.nii.gz" for f in folds for c in f["val"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(f"{c}.nii.gz" for f in folds for c in f["val"]),
+                                                            "prediction.json"])
     for job, fold in zip(("0", "1"), folds, strict=True):
         own = brats_unet.Segmenter.from_checkpoint(sweep / job / "checkpoints" / "best.ckpt", device="cpu")
         case = fold["val"][0]
@@ -103,9 +104,16 @@ def test_out_of_fold_predicts_each_case_with_the_model_that_did_not_train_on_it(
     summary = evaluate_command(compose_cli("evaluate", [f"pred={out}", f"truth={synthetic_root}",
                                                         f"output={tmp_path / 'eval'}"]))
     assert summary["n_cases"] == 5 and summary["missing_predictions"] == folds[0]["test"]
-    with pytest.raises(BratsError, match=r"already holds 5 files; pass overwrite=true"):
+    with pytest.raises(BratsError, match=r"already holds 6 files; pass overwrite=true"):
         predict_command(compose_cli("predict", [f"ckpt_path={sweep}", "oof=true", f"input={synthetic_root}",
                                                 f"output={out}", "device=cpu"]))
+    # prediction.json names one model, the set of fold models; resuming with it predicts nothing new.
+    model = json.loads((out / "prediction.json").read_text())["model"]
+    assert model["oof"] and [m["checkpoint"] for m in model["members"]] == [
+        str(sweep / job / "checkpoints" / "best.ckpt") for job in ("0", "1")]
+    assert summary["model"] == model
+    predict_command(compose_cli("predict", [f"ckpt_path={sweep}", "oof=true", f"input={synthetic_root}",
+                                            f"output={out}", "device=cpu", "resume=true"]))
     one_split = f"split_file={sweep / '0' / 'split.json'}"
     with pytest.raises(BratsError, match=r"oof=true predicts each fold's own split\.json validation cases"):
         predict_command(compose_cli("predict", [f"ckpt_path={sweep}", "oof=true", f"input={synthetic_root}",
@@ -117,7 +125,7 @@ def test_the_sweep_dir_is_an_ensemble_of_its_folds(sweep: Path, synthetic_root: 
     out = tmp_path / "ensemble"
     predict_command(compose_cli("predict", [f"ckpt_path={sweep}", f"input={synthetic_root}", f"output={out}",
                                             f"split_file={sweep / '0' / 'split.json'}", "device=cpu"]))
-    assert [p.name for p in out.iterdir()] == [f"{test_case}.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [f"{test_case}.nii.gz", "prediction.json"]
     best = [sweep / job / "checkpoints" / "best.ckpt" for job in ("0", "1")]
     listed = brats_unet.Segmenter.from_checkpoint(best, device="cpu")
     assert np.array_equal(labels(out / f"{test_case}.nii.gz"),

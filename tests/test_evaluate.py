@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -12,8 +13,9 @@ import pytest
 from helpers import compose_cli, read_metrics_csv, run_evaluate
 
 from brats_unet.cli.evaluate import evaluate
-from brats_unet.evaluation.folder import CSV_COLUMNS
-from brats_unet.evaluation.metrics import HD95_EMPTY
+from brats_unet.evaluation.folder import CSV_COLUMNS, read_results
+from brats_unet.evaluation.folder import evaluate as evaluate_folder
+from brats_unet.evaluation.region import HD95_EMPTY
 from brats_unet.utils import BratsError
 
 SHAPE = (10, 10, 10)
@@ -94,7 +96,8 @@ def test_metrics_csv_and_summary_match_hand_computed_values(dirs, tmp_path) -> N
     wt = summary["metrics"]["dice_wt"]  # [0.75, 0, 1, 0]
     assert wt["n"] == 4 and wt["mean"] == pytest.approx(0.4375) and wt["median"] == pytest.approx(0.375)
     assert wt["p25"] == pytest.approx(0.0) and wt["p75"] == pytest.approx(0.8125)
-    assert wt["std"] == pytest.approx(math.sqrt(0.19921875))  # population std
+    # sample std (ddof=1): squared deviations 0.3125^2 + 0.4375^2 + 0.5625^2 + 0.4375^2 = 0.796875, over n - 1 = 3
+    assert wt["std"] == pytest.approx(math.sqrt(0.796875 / 3))
     assert summary["metrics"]["hd95_wt"]["mean"] == pytest.approx((2.0 + E + 0.0 + E) / 4)
     assert json.loads((tmp_path / "eval" / "summary.json").read_text()) == summary
 
@@ -171,3 +174,83 @@ def test_output_and_input_problems(dirs, tmp_path) -> None:
     nib.save(nib.Nifti1Image(np.full(SHAPE, 0.5, dtype=np.float32), AFFINE), float_pred)
     with pytest.raises(BratsError, match=r"B\.nii\.gz: label map holds non-integer values"):
         run_evaluate(pred, truth, tmp_path / "eval6")
+
+
+FIXTURE_2021 = Path(__file__).parent / "fixtures" / "evaluate_2021"
+
+
+def test_metrics_csv_and_summary_json_are_one_pair(tmp_path, monkeypatch) -> None:
+    """summary.json records metrics.csv's hash and row count, and is renamed into place last: a run interrupted between
+    the two renames leaves a new metrics.csv beside the old summary.json, which read_results refuses to pair."""
+    import os
+
+    out = tmp_path / "eval"
+    _, summary = evaluate_folder(FIXTURE_2021 / "pred", FIXTURE_2021 / "truth", output=out)
+    rows, written = read_results(out)
+    assert len(rows) == 3 and written == summary and summary["metrics_csv"]["rows"] == 3
+    assert summary["metrics_csv"]["sha256"] == hashlib.sha256((out / "metrics.csv").read_bytes()).hexdigest()
+
+    real_replace = os.replace
+
+    def crash_before_summary(src, dst):
+        if Path(dst).name == "summary.json":
+            raise KeyboardInterrupt  # killed between the two renames
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_before_summary)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_folder(FIXTURE_2021 / "pred", FIXTURE_2021 / "truth", output=out, overwrite=True, hd95=False)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not list(out.glob(".tmp-*"))  # the summary's temp file was removed
+    assert read_metrics_csv(out / "metrics.csv")[1]["Case0"]["hd95_wt"] == ""  # the new csv is there
+    with pytest.raises(BratsError, match=r"metrics\.csv \(3 rows\) is not the metrics\.csv that .*summary\.json "
+                                         r"summarises \(3 rows, sha256 [0-9a-f]{12}\.\.\.\): .*overwrite=true"):
+        read_results(out)
+
+
+def test_printed_summary_keeps_whole_metric_names_and_states_units(capsys) -> None:
+    from brats_unet.cli.evaluate import print_summary
+
+    stats = {"mean": 0.5, "std": 0.1, "median": 0.5, "p25": 0.4, "p75": 0.6, "n": 2}
+    names = ["dice_wt", "vol_pred_wt", "all_instance_f1_snfh", "lesionwise_hd95_mean_netc", "global_nsd_snfh"]
+    print_summary({"n_cases": 2, "metrics": dict.fromkeys(names, stats), "missing_predictions": [],
+                   "extra_predictions": [], "outside_split_predictions": []})
+    out = capsys.readouterr().out
+    assert all(name in out for name in names), out
+    assert "vol_pred_*, vol_true_* mL" in out and "hd95 mm" in out and "sample std" in out
+
+
+def test_missing_predictions_are_not_blindly_offered_missing_as_empty(tmp_path, caplog) -> None:
+    """After oof=true the held-out test cases have no prediction on purpose: scoring them as empty would count the
+    unseen test set as all missed, so the warning names that case and split_file= before missing_as_empty."""
+    import logging
+    import shutil
+
+    pred = tmp_path / "pred"
+    shutil.copytree(FIXTURE_2021 / "pred", pred)
+    (pred / "Case2.nii.gz").unlink()
+    with caplog.at_level(logging.WARNING):
+        evaluate_folder(pred, FIXTURE_2021 / "truth")
+    message = next(r.getMessage() for r in caplog.records if "no prediction" in r.getMessage())
+    assert message.startswith("1 truth cases have no prediction (Case2), not scored. Cases left out on purpose "
+                              "(out-of-fold predictions hold no held-out test case) are rightly left out")
+    assert message.index("split_file=") < message.index("missing_as_empty=true")
+
+
+def test_an_out_of_fold_folder_never_suggests_scoring_the_test_cases_as_empty(tmp_path, caplog) -> None:
+    """prediction.json of an oof=true folder says so: the held-out test case without a prediction is named as such."""
+    import logging
+    import shutil
+
+    from brats_unet.evaluation.manifest import write_manifest
+
+    pred = tmp_path / "pred"
+    shutil.copytree(FIXTURE_2021 / "pred", pred)
+    (pred / "Case2.nii.gz").unlink()
+    write_manifest(pred, {"members": [{"checkpoint": "0/checkpoints/best.ckpt", "sha256": "ab"}], "oof": True},
+                   ["Case0", "Case1"])
+    with caplog.at_level(logging.WARNING):
+        evaluate_folder(pred, FIXTURE_2021 / "truth")
+    message = next(r.getMessage() for r in caplog.records if "no prediction" in r.getMessage())
+    assert "this is an out-of-fold folder (prediction.json)" in message and "never as empty" in message
+    assert "missing_as_empty=true" not in message

@@ -94,8 +94,10 @@ def test_lesionwise_columns_on_a_hand_made_pair(tmp_path) -> None:
     assert math.isnan(float(rows["N"]["lesionwise_dsc_mean_et"])) and math.isnan(float(rows["N"]["global_dsc_et"]))
     assert summary["metrics"]["lesionwise_dsc_mean_et"]["n"] == 1
     assert summary["metrics"]["lesionwise_dsc_mean_et"]["mean"] == 1.0
-    assert summary["metrics"]["dice_et"] == {"mean": 0.875, "std": 0.125, "median": 0.875, "p25": 0.8125,
-                                             "p75": 0.9375, "n": 2}
+    # [0.75, 1.0]: sample std |0.75 - 1.0| / sqrt(2); a single value has none
+    assert summary["metrics"]["dice_et"] == pytest.approx({"mean": 0.875, "std": 0.25 / math.sqrt(2), "median": 0.875,
+                                                           "p25": 0.8125, "p75": 0.9375, "n": 2})
+    assert summary["metrics"]["lesionwise_dsc_mean_et"]["std"] is None
     assert "NaN" in summary["statistics"]
 
 

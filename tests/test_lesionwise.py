@@ -87,6 +87,25 @@ def test_mets_small_lesions_only_count_as_detections():
     assert math.isnan(half["lesionwise_dsc_mean"]) and half["small_instance_tp"] == 1
 
 
+def test_mets_large_lesions_need_dice_0_1_and_no_reference_lesion_is_nan():
+    """Both as brats_evaluation.metrics_parser.parse_mets_results (checked against brats-evaluation 0.0.10): a matched
+    large lesion below the detection Dice is a FN for the counts, but its Dice enters the lesion-wise mean; a region
+    with no reference lesion has NaN lesion-wise means however many lesions were predicted (no Dice 0 for the FPs)."""
+    truth = np.zeros((14, 14, 10), bool)
+    truth[2:5, 2:5, 2:5] = True  # 27 voxels: large
+    pred = np.zeros_like(truth)
+    pred[4:12, 4:12, 4:8] = True  # 256 voxels touching it in one voxel: Dice 2 / (27 + 256) < 0.1
+    out = region_lesion_metrics(pred, truth, **METS)
+    assert (out["large_instance_tp"], out["large_instance_fn"], out["large_instance_fp"]) == (0, 1, 0)
+    assert out["lesionwise_dsc_mean"] == pytest.approx(2 / 283) and out["all_instance_tp"] == 1
+
+    specks = np.zeros((20, 20, 4), bool)
+    specks[1::5, 1::5, 1] = True  # 16 isolated predicted lesions, no reference lesion
+    out = region_lesion_metrics(specks, np.zeros_like(specks), **METS)
+    assert out["all_instance_fp"] == 16 and out["global_dsc"] == 0.0
+    assert all(math.isnan(out[k]) for k in out if k.startswith(("lesionwise_", "large_instance_", "small_instance_")))
+
+
 def test_false_positive_only_and_empty_regions():
     pred = np.zeros((6, 6, 6), bool)
     pred[1:3, 1:3, 1:3] = True
@@ -124,10 +143,35 @@ def test_matching_maximises_total_dice_one_to_one():
     assert match_lesions(p, np_, t, nt) == [(1, 1, pytest.approx(6 / 13)), (2, 2, pytest.approx(6 / 13))]
 
 
+def test_equal_dice_ties_go_to_the_lesion_first_in_file_order():
+    """Issue 19's shape: one true ET lesion, two predicted fragments inside it with the same Dice, and specks of false
+    positives (15 FP in all). The official package numbers lesions in the NIfTI file's voxel order (first axis
+    fastest) and matches the first of equal candidates; scipy's own numbering (last axis fastest) matched the other
+    fragment, so the lesion-wise HD95 differed.
+
+    Truth: a one-voxel-thick 10x8 plate in x-z (x 1..10, z 1..8, y 1). A at (x 2, z 5), B at (x 9, z 2): both Dice
+    2 / (80 + 1). File order takes B (z 2 < 5). Pooled distances: 81 values, B's own 0 and the plate's distances to
+    it; the 95th percentile is the 77th smallest = 5th largest: for B 10, sqrt(89), sqrt(85), sqrt(80), sqrt(74); for
+    A sqrt(80), sqrt(73), sqrt(73), sqrt(68), sqrt(68)."""
+    truth = np.zeros((12, 4, 10), np.uint8)
+    truth[1:11, 1, 1:9] = 3
+    pred = np.zeros_like(truth)
+    pred[2, 1, 5] = pred[9, 1, 2] = 3
+    for x, z in [(x, z) for z in (0, 4, 8) for x in (0, 2, 4, 6, 8, 10)][:14]:
+        pred[x, 3, z] = 3  # isolated specks, two voxels from everything else
+    labels, n = label_lesions(pred == 3)
+    # numbered z slowest, x fastest: the 6 specks at z 0, then B (z 2), the 6 at z 4, A (z 5), the 2 at z 8
+    assert n == 16 and (labels[0, 3, 0], labels[9, 1, 2], labels[2, 1, 5], labels[2, 3, 8]) == (1, 7, 14, 16)
+    row = lesionwise_metrics(pred, truth, "brats2023")
+    assert (row["all_instance_tp_et"], row["all_instance_fp_et"], row["all_instance_fn_et"]) == (1, 15, 0)
+    assert row["lesionwise_dsc_mean_et"] == pytest.approx(2 / 81)
+    assert row["lesionwise_hd95_mean_et"] == pytest.approx(math.sqrt(74))  # A would give sqrt(68)
+
+
 def test_label_maps_are_checked_against_the_challenge():
     truth = np.zeros((4, 4, 4), np.uint8)
     truth[1, 1, 1] = 4
-    with pytest.raises(BratsError, match=r"truth holds label values \[4\] that brats2023 does not use"):
+    with pytest.raises(BratsError, match=r"truth: label values \[4\] are not brats2023 labels \(allowed \[0, 1, 2, 3"):
         lesionwise_metrics(truth * 0, truth, "brats2023")
     with pytest.raises(BratsError, match="unknown challenge 'brats2099'"):
         lesionwise_metrics(truth, truth, "brats2099")
@@ -140,6 +184,16 @@ def test_challenge_regions_use_only_their_labels():
     for challenge in CHALLENGES.values():
         for labels in challenge.regions.values():
             assert set(labels) <= set(challenge.labels), challenge.name
+
+
+def _tie_case(challenge):
+    """One true lesion (a plate) and two predicted voxels inside it with equal Dice, in the challenge's ET label."""
+    et = next(v for v, n in challenge.labels.items() if n in ("et", "gtv"))
+    truth = np.zeros((12, 4, 10), np.uint8)
+    truth[1:11, 1, 1:9] = et
+    pred = np.zeros_like(truth)
+    pred[2, 1, 5] = pred[9, 1, 2] = et
+    return pred, truth
 
 
 # The only deliberate difference on 1 mm data: official "seg" lesion-wise HD95 is inf where ours is 373.
@@ -156,6 +210,7 @@ def test_agrees_with_the_official_package():
         evaluator = official_evaluator(challenge)
         cases = [synthetic_case(challenge, (64, 64, 40), seed=s, tumours=1, satellites=3) for s in range(2)]
         cases += [(np.zeros_like(cases[0][1]), cases[0][1]), (np.zeros_like(cases[0][1]),) * 2]
+        cases.append(_tie_case(challenge))
         for pred, truth in cases:
             official = official_metrics(pred, truth, challenge, evaluator)
             ours = lesionwise_metrics(pred, truth, challenge, global_nsd_tolerance_mm=0.5)

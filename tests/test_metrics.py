@@ -8,18 +8,9 @@ import torch
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from brats_unet.evaluation.metrics import (
-    HD95_EMPTY,
-    BratsMetrics,
-    _surface_distances,
-    case_metrics,
-    crop_pair,
-    dice,
-    hd95,
-    nsd,
-    paper_dice,
-    surface_distances,
-)
+from brats_unet.evaluation.metrics import BratsMetrics, paper_dice
+from brats_unet.evaluation.region import HD95_EMPTY, case_metrics, dice, hd95, nsd
+from brats_unet.evaluation.surface import crop_pair, directed_distances, surface_distances
 from brats_unet.training.module import batch_spacing
 from brats_unet.utils import BratsError
 
@@ -101,8 +92,8 @@ def test_hd95_matches_brute_force_on_random_blobs():
         expected = np.percentile(np.concatenate([pairwise.min(1), pairwise.min(0)]), 95)
         assert hd95(a, b, spacing) == pytest.approx(expected)
         # Both internal methods (k-d tree, distance transform) give the same distances.
-        tree = _surface_distances(sa, sb, spacing)
-        edt = _surface_distances(sa, sb, spacing, max_tree_points=0)
+        tree = np.concatenate(directed_distances(sa, sb, spacing))
+        edt = np.concatenate(directed_distances(sa, sb, spacing, max_tree_points=0))
         np.testing.assert_allclose(np.sort(tree), np.sort(edt), rtol=1e-12)
 
 

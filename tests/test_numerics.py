@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 
 from brats_unet.data import cache
 from brats_unet.data.labels import SCHEMAS
-from brats_unet.evaluation.metrics import dice, paper_dice
+from brats_unet.evaluation.metrics import paper_dice
+from brats_unet.evaluation.region import dice
 from brats_unet.training.build import build_module
 from brats_unet.training.fit import train
 from brats_unet.training.losses import CombinedLoss, DiceLoss, RegionDiceBCELoss

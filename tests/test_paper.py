@@ -28,7 +28,7 @@ from brats_unet.reporting.paper import network_spec
 from brats_unet.reporting.plots import plot_case, plot_network
 from brats_unet.training.losses import CombinedLoss, CrossEntropyLoss, DiceLoss
 
-README = Path(__file__).parents[1] / "README.md"
+PAPER_DOC = Path(__file__).parents[1] / "docs" / "paper.md"
 PAPER = ("paper_baseline", "paper_combined", "paper_dropout", "paper_final", "paper_two_legs", "paper_augment")
 
 
@@ -45,8 +45,8 @@ def test_base_model_is_cross_entropy_and_the_later_models_stay_combined() -> Non
 
 
 def readme_row(label: str) -> list[str]:
-    """The brats-train arguments of the README's paper-table row starting with `label`."""
-    row = next(line for line in README.read_text().splitlines() if line.startswith(f"| {label}"))
+    """The brats-train arguments of docs/paper.md's table row starting with `label`."""
+    row = next(line for line in PAPER_DOC.read_text().splitlines() if line.startswith(f"| {label}"))
     command = re.search(r"`brats-train ([^`]+)`", row).group(1).split()
     return [a for a in command if a != "-m"]
 

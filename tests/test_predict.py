@@ -124,7 +124,7 @@ def test_split_file_restricts_cases_and_labels_are_brats_labels(ckpts, tmp_path)
     split.write_text(json.dumps({"train": [cases[0]], "val": [], "test": [cases[1]]}))
     outputs = run_predict(ckpts["modern"], root, tmp_path / "pred", f"split_file={split}", "window_batch=4")
     assert outputs == [tmp_path / "pred" / f"{cases[1]}.nii.gz"]
-    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [f"{cases[1]}.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [f"{cases[1]}.nii.gz", "prediction.json"]
     labels, img = read(outputs[0])
     assert labels.dtype == np.uint8 and labels.shape == (64, 64, 48)
     assert set(np.unique(labels).tolist()) <= {0, 1, 2, 4}
@@ -163,7 +163,7 @@ def test_decode_softmax_argmax_and_nested_regions() -> None:
 def test_existing_output_is_refused_resumed_or_overwritten(ckpts, oblique_case, tmp_path) -> None:
     pred = tmp_path / "pred"
     (out,) = run_predict(ckpts["seed_et"], oblique_case, pred)
-    with pytest.raises(BratsError, match=r"already holds 1 files; pass overwrite=true .* or resume=true"):
+    with pytest.raises(BratsError, match=r"already holds 2 files; pass overwrite=true .* or resume=true"):
         run_predict(ckpts["seed_et"], oblique_case, pred)
     out.write_bytes(b"marker")  # resume keeps finished cases untouched
     assert run_predict(ckpts["seed_et"], oblique_case, pred, "resume=true") == [out]

@@ -260,3 +260,96 @@ def test_report_on_a_real_tiny_training_run(synthetic_root: Path, cache_dir: Pat
     assert list(val) == [0, 1]  # one point per epoch; the hparams echo at step 0 is not a third
     assert val[1] == pytest.approx(metrics["final"]["val/dice_mean"], abs=1e-6)
     assert max(val.values()) == pytest.approx(metrics["best"]["val/dice_mean"], abs=1e-6)
+
+
+def _run_with_data(tmp_path: Path, layout: str, schema: str) -> Path:
+    """A run folder whose stored config names its data's layout and schema (as brats-train writes .hydra/)."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(f"data:\n  layout: {layout}\n  schema: {schema}\n  root: /elsewhere\n")
+    return run
+
+
+def test_report_reads_data_root_with_the_runs_own_layout_and_schema(tmp_path: Path) -> None:
+    """A brats2024_gli run (2023 file names, labels 1-4 incl. RC): the report reads its data as the run did, with no
+    layout= or schema= on the command line; a label set given as layout= is refused naming both keys."""
+    from brats_unet.synth.generator import write_dataset
+
+    root = tmp_path / "data"
+    write_dataset(root, cases=1, seed=3, layout="2024_gli", shape=(48, 48, 32))
+    run = _run_with_data(tmp_path, "brats2023", "brats2024_gli")
+    written = report(compose_report([f"run={run}", f"data_root={root}"]))
+    assert {"class_distribution", "case", "summary"} <= set(written)
+    assert "Figures" in (run / "report" / "summary.md").read_text()
+    with pytest.raises(BratsError, match=r"layout='2024_gli' is not a file layout; .*\(config key layout; a label "
+                                         r"set such as brats2024_gli is schema="):
+        report(compose_report([f"run={run}", f"data_root={root}", "layout=2024_gli", f"output={tmp_path / 'r2'}"]))
+
+
+def test_report_labels_follow_the_run_unless_asked_otherwise(tmp_path: Path) -> None:
+    from brats_unet.reporting.writer import report_labels
+
+    gli = _run_with_data(tmp_path / "gli", "brats2023", "brats2024_gli")
+    assert [x.name for x in report_labels(gli)] == ["brats2023", "brats2024_gli"]
+    assert [x.name for x in report_labels(gli, schema="brats_ped")] == ["brats2023", "brats_ped"]
+    plain = _run_with_data(tmp_path / "plain", "brats2021", "brats2021")
+    # another layout asked for a plain glioma run: that layout's own labels (ET 3 in 2023 names)
+    assert [x.name for x in report_labels(plain, layout="brats2023")] == ["brats2023", "brats2023"]
+    assert [x.name for x in report_labels(tmp_path / "no_config")] == ["brats2021", "brats2021"]
+    assert [x.name for x in report_labels(_run_with_data(tmp_path / "msd", "msd", "msd_brain"))] == ["msd",
+                                                                                                       "msd_brain"]
+
+
+def test_case_figure_colours_and_names_classes_by_the_schema() -> None:
+    """MSD's class 1 is oedema: painted green and named ED (it was painted red and named NCR, the glioma class 1)."""
+    from brats_unet.data.labels import SCHEMAS
+    from brats_unet.evaluation.overlays import NAME_COLORS
+    from brats_unet.reporting.plots import plot_case
+
+    classes = np.zeros((6, 6, 3), np.uint8)
+    classes[1, 1:5, 1], classes[2, 1:5, 1], classes[3, 1:5, 1] = 1, 2, 3  # ed, netc, et
+    images = {m: np.ones((6, 6, 3), np.float32) for m in ("flair", "t1")}
+    fig = plot_case("BRATS_001", images, classes, schema=SCHEMAS["msd_brain"])
+    assert [t.get_text() for t in fig.legends[0].texts] == ["ED", "NETC", "ET"]
+    label = fig.axes[-1].images[0].get_array()  # the slice as shown: rows = y flipped, columns = x
+    assert np.allclose(label[-2, 1], NAME_COLORS["ed"]) and np.allclose(label[-2, 3], NAME_COLORS["et"])
+    assert np.allclose(label[-2, 2], NAME_COLORS["netc"])
+
+
+def test_a_sweep_that_never_validated_says_so_in_cv_md_and_in_the_refusal(tmp_path: Path) -> None:
+    """quickstart's check_val_every_n_epoch=2 with max_epochs=1: every fold finishes (metrics.json) without a val/
+    metric or best.ckpt. cv.md must not call them finished folds with blank cells, and using the sweep as an
+    ensemble (or for oof=true) must say why there is no best.ckpt instead of asking for a rerun that trains nothing."""
+    from brats_unet.inference.ensemble import sweep_checkpoints
+    from brats_unet.reporting.cv import cv_markdown, cv_rows
+
+    sweep = tmp_path / "sweep"
+    for fold in range(3):
+        write_job(sweep, fold, [f"data.fold={fold}", "data.num_folds=3"],
+                  {"final": {"train/loss": 0.9}, "best": {"val/dice_mean": None, "checkpoint": None}, "epochs": 1,
+                   "global_step": 3})
+    rows, num_folds = cv_rows(sweep)
+    assert [r["status"] for r in rows] == ["never validated"] * 3 and num_folds == 3
+    text = cv_markdown(sweep, rows, num_folds)
+    assert "0 of 3 folds finished and validated (data.num_folds=3)" in text
+    assert "Never validated (left out of the mean): fold 0 (job 0), fold 1 (job 1), fold 2 (job 2): each finished " \
+        "without validating once: validation runs every trainer.check_val_every_n_epoch epochs" in text
+    with pytest.raises(BratsError, match=r"jobs 0, 1, 2 have no checkpoints/best\.ckpt: each finished without "
+                                         r"validating once: .*trains nothing more; retrain with "
+                                         r"trainer\.check_val_every_n_epoch=1"):
+        sweep_checkpoints(sweep)
+
+
+@pytest.mark.slow
+def test_a_training_run_that_never_validated_says_so_at_its_end(synthetic_root: Path, cache_dir: Path, tmp_path: Path,
+                                                                caplog) -> None:
+    import logging
+
+    from brats_unet.training.fit import train
+
+    cfg = compose_train([*tiny_overrides(synthetic_root, cache_dir, tmp_path / "run"), "logger=none",
+                         "trainer.check_val_every_n_epoch=2"])
+    with caplog.at_level(logging.WARNING):
+        train(cfg)
+    assert "this run finished without validating once" in caplog.text
+    assert not (tmp_path / "run" / "checkpoints" / "best.ckpt").exists()

@@ -105,3 +105,15 @@ def test_schemas_agree_with_the_official_challenge_table() -> None:
         value = {n: v for v, n in schema.labels}
         ours = {r: tuple(sorted(value[c] for c in cs)) for r, cs in schema.regions}
         assert ours == {r: tuple(sorted(v)) for r, v in challenge.regions.items()}, name
+
+
+def test_challenges_take_their_labels_from_the_one_label_registry() -> None:
+    """challenges.py holds no label table: a challenge names a schema and the official order of its regions."""
+    from brats_unet.evaluation.challenges import CHALLENGES, Challenge
+
+    assert CHALLENGES["brats_ssa"].schema is CHALLENGES["brats_goat"].schema is SCHEMAS["brats2023"]
+    assert CHALLENGES["msd_brain"].labels == {1: "ed", 2: "netc", 3: "et"}
+    assert list(CHALLENGES["brats2024_gli"].regions) == ["snfh", "et", "netc", "rc", "tc", "wt"]  # official order
+    assert CHALLENGES["brats_ped"].regions["tc"] == (1, 2, 3)  # et + netc + cc, by value
+    with pytest.raises(ValueError, match=r"region order \('et', 'tc'\) is not an order of schema brats2023's"):
+        Challenge("partial", SCHEMAS["brats2023"], None, ("et", "tc"))

@@ -13,7 +13,7 @@ import torch
 from helpers import compose_train, tiny_overrides
 from torch import nn
 
-from brats_unet.evaluation.metrics import HD95_EMPTY
+from brats_unet.evaluation.region import HD95_EMPTY
 from brats_unet.training.build import build_module
 from brats_unet.training.fit import train
 

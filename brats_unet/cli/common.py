@@ -33,6 +33,12 @@ def user_errors() -> Iterator[None]:
         sys.exit(EXIT_USER_ERROR)
 
 
+def trust_targets(cfg: DictConfig) -> list[str]:
+    """The `_target_`s the user trusts in stored configs (trust_targets=mypkg.MyNet or [a.B,c.*]; docs/trust.md)."""
+    value = cfg.get("trust_targets") or []
+    return [str(value)] if isinstance(value, str) else [str(v) for v in value]
+
+
 def require(cfg: DictConfig, *keys: str, usage: str) -> None:
     """BratsError for mandatory keys left at `???` (OmegaConf would otherwise raise with a traceback)."""
     missing = [k for k in keys if OmegaConf.is_missing(cfg, k) or cfg.get(k) in (None, "")]

@@ -21,18 +21,23 @@ def print_summary(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    shown = {name: stats for name, stats in summary["metrics"].items() if _headline(name)}
+    names = max(map(len, shown), default=6)
     table = Table(title=f"brats-evaluate: {summary['n_cases']} cases")
     for column in ("metric", "mean", "std", "median", "p25", "p75", "n"):
-        table.add_column(column, justify="left" if column == "metric" else "right")
-    shown = {name: stats for name, stats in summary["metrics"].items() if _headline(name)}
+        # Metric names are never cut (all_instance_f1_snfh, lesionwise_hd95_mean_netc): the console widens instead.
+        table.add_column(column, justify="left" if column == "metric" else "right", no_wrap=True,
+                         min_width=names if column == "metric" else None)
     for name, stats in shown.items():
         cells = ["-" if stats[k] is None else f"{stats[k]:.4f}" for k in ("mean", "std", "median", "p25", "p75")]
         table.add_row(name, *cells, str(stats["n"]))
     console = Console()
+    console.width = max(console.width, names + 6 * 11 + 8)
     console.print(table)
     if len(shown) < len(summary["metrics"]):
         console.print(f"{len(summary['metrics']) - len(shown)} more metrics (counts, std) in summary.json; "
                       "means over finite values (NaN skipped, as the BraTS leaderboard does)")
+    console.print("units: Dice, NSD, F1 0..1; hd95 mm; vol_pred_*, vol_true_* mL; std: sample std (ddof=1)")
     for key in ("missing_predictions", "extra_predictions", "outside_split_predictions"):
         cases = summary[key]
         if cases:

@@ -14,7 +14,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from brats_unet.cli.common import require, user_errors
+from brats_unet.cli.common import require, trust_targets, user_errors
 from brats_unet.config import CONFIG_PATH
 from brats_unet.data.split import read_split
 from brats_unet.inference.folder import predict_folder, predict_out_of_fold
@@ -37,7 +37,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     ckpt: Any = [str(p) for p in cfg.ckpt_path] if isinstance(cfg.ckpt_path, ListConfig) else str(cfg.ckpt_path)
     options = {"device": device, "tta": bool(cfg.tta), "postprocess": bool(cfg.postprocess),
                "precision": choice.precision, "overlap": float(cfg.overlap), "window_batch": int(cfg.window_batch),
-               "channels_last": choice.channels_last}
+               "channels_last": choice.channels_last, "trust_targets": trust_targets(cfg)}
     if cfg.get("oof"):
         if cfg.get("split_file") or not isinstance(ckpt, str):
             raise BratsError("oof=true predicts each fold's own split.json validation cases: pass ckpt_path=<cross-"

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from brats_unet.data.discovery import EXTENSIONS, CaseFiles, detect_case_files, resolve_layout
-from brats_unet.data.labels import MODALITIES, LabelSchema, Layout, resolve_schema
+from brats_unet.data.labels import MODALITIES, LabelSchema, Layout, label_problem, resolve_schema
 from brats_unet.utils import BratsError, atomic_path
 
 
@@ -126,9 +126,9 @@ def _as_labels(seg: np.ndarray) -> np.ndarray:
 def _check_allowed(data: np.ndarray, allowed: Sequence[int], name: str, hint: str = "") -> np.ndarray:
     """Integer label map with only `allowed` values; raises _Problem naming the label set."""
     seg = _as_labels(data)
-    bad = sorted(set(np.unique(seg).tolist()) - set(allowed))
-    if bad:
-        raise _Problem(f"label values {bad} are not {name} labels (allowed {list(allowed)}{hint})")
+    problem = label_problem(seg, allowed, name, hint)
+    if problem:
+        raise _Problem(problem)
     return seg
 
 

@@ -15,6 +15,8 @@ from functools import cached_property
 
 import numpy as np
 
+from brats_unet.utils import BratsError
+
 # Canonical modality names used everywhere inside the package.
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 
@@ -81,10 +83,9 @@ class LabelSchema:
 
     def to_classes(self, seg: np.ndarray) -> np.ndarray:
         """Label map in this schema's values -> internal classes (uint8). ValueError naming any other value."""
-        values = np.unique(seg)
-        bad = sorted(set(values.tolist()) - set(self.values))
-        if bad:
-            raise ValueError(f"label values {bad} are not {self.name} labels (allowed {list(self.values)})")
+        problem = label_problem(seg, self.values, self.name)
+        if problem:
+            raise ValueError(problem)
         lut = np.zeros(max(self.values) + 1, dtype=np.uint8)
         for cls, (value, _) in enumerate(self.labels, start=1):
             lut[value] = cls
@@ -109,6 +110,30 @@ class LabelSchema:
 
     def class_index(self, name: str) -> int | None:
         return self.class_names.index(name) if name in self.class_names else None
+
+
+def distinct_values(arr: np.ndarray) -> list[int]:
+    """Sorted distinct values of a label map; a histogram instead of a sort for small non-negative integers."""
+    arr = np.asarray(arr)
+    if arr.size and (arr.dtype.kind in "ub" or (arr.dtype.kind == "i" and arr.min() >= 0 and arr.max() < 65536)):
+        return np.flatnonzero(np.bincount(arr.ravel().astype(np.intp, copy=False))).tolist()
+    return np.unique(arr).tolist()
+
+
+def label_problem(arr: np.ndarray, allowed: Sequence[int], name: str, hint: str = "") -> str | None:
+    """The one allowed-label check: a message naming the values of `arr` outside `allowed` (the `name` label set,
+    0 included by the caller), or None when there are none. `hint` is appended inside the parentheses."""
+    bad = sorted(set(distinct_values(arr)) - set(allowed))
+    if not bad:
+        return None
+    return f"label values {bad} are not {name} labels (allowed {sorted(allowed)}{hint})"
+
+
+def check_labels(arr: np.ndarray, allowed: Sequence[int], name: str, where: str = "", hint: str = "") -> None:
+    """BratsError (prefixed by `where`, e.g. a file or "prediction") when `arr` holds values outside `allowed`."""
+    problem = label_problem(arr, allowed, name, hint)
+    if problem:
+        raise BratsError(f"{where}: {problem}" if where else problem)
 
 
 def _glioma(name: str, et: int) -> LabelSchema:

@@ -1,5 +1,6 @@
 """The BraTS sub-challenges as the official evaluation package (`brats-evaluation` 0.0.10, panoptica 2.1.7) scores
-them: label values and names, evaluated regions (unions of labels) and lesion-wise rules. Plain data, no logic.
+them: which label schema (values, classes and regions: `brats_unet.data.labels`, the one label registry), the order
+in which the official config lists the regions, and the lesion-wise rules. Data plus its lookup, no scoring.
 
 Facts read from brats_evaluation/configs/config_<name>.yaml and brats_evaluation/metrics_parser.py:
 - Every config: connected components by cc3d (26-connectivity in 3D; scipy's default cross in 2D), one-to-one
@@ -17,7 +18,13 @@ Facts read from brats_evaluation/configs/config_<name>.yaml and brats_evaluation
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from brats_unet.data.labels import SCHEMAS, LabelSchema, check_labels
+from brats_unet.utils import BratsError
 
 OFFICIAL_HD95_PENALTY = 373.0  # the parsers' "diameter of the cube in SRI space" (our region-wise HD95_EMPTY: 373.13)
 MATCHING_DICE_THRESHOLD = 1e-6
@@ -25,45 +32,68 @@ MATCHING_DICE_THRESHOLD = 1e-6
 
 @dataclass(frozen=True)
 class Challenge:
-    """One sub-challenge: its label map, evaluated regions and lesion-wise rules."""
+    """One sub-challenge: its label schema, the official order of its regions and its lesion-wise rules."""
 
     name: str
+    schema: LabelSchema  # label values, class names and regions (data.labels.SCHEMAS)
     official_config: str | None  # brats_evaluation.config_path(<this>); None: no official config
-    labels: dict[int, str]  # label value -> short name (0 is background, not listed)
-    regions: dict[str, tuple[int, ...]]  # region -> label values whose union it is, in the official order
+    region_order: tuple[str, ...]  # the schema's regions in the official config's order (lesion-wise columns)
     parser: str = "seg"  # "seg" or "mets" (brats_evaluation.metrics_parser)
     lesion_volume_threshold: float | None = None  # mets: reference lesions >= this volume (mm^3) are "large"
     detection_dice_threshold: float | None = None  # mets: a small lesion counts as detected at Dice >= this
-    modalities: tuple[str, ...] = field(default=("t1n", "t1c", "t2w", "t2f"))
+
+    def __post_init__(self) -> None:
+        if sorted(self.region_order) != sorted(self.schema.region_names):
+            raise ValueError(f"challenge {self.name}: region order {self.region_order} is not an order of schema "
+                             f"{self.schema.name}'s regions {self.schema.region_names}")
+
+    @property
+    def labels(self) -> dict[int, str]:
+        """Label value -> class name (0, background, not listed)."""
+        return dict(self.schema.labels)
+
+    @cached_property
+    def regions(self) -> dict[str, tuple[int, ...]]:
+        """Region -> the label values whose union it is, in the official order."""
+        value = {n: v for v, n in self.schema.labels}
+        regions = dict(self.schema.regions)
+        return {r: tuple(sorted(value[c] for c in regions[r])) for r in self.region_order}
+
+    def check_labels(self, pred: np.ndarray, truth: np.ndarray) -> None:
+        """BratsError naming the side ("prediction", "truth") that holds values outside this challenge's labels."""
+        for where, arr in (("prediction", pred), ("truth", truth)):
+            check_labels(arr, self.schema.values, self.name, where)
 
 
-_GLIOMA_2023 = {1: "ncr", 2: "ed", 3: "et"}
-_ET_TC_WT = {"et": (3,), "tc": (1, 3), "wt": (1, 2, 3)}
+_ET_TC_WT = ("et", "tc", "wt")
+
+
+def _challenge(name: str, schema: str, config: str | None, order: tuple[str, ...] = _ET_TC_WT, **rules) -> Challenge:
+    return Challenge(name, SCHEMAS[schema], config, order, **rules)
+
 
 CHALLENGES: dict[str, Challenge] = {
     # Not in the official package (it predates it); the same three regions with ET = 4.
-    "brats2021": Challenge("brats2021", None, {1: "ncr", 2: "ed", 4: "et"}, {"et": (4,), "tc": (1, 4), "wt": (1, 2, 4)},
-                           modalities=("t1", "t1ce", "t2", "flair")),
-    "brats2023": Challenge("brats2023", "GoAT", _GLIOMA_2023, _ET_TC_WT),
-    "brats2024_gli": Challenge(
-        "brats2024_gli", "gli", {1: "netc", 2: "snfh", 3: "et", 4: "rc"},
-        {"snfh": (2,), "et": (3,), "netc": (1,), "rc": (4,), "tc": (1, 3), "wt": (1, 2, 3)},
-    ),
-    "brats_met": Challenge(
-        "brats_met", "mets", {1: "netc", 2: "snfh", 3: "et", 4: "rc"},
-        {"et": (3,), "rc": (4,), "tc": (1, 3), "wt": (1, 2, 3)},
-        parser="mets", lesion_volume_threshold=20.0, detection_dice_threshold=0.1,
-    ),
-    "brats_men": Challenge("brats_men", "MenPre", {1: "netc", 2: "snfh", 3: "et"}, _ET_TC_WT),
-    "brats_men_rt": Challenge("brats_men_rt", "MenRT", {1: "gtv"}, {"gtv": (1,)}, modalities=("t1c",)),
-    "brats_ped": Challenge(
-        "brats_ped", "ped", {1: "et", 2: "netc", 3: "cc", 4: "ed"},
-        {"et": (1,), "netc": (2,), "cc": (3,), "ed": (4,), "tc": (1, 2, 3), "wt": (1, 2, 3, 4)},
-    ),
-    # Sub-Saharan Africa glioma: the 2023 adult glioma labels; scored with the same groups as GoAT/MenPre.
-    "brats_ssa": Challenge("brats_ssa", "GoAT", _GLIOMA_2023, _ET_TC_WT),
-    "brats_goat": Challenge("brats_goat", "GoAT", _GLIOMA_2023, _ET_TC_WT),
+    "brats2021": _challenge("brats2021", "brats2021", None),
+    "brats2023": _challenge("brats2023", "brats2023", "GoAT"),
+    "brats2024_gli": _challenge("brats2024_gli", "brats2024_gli", "gli", ("snfh", "et", "netc", "rc", "tc", "wt")),
+    "brats_met": _challenge("brats_met", "brats_met", "mets", ("et", "rc", "tc", "wt"), parser="mets",
+                            lesion_volume_threshold=20.0, detection_dice_threshold=0.1),
+    "brats_men": _challenge("brats_men", "brats_men", "MenPre"),
+    "brats_men_rt": _challenge("brats_men_rt", "brats_men_rt", "MenRT", ("gtv",)),
+    "brats_ped": _challenge("brats_ped", "brats_ped", "ped", ("et", "netc", "cc", "ed", "tc", "wt")),
+    # Sub-Saharan Africa glioma and GoAT: the 2023 adult glioma labels, scored with the same groups as GoAT/MenPre.
+    "brats_ssa": _challenge("brats_ssa", "brats2023", "GoAT"),
+    "brats_goat": _challenge("brats_goat", "brats2023", "GoAT"),
     # MSD Task01_BrainTumour (not a BraTS sub-challenge, no official config): 1 oedema, 2 non-enhancing, 3 enhancing.
-    "msd_brain": Challenge("msd_brain", None, {1: "ed", 2: "netc", 3: "et"},
-                           {"et": (3,), "tc": (2, 3), "wt": (1, 2, 3)}, modalities=("flair", "t1", "t1gd", "t2")),
+    "msd_brain": _challenge("msd_brain", "msd_brain", None),
 }
+
+
+def resolve_challenge(challenge: str | Challenge) -> Challenge:
+    """A challenge by name (BratsError naming the config key for an unknown one), or the one given."""
+    if isinstance(challenge, Challenge):
+        return challenge
+    if challenge not in CHALLENGES:
+        raise BratsError(f"unknown challenge {challenge!r}; choose one of {sorted(CHALLENGES)} (config key challenge)")
+    return CHALLENGES[challenge]

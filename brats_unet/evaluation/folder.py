@@ -9,6 +9,9 @@ file layout (brats2021 or brats2023); the numbers of a row come from brats_unet.
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -22,20 +25,23 @@ from brats_unet.data.cases import et_hint, read_labels
 from brats_unet.data.discovery import EXTENSIONS, find_file, layout_order, list_case_dirs, resolve_layout, subfolders
 from brats_unet.data.labels import LAYOUTS, Layout
 from brats_unet.data.split import read_split
-from brats_unet.evaluation.challenges import CHALLENGES, Challenge
-from brats_unet.evaluation.scoring import check_options, resolve_challenge, score_labels
-from brats_unet.utils import BratsError, atomic_path, atomic_write_json
+from brats_unet.evaluation.challenges import CHALLENGES, Challenge, resolve_challenge
+from brats_unet.evaluation.manifest import check_one_model
+from brats_unet.evaluation.scoring import check_options, score_labels
+from brats_unet.utils import BratsError, atomic_path
 
 log = logging.getLogger("brats_unet.evaluate")
 
 # Today's columns, always first and unchanged for brats2021/2023 data; extra columns follow (see evaluation.scoring).
 CSV_COLUMNS = ("case", "dice_wt", "dice_tc", "dice_et", "hd95_wt", "hd95_tc", "hd95_et", "dice_ncr", "dice_ed",
                "vol_pred_wt", "vol_pred_tc", "vol_pred_et", "vol_true_wt", "vol_true_tc", "vol_true_et")
-METRIC_COLUMNS = CSV_COLUMNS[1:]
+CSV_NAME, SUMMARY_NAME = "metrics.csv", "summary.json"
+UNITS = {"dice_*, nsd_*, *_dsc_*, *_nsd_*, *_prec_*, *_rec_*, *_f1_*": "fraction 0..1", "hd95_*, *_hd95_*": "mm",
+         "vol_pred_*, vol_true_*": "mL (voxel count x the header's voxel volume)", "*_tp_*, *_fp_*, *_fn_*": "lesions"}
 AFFINE_ATOL = 1e-3
 STATISTICS_NOTE = ("per metric over the cases with a finite value: NaN (undefined, e.g. the lesion-wise Dice of a "
                    "region empty in both maps) is skipped, as the official BraTS leaderboard does; n counts the values "
-                   "used")
+                   "used; std is the sample standard deviation (ddof=1, null below 2 values)")
 
 
 def find_predictions(pred_dir: str | Path) -> dict[str, Path]:
@@ -91,7 +97,7 @@ def read_case_labels(path: Path, challenge: Challenge) -> tuple[np.ndarray, np.n
     """(labels as in the file, affine, header) through the one label-map reader, with the challenge's label set."""
     others = ", ".join(c for c in CHALLENGES if c != challenge.name)
     hint = et_hint(LAYOUTS[challenge.name]) if challenge.name in LAYOUTS else ""
-    return read_labels(path, (0, *challenge.labels), challenge.name,
+    return read_labels(path, challenge.schema.values, challenge.name,
                        f"{hint}; another label set? challenge= one of {others}")
 
 
@@ -132,8 +138,8 @@ def columns_of(rows: list[dict[str, Any]]) -> list[str]:
 
 def summarize(rows: list[dict[str, Any]], columns: Sequence[str] | None = None
               ) -> dict[str, dict[str, float | int | None]]:
-    """Per metric: mean, std (population), median, p25, p75 (linear interpolation) and n over finite values (see
-    STATISTICS_NOTE)."""
+    """Per metric: mean, std (sample std, ddof=1, as cv.md; None below 2 values), median, p25, p75 (linear
+    interpolation) and n over finite values (see STATISTICS_NOTE)."""
     out: dict[str, dict[str, float | int | None]] = {}
     for name in (columns or columns_of(rows)):
         if name == "case":
@@ -143,19 +149,66 @@ def summarize(rows: list[dict[str, Any]], columns: Sequence[str] | None = None
             out[name] = {"mean": None, "std": None, "median": None, "p25": None, "p75": None, "n": 0}
             continue
         p25, median, p75 = np.percentile(values, [25, 50, 75])
-        out[name] = {"mean": float(values.mean()), "std": float(values.std()), "median": float(median),
+        std = float(values.std(ddof=1)) if values.size > 1 else None
+        out[name] = {"mean": float(values.mean()), "std": std, "median": float(median),
                      "p25": float(p25), "p75": float(p75), "n": int(values.size)}
     return out
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> None:
-    """One row per case; an empty cell is a metric not computed (hd95=false), `nan` one that is undefined."""
+def csv_text(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """metrics.csv's content: one row per case; an empty cell is a metric not computed (hd95=false), `nan` one that is
+    undefined."""
     columns = list(columns or columns_of(rows))
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow([row["case"], *("" if row.get(k) is None else repr(float(row[k])) for k in columns[1:])])
+    out = io.StringIO(newline="")
+    writer = csv.writer(out)
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([row["case"], *("" if row.get(k) is None else repr(float(row[k])) for k in columns[1:])])
+    return out.getvalue()
+
+
+def with_csv_record(rows: list[dict[str, Any]], summary: dict[str, Any], columns: Sequence[str] | None = None
+                    ) -> tuple[bytes, dict[str, Any]]:
+    """(metrics.csv's bytes, the summary with their record `metrics_csv`: SHA-256 and row count)."""
+    data = csv_text(rows, columns).encode()
+    return data, {**summary, "metrics_csv": {"sha256": hashlib.sha256(data).hexdigest(), "rows": len(rows)}}
+
+
+def write_results(output: str | Path, rows: list[dict[str, Any]], summary: dict[str, Any],
+                  columns: Sequence[str] | None = None) -> dict[str, Any]:
+    """metrics.csv and summary.json as one pair: summary.json records metrics.csv's SHA-256 and row count
+    (`metrics_csv`), both are written to temp files first, and summary.json is renamed into place last. A crash
+    between the two renames leaves a new metrics.csv beside an old (or no) summary.json, which `read_results`
+    refuses instead of pairing them. Returns the summary as written."""
+    folder = Path(output).expanduser()
+    data, summary = with_csv_record(rows, summary, columns)
+    # Nested atomic paths rename innermost first: metrics.csv, then summary.json, the file that vouches for it.
+    with atomic_path(folder / SUMMARY_NAME) as json_tmp, atomic_path(folder / CSV_NAME) as csv_tmp:
+        csv_tmp.write_bytes(data)
+        json_tmp.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
+    return summary
+
+
+def read_results(output: str | Path) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """(metrics.csv rows as text, summary.json) of a brats-evaluate output folder, checked to be one pair: BratsError
+    when summary.json's recorded hash or row count does not match metrics.csv (a write interrupted between the two
+    renames, or a file edited or copied from elsewhere). Folders written before the record existed are read as
+    they are."""
+    folder = Path(output).expanduser()
+    paths = [folder / CSV_NAME, folder / SUMMARY_NAME]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise BratsError(f"{folder} holds no {' or '.join(missing)}: not a finished brats-evaluate output")
+    data = paths[0].read_bytes()
+    summary = json.loads(paths[1].read_text())
+    rows = list(csv.DictReader(io.StringIO(data.decode(), newline="")))
+    record = summary.get("metrics_csv")
+    if record is not None and (record.get("sha256") != hashlib.sha256(data).hexdigest()
+                               or record.get("rows") != len(rows)):
+        raise BratsError(f"{paths[0]} ({len(rows)} rows) is not the metrics.csv that {paths[1]} summarises "
+                         f"({record.get('rows')} rows, sha256 {str(record.get('sha256'))[:12]}...): the two were "
+                         "written by different runs (an interrupted write?); rerun brats-evaluate with overwrite=true")
+    return rows, summary
 
 
 def evaluate(pred: str | Path, truth: str | Path, *, output: str | Path | None = None, layout: str | None = None,
@@ -173,7 +226,7 @@ def evaluate(pred: str | Path, truth: str | Path, *, output: str | Path | None =
     check_options(hd95_mode, nsd_tolerance)
     if challenge:
         resolve_challenge(challenge)  # an unknown name fails before any file is read
-    targets = [Path(output).expanduser() / name for name in ("metrics.csv", "summary.json")] if output else []
+    targets = [Path(output).expanduser() / name for name in (CSV_NAME, SUMMARY_NAME)] if output else []
     if targets and not overwrite and any(p.exists() for p in targets):
         raise BratsError(f"{targets[0].parent} already holds metrics.csv/summary.json; pass overwrite=true to replace "
                          "them or choose another output=")
@@ -194,13 +247,26 @@ def evaluate(pred: str | Path, truth: str | Path, *, output: str | Path | None =
     extra = [c for c in preds if c not in truths]
     outside = [c for c in preds if c in truths and c not in scope]
     scored = [c for c in scope if c in preds or missing_as_empty]
+    model = check_one_model(pred, [c for c in scored if c in preds])  # prediction.json: one model wrote them all
     if not any(c in preds for c in scope):
         raise BratsError(f"none of the {len(preds)} predictions in {pred} matches one of the {len(scope)} truth "
                          f"cases in scope under {truth} (e.g. prediction {next(iter(preds), '-')}, truth "
                          f"{scope[0] if scope else '-'})")
     if missing:
-        how = "scored as empty" if missing_as_empty else "not scored (missing_as_empty=true scores them as empty)"
-        log.warning("%d truth cases have no prediction, %s: %s", len(missing), how, ", ".join(missing[:5]))
+        # Not a blanket hint to score them as empty: out-of-fold predictions leave the held-out test cases out on
+        # purpose, and scoring those as empty would count a model's unseen test set as all missed.
+        oof = bool((model or {}).get("oof"))
+        how = "scored as empty (missing_as_empty=true)" if missing_as_empty else (
+            "not scored: this is an out-of-fold folder (prediction.json), which predicts every fold's validation cases "
+            "and, on purpose, none of the held-out test cases; score those with the models' own test predictions "
+            "(e.g. the sweep as an ensemble), never as empty") if oof else (
+            "not scored. Cases left out on purpose (out-of-fold predictions hold no held-out test case) are rightly "
+            "left out; restrict the truth to a split with split_file=<run>/split.json split_subset=... If they "
+            "should have been predicted (brats-predict stopped early?), rerun it with resume=true, or score them "
+            "as empty predictions with missing_as_empty=true (the BraTS convention)")
+        if oof and missing_as_empty:
+            how += ": an out-of-fold folder holds no held-out test case on purpose, so those count as all missed"
+        log.warning("%d truth cases have no prediction (%s), %s", len(missing), ", ".join(missing[:5]), how)
     if extra:
         log.warning("%d predictions have no truth case: %s", len(extra), ", ".join(extra[:5]))
 
@@ -216,6 +282,7 @@ def evaluate(pred: str | Path, truth: str | Path, *, output: str | Path | None =
     summary = {
         "metrics": summarize(rows, columns),
         "statistics": STATISTICS_NOTE,
+        "units": UNITS,
         "n_cases": len(rows),
         "challenges": sorted({c.name for c in challenges.values()}),
         "lesionwise": bool(lesionwise),
@@ -226,14 +293,15 @@ def evaluate(pred: str | Path, truth: str | Path, *, output: str | Path | None =
         "extra_predictions": extra,
         "outside_split_predictions": outside,
         "missing_as_empty": bool(missing_as_empty),
+        "model": model,  # what prediction.json says wrote the predictions (None: a folder without one)
         "pred": str(Path(pred).expanduser().resolve()),
         "truth": str(Path(truth).expanduser().resolve()),
         "split_file": str(split_file) if split_file else None,
         "split_subset": str(split_subset) if split_file else None,
     }
     if targets:
-        targets[0].parent.mkdir(parents=True, exist_ok=True)
-        write_csv(targets[0], rows, columns)
-        atomic_write_json(targets[1], summary)
+        summary = write_results(targets[0].parent, rows, summary, columns)
         log.info("wrote %s and %s", *targets)
+    else:  # the same summary as the written one: what its metrics.csv would hold
+        summary = with_csv_record(rows, summary, columns)[1]
     return rows, summary

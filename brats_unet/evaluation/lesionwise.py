@@ -19,7 +19,7 @@ Deliberate differences from the official package (identical results on 1 mm isot
   the official ones (pooled HD95, mean-of-fractions NSD).
 Kept on purpose although odd: global metrics of non-overlapping (even touching) masks are 0 / 373 / 0 and the
 Dice/HD95/NSD of a region empty in both maps is NaN (the official mean then skips the case), unlike our region-wise
-`brats_unet.evaluation.metrics` conventions (1 / 0 / 1).
+`brats_unet.evaluation.region.empty_score` conventions (1 / 0 / 1).
 """
 
 from __future__ import annotations
@@ -30,10 +30,15 @@ import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
-from brats_unet.evaluation.challenges import CHALLENGES, MATCHING_DICE_THRESHOLD, OFFICIAL_HD95_PENALTY, Challenge
-from brats_unet.evaluation.metrics import (
-    _bbox,
-    _spacing,
+from brats_unet.evaluation.challenges import (
+    MATCHING_DICE_THRESHOLD,
+    OFFICIAL_HD95_PENALTY,
+    Challenge,
+    resolve_challenge,
+)
+from brats_unet.evaluation.surface import (
+    bbox,
+    check_spacing,
     crop_pair,
     hd95_from_distances,
     nsd_from_distances,
@@ -48,11 +53,15 @@ def label_lesions(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """Connected components of a boolean mask as the official package finds them: (int32 labels 1..n, n).
 
     3D and up: every neighbour sharing a face, edge or corner (cc3d's default 26-connectivity); 2D: scipy's cross.
+    Numbered in the NIfTI file's voxel order (first axis fastest), as the official package numbers them on the arrays
+    it reads from files (nibabel's Fortran-ordered arrays, or SimpleITK's reversed axes): the numbering decides which
+    of two predicted lesions with the same Dice is matched to a reference lesion (the first), and with it the
+    lesion's HD95 and NSD. (scipy alone would number them last axis fastest.)
     """
     mask = np.asarray(mask, dtype=bool)
     structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim if mask.ndim >= 3 else 1)
-    labels, n = ndimage.label(mask, structure=structure)
-    return labels.astype(np.int32, copy=False), int(n)
+    labels, n = ndimage.label(mask.T, structure=structure)  # the structure is symmetric: same components
+    return np.ascontiguousarray(labels.T, dtype=np.int32), int(n)
 
 
 def match_lesions(
@@ -105,11 +114,11 @@ def region_lesion_metrics(
         raise BratsError(f"parser must be 'seg' or 'mets', got {parser!r}")
     if parser == "mets" and (lesion_volume_threshold is None or detection_dice_threshold is None):
         raise BratsError("the mets parser needs lesion_volume_threshold and detection_dice_threshold")
-    sampling = _spacing(spacing, pred.ndim)
+    sampling = check_spacing(spacing, pred.ndim)
     global_tol = nsd_tolerance_mm if global_nsd_tolerance_mm is None else global_nsd_tolerance_mm
     union = pred | truth
     if union.any():  # everything below happens inside the union's box; 1 voxel margin keeps erosion exact
-        box = _bbox(union, margin=1)
+        box = bbox(union, margin=1)
         pred, truth = pred[box], truth[box]
     pred_labels, n_pred = label_lesions(pred)
     truth_labels, n_truth = label_lesions(truth)
@@ -155,17 +164,9 @@ def lesionwise_metrics(
     `options` go to `region_lesion_metrics` (nsd_tolerance_mm, global_nsd_tolerance_mm, hd95_mode, nsd_mode,
     distances).
     """
-    if isinstance(challenge, str):
-        if challenge not in CHALLENGES:
-            raise BratsError(f"unknown challenge {challenge!r}; choose from {sorted(CHALLENGES)}")
-        challenge = CHALLENGES[challenge]
+    challenge = resolve_challenge(challenge)
     pred, truth = crop_pair(pred, truth)  # outside the box both are 0: nothing there changes a number
-    allowed = {0, *challenge.labels}
-    for what, arr in (("prediction", pred), ("truth", truth)):
-        bad = sorted(set(_values(arr)) - allowed)
-        if bad:
-            raise BratsError(f"{what} holds label values {bad} that {challenge.name} does not use "
-                             f"(allowed {sorted(allowed)})")
+    challenge.check_labels(pred, truth)
     out: dict[str, float] = {}
     for region, labels in challenge.regions.items():
         values = region_lesion_metrics(
@@ -270,13 +271,6 @@ def _counts(prefix: str, tp: int, fp: int, fn: int, present: bool) -> dict[str, 
         f"{prefix}_rec": tp / (tp + fn) if tp + fn else 0.0,
         f"{prefix}_f1": 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else 0.0,
     }
-
-
-def _values(arr: np.ndarray) -> list:
-    """Distinct values; a histogram instead of a sort for small non-negative integer labels."""
-    if arr.dtype.kind in "ub" or (arr.dtype.kind == "i" and arr.size and arr.min() >= 0 and arr.max() < 65536):
-        return np.flatnonzero(np.bincount(arr.ravel().astype(np.intp, copy=False))).tolist() if arr.size else []
-    return np.unique(arr).tolist()
 
 
 def _in(arr: np.ndarray, labels: tuple[int, ...]) -> np.ndarray:

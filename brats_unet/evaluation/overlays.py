@@ -4,10 +4,28 @@ from __future__ import annotations
 
 import numpy as np
 
-# Internal classes -> RGB; the usual BraTS viewer colours for glioma classes 1-3 (NCR red, ED green, ET yellow), then
-# blue and magenta for the 4th and 5th class of the 2024+ schemas (resection cavity, paediatric oedema).
-CLASS_COLORS = np.array([[0, 0, 0], [1.0, 0.1, 0.1], [0.1, 0.8, 0.1], [1.0, 0.9, 0.0], [0.2, 0.4, 1.0],
-                         [1.0, 0.3, 0.9]], dtype=np.float32)
+from brats_unet.data.labels import SCHEMAS, LabelSchema
+
+# Class name -> RGB: the usual BraTS viewer colours by what a class is, whatever its label value or class index (MSD's
+# class 1 is oedema, the 2024 glioma's 1 is the non-enhancing core, the paediatric 1 is enhancing tumour):
+# necrotic / non-enhancing core red, oedema / infiltration green, enhancing tumour yellow, resection cavity blue,
+# cystic component magenta, gross tumour volume orange.
+NAME_COLORS = {"background": (0.0, 0.0, 0.0), "ncr": (1.0, 0.1, 0.1), "netc": (1.0, 0.1, 0.1),
+               "ed": (0.1, 0.8, 0.1), "snfh": (0.1, 0.8, 0.1), "et": (1.0, 0.9, 0.0), "rc": (0.2, 0.4, 1.0),
+               "cc": (1.0, 0.3, 0.9), "gtv": (1.0, 0.55, 0.0)}
+_SPARE = [(0.0, 0.9, 0.9), (0.6, 0.3, 0.0), (0.6, 0.6, 1.0)]  # classes of a schema added later
+
+
+def class_colors(schema: LabelSchema) -> np.ndarray:
+    """(K, 3) RGB per internal class of `schema` (row 0 background), by class name (NAME_COLORS)."""
+    spare = iter(_SPARE * len(schema.class_names))
+    return np.array([NAME_COLORS.get(name) or next(spare) for name in schema.class_names], dtype=np.float32)
+
+
+# By class index where no schema is given: brats2021/2023 classes (background, ncr, ed, et), then blue and magenta for
+# a 4th and 5th class. Prefer class_colors(schema), which names the classes right for every schema.
+CLASS_COLORS = np.concatenate([class_colors(SCHEMAS["brats2021"]), np.array([NAME_COLORS["rc"], NAME_COLORS["cc"]],
+                                                                              dtype=np.float32)])
 
 
 def to_unit(image: np.ndarray) -> np.ndarray:
@@ -16,10 +34,12 @@ def to_unit(image: np.ndarray) -> np.ndarray:
     return np.clip((image - lo) / (hi - lo), 0, 1).astype(np.float32) if hi > lo else np.zeros_like(image, np.float32)
 
 
-def overlay(image: np.ndarray, classes: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """Grey slice (H, W) with class colours blended on top -> RGB (H, W, 3) in [0, 1]."""
+def overlay(image: np.ndarray, classes: np.ndarray, alpha: float = 0.45, colors: np.ndarray = CLASS_COLORS
+            ) -> np.ndarray:
+    """Grey slice (H, W) with class colours (`colors[class]`, see class_colors) blended on top -> RGB (H, W, 3) in
+    [0, 1]."""
     grey = np.repeat(to_unit(image)[..., None], 3, axis=-1)
-    colours = CLASS_COLORS[np.asarray(classes, dtype=np.int64)]
+    colours = colors[np.asarray(classes, dtype=np.int64)]
     mask = (np.asarray(classes) > 0)[..., None]
     return np.where(mask, (1 - alpha) * grey + alpha * colours, grey)
 
@@ -36,7 +56,8 @@ def tumour_slice(classes: np.ndarray, axis: int = 2) -> int:
     return int(counts.argmax()) if counts.any() else classes.shape[axis] // 2
 
 
-def case_panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, axis: int = 2) -> np.ndarray:
+def case_panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, axis: int = 2, colors: np.ndarray = CLASS_COLORS
+               ) -> np.ndarray:
     """One row: every channel of `image` (C, X, Y, Z) in grey, then truth and prediction overlaid on the last channel.
 
     The slice is the one with the most true tumour along `axis` (2 = axial). Returns RGB (H, W * (C + 2), 3).
@@ -48,5 +69,5 @@ def case_panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, axis: int
 
     channels = [np.repeat(to_unit(take(c))[..., None], 3, axis=-1) for c in image]
     base = take(image[-1])  # last channel: FLAIR in both presets, where the whole tumour shows best
-    tiles = [*channels, overlay(base, take(truth)), overlay(base, take(pred))]
+    tiles = [*channels, overlay(base, take(truth), colors=colors), overlay(base, take(pred), colors=colors)]
     return np.concatenate(tiles, axis=1)

@@ -13,20 +13,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from brats_unet.evaluation.challenges import CHALLENGES, Challenge
+from brats_unet.evaluation.challenges import Challenge, resolve_challenge
 from brats_unet.evaluation.lesionwise import lesionwise_metrics
-from brats_unet.evaluation.metrics import HD95_MODES, _check_mode, crop_pair, mask_metrics
+from brats_unet.evaluation.region import class_columns, mask_metrics
+from brats_unet.evaluation.surface import HD95_MODES, check_mode, crop_pair
 from brats_unet.utils import BratsError
 
 Row = dict[str, float | None]
-
-
-def resolve_challenge(challenge: str | Challenge) -> Challenge:
-    if isinstance(challenge, Challenge):
-        return challenge
-    if challenge not in CHALLENGES:
-        raise BratsError(f"unknown challenge {challenge!r}; choose one of {sorted(CHALLENGES)} (config key challenge)")
-    return CHALLENGES[challenge]
 
 
 def region_order(challenge: Challenge) -> list[str]:
@@ -35,20 +28,21 @@ def region_order(challenge: Challenge) -> list[str]:
 
 
 def label_columns(challenge: Challenge) -> dict[str, int]:
-    """Labels that are no single-label region get a Dice column of their own (brats2021: dice_ncr, dice_ed)."""
-    singles = {labels[0] for labels in challenge.regions.values() if len(labels) == 1}
-    return {name: value for value, name in challenge.labels.items() if value not in singles}
+    """Label name -> value of the classes with a Dice column of their own (region.class_columns: brats2021's ncr,
+    ed)."""
+    value = {name: v for v, name in challenge.schema.labels}
+    return {name: value[name] for name in class_columns(challenge.schema)}
 
 
 def check_options(hd95_mode: str, nsd_tolerance: float | None) -> None:
-    _check_mode(hd95_mode, HD95_MODES, "hd95_mode")
+    check_mode(hd95_mode, HD95_MODES, "hd95_mode")
     if nsd_tolerance is not None and not (np.isfinite(nsd_tolerance) and nsd_tolerance >= 0):
         raise BratsError(f"nsd_tolerance must be a distance >= 0 in mm (or null), got {nsd_tolerance}")
 
 
 def region_row(pred: np.ndarray, truth: np.ndarray, challenge: Challenge, spacing: Sequence[float], *,
                hd95: bool = True, hd95_mode: str = "pooled", nsd_tolerance: float | None = None) -> Row:
-    """dice_<r>, hd95_<r>, dice_<label>, vol_pred_<r>, vol_true_<r> (mL)[, nsd_<r>]: metrics.mask_metrics
+    """dice_<r>, hd95_<r>, dice_<label>, vol_pred_<r>, vol_true_<r> (mL)[, nsd_<r>]: region.mask_metrics
     on the challenge's regions (outermost first) and its labels that are no region by themselves. Distance columns
     are None (not computed) with hd95=False."""
     regions = {r: (np.isin(pred, challenge.regions[r]), np.isin(truth, challenge.regions[r]))
@@ -73,12 +67,7 @@ def score_labels(pred_labels: np.ndarray, truth_labels: np.ndarray, challenge: s
     # Every metric is unchanged by cutting both maps to the box of their non-zero voxels (plus a 1-voxel margin);
     # outside it both are 0, so the label check below sees every value at a few percent of the cost.
     pred, truth = crop_pair(pred, truth)
-    allowed = {0, *challenge.labels}
-    for what, arr in (("prediction", pred), ("truth", truth)):
-        bad = sorted(set(np.unique(arr).tolist()) - allowed)
-        if bad:
-            raise BratsError(f"{what} holds label values {bad} that are not {challenge.name} labels "
-                             f"(allowed {sorted(allowed)})")
+    challenge.check_labels(pred, truth)
     out = region_row(pred, truth, challenge, spacing, hd95=hd95, hd95_mode=hd95_mode, nsd_tolerance=nsd_tolerance)
     if lesionwise:
         tolerance = 1.0 if nsd_tolerance is None else nsd_tolerance

@@ -14,7 +14,7 @@ from typing import Any
 
 from brats_unet.data.preprocess import Recipe
 from brats_unet.data.split import load_split
-from brats_unet.runs import find_jobs
+from brats_unet.runs import NEVER_VALIDATED, find_jobs, read_metrics, validated
 from brats_unet.training.build import data_schema
 from brats_unet.utils import BratsError
 
@@ -32,6 +32,9 @@ def sweep_checkpoints(sweep: Path) -> list[Path]:
         raise BratsError(f"ckpt_path {sweep} is a folder but not a sweep (job folders with .hydra/overrides.yaml)"
                          f"{hint}")
     missing = [job.name for job in jobs if not (job / BEST).is_file()]
+    unvalidated = [j for j in missing if (m := read_metrics(sweep / j)) is not None and not validated(m)]
+    if unvalidated:
+        raise BratsError(f"ckpt_path {sweep}: jobs {', '.join(unvalidated)} have no {BEST}: each {NEVER_VALIDATED}")
     if missing:
         raise BratsError(f"ckpt_path {sweep}: jobs {', '.join(missing)} have no {BEST} (still training, or failed?); "
                          "finish them (rerun the sweep with the same hydra.sweep.dir and ckpt_path=last), or list the "

@@ -3,6 +3,7 @@ a cross-validation sweep's out-of-fold predictions (each fold's validation cases
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -11,10 +12,13 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from brats_unet.data.discovery import expected_pattern, list_case_dirs, resolve_layout, subfolders
 from brats_unet.data.labels import LAYOUTS
+from brats_unet.evaluation.folder import find_predictions
+from brats_unet.evaluation.manifest import MANIFEST, describe, differences, model_key, read_manifest, write_manifest
 from brats_unet.inference.ensemble import out_of_fold_jobs
 from brats_unet.inference.segmenter import Case, Segmenter, is_case_folder, label_image, output_header
 from brats_unet.utils import BratsError, atomic_path, check_writable_output
@@ -53,12 +57,80 @@ def save_probabilities(path: Path, probs: np.ndarray, case: Case) -> None:
         nib.save(img, tmp)
 
 
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(module: Any) -> str:
+    """A model built in memory (no checkpoint file): the hash of its weights."""
+    digest = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_record(segmenter: Segmenter, layout: str, checkpoints: Sequence[str | Path] | None = None,
+                 oof: bool = False) -> dict[str, Any]:
+    """What wrote a predictions folder (evaluation.manifest): each member's checkpoint and SHA-256 (`checkpoints`:
+    the out-of-fold models), and every setting that changes the labels."""
+    if checkpoints is None and all(Path(n).is_file() for n in segmenter.names):
+        checkpoints = segmenter.names
+    members = ([{"checkpoint": str(c), "sha256": file_sha256(c)} for c in checkpoints] if checkpoints is not None
+               else [{"checkpoint": n, "sha256": weights_sha256(m)} for n, m in zip(segmenter.names, segmenter.modules,
+                                                                                     strict=True)])
+    return {"members": members, "oof": oof, "tta": segmenter.tta, "postprocess": segmenter.postprocess,
+            "precision": segmenter.precision,
+            "channels_last": bool((segmenter.config.get("runtime") or {}).get("channels_last")),
+            "overlap": segmenter.overlap, "layout": layout}
+
+
+def claim_folder(out_dir: Path, model: dict[str, Any], outputs: Sequence[Path], *, overwrite: bool, resume: bool
+                 ) -> tuple[list[str], list[Path]]:
+    """Check that this model may write into `out_dir`: (cases it already holds from this model, files to remove).
+
+    resume: only into a folder this very model wrote (its prediction.json), else refused naming both models.
+    overwrite: the predictions the manifest's model wrote are to be removed, all of them (not only the cases in
+    scope); files brats-predict did not write stay."""
+    previous = read_manifest(out_dir)
+    if previous is not None and model_key(previous["model"]) != model_key(model) and not overwrite:
+        raise BratsError(f"output folder {out_dir} holds predictions by another model: {describe(previous['model'])}"
+                         f"; this run is {describe(model)} (differs in {differences(previous['model'], model)}). "
+                         "One folder holds one model's predictions: pass overwrite=true to replace them, or choose "
+                         "another output folder")
+    held = find_predictions(out_dir) if out_dir.is_dir() else {}
+    ours = set(previous["cases"]) if previous else set()
+    if resume:
+        foreign = sorted(p.name for p in outputs if p.is_file() and p.name[: -len(".nii.gz")] not in ours)
+        if foreign:
+            more = " ..." if len(foreign) > 3 else ""
+            raise BratsError(f"resume=true: {out_dir} holds {', '.join(foreign[:3])}{more} which {MANIFEST} does not "
+                             f"list as written by this model ({describe(model)}): "
+                             "predict into a new folder, or pass overwrite=true to replace them")
+        return sorted(ours), []
+    left = sorted(set(held) - ours - {p.name[: -len(".nii.gz")] for p in outputs})
+    if left:
+        log.warning("%s keeps %d predictions brats-predict did not record writing (e.g. %s); they are not replaced",
+                    out_dir, len(left), ", ".join(left[:3]))
+    if not (overwrite and previous is not None):
+        return [], []
+    log.info("overwrite=true: replacing the %d predictions of %s in %s", len(ours), describe(previous["model"]),
+             out_dir)
+    return [], [out_dir / f"{case}{suffix}" for case in sorted(ours) for suffix in (".nii.gz", "_prob.nii.gz")]
+
+
 def predict_folder(segmenter: Segmenter, input_path: str | Path, output: str | Path, *,
                    only: Sequence[str] | None = None, layout: str | None = None,
-                   probabilities: bool = False, overwrite: bool = False, resume: bool = False) -> list[Path]:
+                   probabilities: bool = False, overwrite: bool = False, resume: bool = False,
+                   model: dict[str, Any] | None = None) -> list[Path]:
     """Predict every case in scope into `output`; return the prediction files (including those a resume skipped).
 
-    `<case>.nii.gz` is written last (atomically), so it marks a finished case for `resume`.
+    `<case>.nii.gz` is written last (atomically), so it marks a finished case for `resume`. `<output>/prediction.json`
+    names the model (`model`, default: model_record of `segmenter`) and the cases it wrote; see claim_folder.
     """
     if overwrite and resume:
         raise BratsError("overwrite=true and resume=true contradict each other: pick one")
@@ -70,15 +142,22 @@ def predict_folder(segmenter: Segmenter, input_path: str | Path, output: str | P
         if held:
             raise BratsError(f"output folder {out_dir} already holds {len(held)} files; pass overwrite=true to "
                              "replace them, or resume=true to predict only the cases not written yet")
+    model = model or model_record(segmenter, preferred)
+    outputs = [out_dir / f"{d.name}.nii.gz" for d in dirs]
+    kept, stale = claim_folder(out_dir, model, outputs, overwrite=overwrite, resume=resume)
     check_writable_output(out_dir, overwrite=True)
 
-    outputs = [out_dir / f"{d.name}.nii.gz" for d in dirs]
     todo = [(d, out) for d, out in zip(dirs, outputs, strict=True) if not (resume and out.is_file())]
     if len(todo) < len(dirs):
         log.info("resume: %d of %d cases already predicted in %s", len(dirs) - len(todo), len(dirs), out_dir)
     start = time.perf_counter()
-    for case_dir, out in tqdm(todo, desc="predict", unit="case"):
+    for i, (case_dir, out) in enumerate(tqdm(todo, desc="predict", unit="case")):
         case, labels, probs = segmenter.segment(case_dir, preferred, probabilities=probabilities)
+        if i == 0:  # the folder changes once the first case is predicted (a bad input leaves it as it was), and its
+            # manifest first: a kill mid-way leaves one that names every file this run may have written.
+            for path in stale:
+                path.unlink(missing_ok=True)
+            write_manifest(out_dir, model, [*kept, *(d.name for d in dirs)])
         if probs is not None:
             save_probabilities(out_dir / f"{case.name}_prob.nii.gz", probs, case)
         with atomic_path(out) as tmp:
@@ -97,11 +176,15 @@ def predict_out_of_fold(sweep: str | Path, input_path: str | Path, output: str |
     Segmenter.from_checkpoint (device, tta, postprocess, precision, overlap, window_batch)."""
     jobs = out_of_fold_jobs(sweep)
     outputs: list[Path] = []
+    model = None
     for i, (ckpt, cases) in enumerate(jobs):
         log.info("out-of-fold %d/%d: %d validation cases with %s", i + 1, len(jobs), len(cases), ckpt)
         segmenter = Segmenter.from_checkpoint(ckpt, **options)
-        # The first fold checks the output folder; later folds add their own (disjoint) cases to it.
+        # One model in the manifest: the set of fold models. The first fold claims the output folder; later folds
+        # add their own (disjoint) cases to it, as a resume of that model does.
+        model = model or model_record(segmenter, resolve_layout(layout or segmenter.layout).name,
+                                      checkpoints=[c for c, _ in jobs], oof=True)
         outputs += predict_folder(segmenter, input_path, output, only=cases, layout=layout,
-                                  probabilities=probabilities, overwrite=overwrite if i == 0 else not resume,
-                                  resume=resume)
+                                  probabilities=probabilities, overwrite=overwrite and i == 0,
+                                  resume=resume or i > 0, model=model)
     return sorted(outputs)

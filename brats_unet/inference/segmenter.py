@@ -30,6 +30,7 @@ from brats_unet.runtime import auto_precision, detect
 from brats_unet.training.build import build_module
 from brats_unet.training.checkpoint import load_checkpoint, upgrade_config, weight_mismatches
 from brats_unet.training.module import BratsModule
+from brats_unet.training.targets import check_targets
 from brats_unet.utils import BratsError
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -38,8 +39,10 @@ CaseInput = str | Path | Mapping[str, Any]
 
 
 # ---- model ---------------------------------------------------------------------------------------------------------
-def load_model(ckpt_path: str | Path, channels_last: bool = False) -> tuple[BratsModule, dict[str, Any]]:
-    """Rebuild the module from the checkpoint's own config, load its weights strictly: (module in eval mode, config)."""
+def load_model(ckpt_path: str | Path, channels_last: bool = False, trust_targets: Sequence[str] = ()
+               ) -> tuple[BratsModule, dict[str, Any]]:
+    """Rebuild the module from the checkpoint's own config, load its weights strictly: (module in eval mode, config).
+    Its `_target_`s must be the project's own or named in `trust_targets` (training.targets.check_targets)."""
     path = Path(ckpt_path).expanduser()
     checkpoint = load_checkpoint(path)
     config = checkpoint.get("brats_config")
@@ -49,7 +52,7 @@ def load_model(ckpt_path: str | Path, channels_last: bool = False) -> tuple[Brat
     absent = [k for k in ("data", "preprocess", "model", "loss", "optimizer") if k not in config]
     if absent:
         raise BratsError(f"checkpoint {path}: its stored config lacks {absent}; was it written by another version?")
-    cfg = OmegaConf.create(upgrade_config(config))
+    cfg = OmegaConf.create(check_targets(upgrade_config(config), path, trust_targets))
     cfg.runtime.compile = False  # a one-off inference pass does not repay compilation
     cfg.runtime.channels_last = bool(channels_last)
     try:
@@ -214,6 +217,7 @@ class Segmenter:
         check_compatible(names, configs, [m.loss.activation for m in modules])
         self.device = resolve_device(device)
         self._autocast = autocast_for(self.device, precision)
+        self.precision = auto_precision(detect(self.device))[0] if precision == "auto" else precision  # as run
         self.modules = [m.to(self.device).eval() for m in modules]
         self.module = self.modules[0]  # the decoding head, shared by every member
         self.configs, self.names = configs, names
@@ -224,12 +228,13 @@ class Segmenter:
     @classmethod
     def from_checkpoint(cls, path: CheckpointSpec, device: str | torch.device = "auto", tta: bool = False,
                         postprocess: bool = False, precision: str = "auto", channels_last: bool = False,
-                        **window: Any) -> Segmenter:
+                        trust_targets: Sequence[str] = (), **window: Any) -> Segmenter:
         """Rebuild the model of a brats-train checkpoint (best.ckpt / last.ckpt), or an ensemble of several: a list
-        of checkpoints or a sweep dir (each job's checkpoints/best.ckpt); `window`: overlap, window_batch."""
+        of checkpoints or a sweep dir (each job's checkpoints/best.ckpt); `window`: overlap, window_batch.
+        `trust_targets`: your own `_target_`s a checkpoint may name (docs/trust.md)."""
         device = resolve_device(device)  # before loading: a bad device is a quick error
         paths = resolve_checkpoints(path)
-        models = [load_model(p, channels_last=channels_last) for p in paths]
+        models = [load_model(p, channels_last=channels_last, trust_targets=trust_targets) for p in paths]
         return cls([m for m, _ in models], [c for _, c in models], device=device, tta=tta, postprocess=postprocess,
                    precision=precision, names=[str(p) for p in paths], **window)
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from brats_unet.data.split import load_split
-from brats_unet.runs import final_value, find_jobs, format_csv, read_metrics, read_overrides
+from brats_unet.runs import NEVER_VALIDATED, final_value, find_jobs, format_csv, read_metrics, read_overrides, validated
 from brats_unet.utils import BratsError
 
 REGION_METRICS = ("val/dice_wt", "val/dice_tc", "val/dice_et", "val/dice_mean", "val/hd95_wt", "val/hd95_tc",
@@ -53,7 +53,8 @@ def cv_rows(sweep: Path) -> tuple[list[dict[str, Any]], int | None]:
         fold, n = _fold_of(job)
         num_folds = num_folds or n
         metrics = read_metrics(job)
-        row: dict[str, Any] = {"fold": fold, "job": job.name, "status": "complete" if metrics else "incomplete"}
+        status = "incomplete" if not metrics else "complete" if validated(metrics) else "never validated"
+        row: dict[str, Any] = {"fold": fold, "job": job.name, "status": status}
         if metrics:
             best = (metrics.get("best") or {}).get("val/dice_mean")
             row[BEST] = float(best) if best is not None else None
@@ -91,7 +92,8 @@ def cv_markdown(sweep: Path, rows: Sequence[Mapping[str, Any]], num_folds: int |
     done = [r for r in rows if r["status"] == "complete"]
     folds = f"data.num_folds={num_folds}" if num_folds else "folds"
     lines = [f"# Cross-validation: {sweep}", "",
-             f"{len(done)} of {num_folds or len(rows)} folds finished ({folds}). Dice and HD95 per region are each "
+             f"{len(done)} of {num_folds or len(rows)} folds finished and validated ({folds}). Dice and HD95 per "
+             "region are each "
              "fold's final validation values; best val/dice_mean is the best epoch's (checkpoints/best.ckpt). "
              "mean ± std: over the finished folds (sample std).", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -101,9 +103,12 @@ def cv_markdown(sweep: Path, rows: Sequence[Mapping[str, Any]], num_folds: int |
     spread = [f"{_number(means[c])} ± {_number(stds[c])}" if stds[c] is not None else _number(means[c])
               for c in COLUMNS[3:]]
     lines += ["| mean ± std | | " + f"{len(done)} folds | " + " | ".join(spread) + " |", ""]
-    unfinished = [f"fold {r['fold']} (job {r['job']})" for r in rows if r["status"] != "complete"]
+    unfinished = [f"fold {r['fold']} (job {r['job']})" for r in rows if r["status"] == "incomplete"]
     if unfinished:
         lines += [f"Did not finish (no metrics.json; left out of the mean): {', '.join(unfinished)}.", ""]
+    unvalidated = [f"fold {r['fold']} (job {r['job']})" for r in rows if r["status"] == "never validated"]
+    if unvalidated:
+        lines += [f"Never validated (left out of the mean): {', '.join(unvalidated)}: each {NEVER_VALIDATED}.", ""]
     absent = sorted(set(range(num_folds or 0)) - {r["fold"] for r in rows})
     if absent:
         lines += [f"No job for folds {', '.join(map(str, absent))} of data.num_folds={num_folds}.", ""]

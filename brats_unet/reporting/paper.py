@@ -14,12 +14,14 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from brats_unet.data.cases import load_validated_case
+from brats_unet.data.cases import load_validated_case, schema_of
 from brats_unet.data.discovery import find_cases, resolve_layout
-from brats_unet.data.labels import MODALITIES
+from brats_unet.data.labels import MODALITIES, LabelSchema
 from brats_unet.data.preprocess import Recipe
 from brats_unet.runs import final_value, find_jobs, format_markdown, read_metrics, read_overrides
 from brats_unet.training.build import build_network, data_schema
+from brats_unet.training.checkpoint import upgrade_config
+from brats_unet.training.targets import UntrustedTarget, check_targets
 from brats_unet.utils import BratsError
 
 log = logging.getLogger(__name__)
@@ -94,15 +96,19 @@ def table1_markdown(sweep: Path, columns: Sequence[str], rows: Sequence[Mapping[
 
 
 # ---- Figure 1: the configured network ------------------------------------------------------------------------------
-def meta_network(config: Mapping[str, Any]) -> Any:
+def meta_network(config: Mapping[str, Any], source: str | Path = "config", trust_targets: Sequence[str] = ()) -> Any:
     """The run's network, instantiated from its config (model, preprocess channels, loss outputs) on the meta device:
-    the real module structure at no memory cost."""
+    the real module structure at no memory cost. A stored config: upgraded and its `_target_`s checked, as a
+    checkpoint's are (UntrustedTarget naming `source`)."""
     # .hydra/config.yaml is stored unresolved (preprocess.modalities: ${data.modalities}): resolve what is needed.
-    cfg = OmegaConf.create(dict(config))
-    pre, model = (OmegaConf.to_container(cfg[k], resolve=True) for k in ("preprocess", "model"))
-    loss = instantiate(config["loss"], schema=data_schema({k: cfg.data.get(k) for k in ("layout", "schema")}))
+    cfg = OmegaConf.create(upgrade_config(dict(config)))
+    needed = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("preprocess", "model", "loss")}
+    needed["data"] = {k: cfg.data.get(k) for k in ("layout", "schema")}
+    checked = check_targets(needed, source, trust_targets)
+    loss = instantiate(checked["loss"], schema=data_schema(checked["data"]))
     with torch.device("meta"):
-        return build_network(model, Recipe.from_config(pre).num_channels, loss.num_outputs)
+        return build_network(checked["model"], Recipe.from_config(checked["preprocess"]).num_channels,
+                             loss.num_outputs)
 
 
 def network_spec(net: Any) -> dict[str, Any]:
@@ -124,15 +130,18 @@ def network_spec(net: Any) -> dict[str, Any]:
     }
 
 
-def network_of(run: Path) -> tuple[Path, dict[str, Any], list[int] | None] | None:
+def network_of(run: Path, trust_targets: Sequence[str] = ()) -> tuple[Path, dict[str, Any], list[int] | None] | None:
     """(job, network_spec, patch size) from a run's config, or from a sweep's first job that has one; None when no
-    config describes a network or it cannot be built (a report is still worth writing without Figure 1)."""
+    config describes a network or it cannot be built (a report is still worth writing without Figure 1). A config
+    naming an untrusted `_target_` is refused (UntrustedTarget), never skipped quietly."""
     for job in [run, *find_jobs(run)]:
         config = read_run_config(job)
         if not all(isinstance(config.get(k), Mapping) for k in ("model", "loss", "preprocess")):
             continue
         try:
-            spec = network_spec(meta_network(config))
+            spec = network_spec(meta_network(config, job / ".hydra" / "config.yaml", trust_targets))
+        except UntrustedTarget:
+            raise
         except Exception as e:  # noqa: BLE001 - any failure to rebuild only costs the diagram
             log.warning("%s: cannot rebuild the network from .hydra/config.yaml (%s): no figures/network.png", job, e)
             return None
@@ -141,10 +150,10 @@ def network_of(run: Path) -> tuple[Path, dict[str, Any], list[int] | None] | Non
 
 
 # ---- Figure 2: one case's modalities and label -------------------------------------------------------------------
-def load_example_case(data_root: str | Path, layout: str, case: str | None = None
-                      ) -> tuple[str, dict[str, np.ndarray], np.ndarray]:
-    """(case, {modality: volume}, internal classes) of `case` (default: the first labelled case), read and
-    validated the way brats-preprocess reads it."""
+def load_example_case(data_root: str | Path, layout: str, case: str | None = None,
+                      schema: LabelSchema | str | None = None) -> tuple[str, dict[str, np.ndarray], np.ndarray]:
+    """(case, {modality: volume}, internal classes of `schema`, default the layout's) of `case` (default: the first
+    labelled case), read and validated the way brats-preprocess reads it."""
     layout_obj = resolve_layout(layout)
     cases = {c.case: c for c in find_cases(data_root, layout_obj, require_seg=True)}
     if case is None:
@@ -152,5 +161,6 @@ def load_example_case(data_root: str | Path, layout: str, case: str | None = Non
     elif case not in cases:
         raise BratsError(f"case {case!r} is not a labelled case under {data_root} (config key case; e.g. "
                          f"{sorted(cases)[0]})")
-    images, seg, _ = load_validated_case(cases[case], layout_obj, MODALITIES)
-    return case, {m: images[m] for m in MODALITIES}, layout_obj.label_schema.to_classes(seg)
+    labels = schema_of(layout_obj, schema)
+    images, seg, _ = load_validated_case(cases[case], layout_obj, MODALITIES, schema=labels)
+    return case, {m: images[m] for m in MODALITIES}, labels.to_classes(seg)

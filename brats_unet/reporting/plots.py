@@ -19,12 +19,12 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import FancyBboxPatch, Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from brats_unet.data.labels import SCHEMAS  # noqa: E402
-from brats_unet.evaluation.overlays import CLASS_COLORS, overlay, slice_view, to_unit, tumour_slice  # noqa: E402
+from brats_unet.data.labels import SCHEMAS, LabelSchema  # noqa: E402
+from brats_unet.evaluation.overlays import NAME_COLORS, class_colors, overlay, slice_view, to_unit, tumour_slice  # noqa: E402,E501
 from brats_unet.runs import Series, epoch_series  # noqa: E402
 from brats_unet.utils import atomic_path  # noqa: E402
 
-GLIOMA_CLASSES = SCHEMAS["brats2021"].class_names  # overlays colour BraTS glioma classes 1-3
+GLIOMA = SCHEMAS["brats2021"]  # figures' default classes: background, ncr, ed, et
 VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))
 
 
@@ -94,8 +94,7 @@ def plot_class_distribution(mean_percent: Mapping[str, float], cases: int | None
     names = list(mean_percent)  # the dataset's classes, background first
     values = [float(mean_percent[n]) for n in names]
     fig, ax = plt.subplots(figsize=(6, 4))
-    tumour = CLASS_COLORS[1:].tolist()
-    colours = [(0.6, 0.6, 0.6), *(tumour[i % len(tumour)] for i in range(len(names) - 1))]
+    colours = [(0.6, 0.6, 0.6), *(NAME_COLORS.get(n, (0.5, 0.5, 0.5)) for n in names[1:])]
     bars = ax.bar([n.upper() if n != "background" else n for n in names], values, color=colours, edgecolor="black")
     for bar, value in zip(bars, values, strict=True):
         ax.annotate(f"{value:.2f}%", (bar.get_x() + bar.get_width() / 2, max(value, 1e-3)), ha="center",
@@ -107,11 +106,19 @@ def plot_class_distribution(mean_percent: Mapping[str, float], cases: int | None
     return fig
 
 
-def plot_overlays(cases: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> Figure:
-    """Rows of (case, image, truth, prediction) as 3D arrays (x, y, z), classes 0..3: axial, coronal and sagittal
-    slices through the most tumour, truth beside prediction (the paper's Figure 7)."""
+def _legend(fig: Figure, schema: LabelSchema, colors: np.ndarray, fontsize: int) -> None:
+    """One patch per tumour class of `schema`, in its colour and under its own name."""
+    handles = [Patch(color=colors[i], label=name.upper()) for i, name in enumerate(schema.class_names) if i]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=fontsize, frameon=False)
+
+
+def plot_overlays(cases: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], schema: LabelSchema = GLIOMA
+                  ) -> Figure:
+    """Rows of (case, image, truth, prediction) as 3D arrays (x, y, z) of `schema`'s internal classes: axial, coronal
+    and sagittal slices through the most tumour, truth beside prediction (the paper's Figure 7)."""
     if not cases:
         raise ValueError("plot_overlays needs at least one case")
+    colors = class_colors(schema)
     fig, axes = plt.subplots(len(cases), 2 * len(VIEWS), figsize=(2.2 * 2 * len(VIEWS), 2.4 * len(cases)),
                              squeeze=False)
     for row, (case, image, truth, pred) in enumerate(cases):
@@ -122,14 +129,13 @@ def plot_overlays(cases: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]
             index = tumour_slice(reference, axis)
             for k, (label, classes) in enumerate((("truth", truth), ("prediction", pred))):
                 ax = axes[row, 2 * v + k]
-                ax.imshow(overlay(slice_view(image, index, axis), slice_view(classes, index, axis)))
+                ax.imshow(overlay(slice_view(image, index, axis), slice_view(classes, index, axis), colors=colors))
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if row == 0:
                     ax.set_title(f"{view} {label}", fontsize=9)
         axes[row, 0].set_ylabel(case, fontsize=8)
-    handles = [Patch(color=CLASS_COLORS[i], label=GLIOMA_CLASSES[i].upper()) for i in range(1, len(GLIOMA_CLASSES))]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
+    _legend(fig, schema, colors, fontsize=9)
     fig.subplots_adjust(wspace=0.03, hspace=0.08, bottom=0.08 if len(cases) > 1 else 0.14)
     return fig
 
@@ -210,22 +216,23 @@ def plot_network(spec: Mapping[str, Any], patch_size: Sequence[int] | None = Non
     return fig
 
 
-def plot_case(case: str, images: Mapping[str, np.ndarray], classes: np.ndarray, axis: int = 2) -> Figure:
-    """The paper's Figure 2: one case's modalities and its label side by side, on the slice with the most tumour
-    (axis 2: axial)."""
+def plot_case(case: str, images: Mapping[str, np.ndarray], classes: np.ndarray, axis: int = 2,
+              schema: LabelSchema = GLIOMA) -> Figure:
+    """The paper's Figure 2: one case's modalities and its label (internal classes of `schema`, coloured and named
+    by class) side by side, on the slice with the most tumour (axis 2: axial)."""
+    colors = class_colors(schema)
     index = tumour_slice(classes, axis)
     fig, axes = plt.subplots(1, len(images) + 1, figsize=(2.3 * (len(images) + 1), 2.7))
     for ax, (name, volume) in zip(axes, images.items(), strict=False):
         ax.imshow(to_unit(slice_view(volume, index, axis)), cmap="gray", vmin=0, vmax=1)
         ax.set_title(name.upper(), fontsize=9)
-    axes[-1].imshow(CLASS_COLORS[slice_view(classes, index, axis).astype(np.int64)])
+    axes[-1].imshow(colors[slice_view(classes, index, axis).astype(np.int64)])
     axes[-1].set_title("label", fontsize=9)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
     view = dict((a, v) for v, a in VIEWS)[axis]
-    handles = [Patch(color=CLASS_COLORS[i], label=GLIOMA_CLASSES[i].upper()) for i in range(1, len(GLIOMA_CLASSES))]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    _legend(fig, schema, colors, fontsize=8)
     fig.suptitle(f"{case}, {view} slice {index}", fontsize=9)
     fig.subplots_adjust(wspace=0.03, bottom=0.12)
     return fig

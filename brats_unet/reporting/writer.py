@@ -12,16 +12,25 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from brats_unet.data.cases import read_case_files, read_label_map
+from brats_unet.data.cases import read_case_files, read_label_map, schema_of
 from brats_unet.data.discovery import EXTENSIONS, find_cases, resolve_layout
+from brats_unet.data.labels import LAYOUTS, SCHEMAS, LabelSchema, Layout
 from brats_unet.data.stats import dataset_stats
 from brats_unet.reporting.cv import cv_csv, cv_markdown, cv_rows, is_cv_sweep
-from brats_unet.reporting.paper import is_table1_sweep, load_example_case, network_of, table1, table1_markdown
+from brats_unet.reporting.paper import (
+    is_table1_sweep,
+    load_example_case,
+    network_of,
+    read_run_config,
+    table1,
+    table1_markdown,
+)
 from brats_unet.reporting.plots import (
     plot_ablation,
     plot_case,
@@ -49,9 +58,39 @@ from brats_unet.utils import BratsError, atomic_write_text, check_writable_outpu
 log = logging.getLogger("brats_unet.report")
 
 
-def load_overlay_cases(predictions: str | Path, data_root: str | Path, layout: str, max_cases: int
-                       ) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-    """(case, FLAIR, true classes, predicted classes) for the first `max_cases` predictions that have a truth."""
+def report_labels(run: Path, layout: str | None = None, schema: str | None = None) -> tuple[Layout, LabelSchema]:
+    """The file layout and label schema a report reads data_root and predictions with: the ones given, else the run's
+    own (data.layout, data.schema of its, or a sweep's first job's, .hydra/config.yaml), else brats2021 and the
+    layout's own schema."""
+    data: dict[str, Any] = {}
+    for job in [run, *find_jobs(run)]:
+        data = read_run_config(job).get("data") or {}
+        if data:
+            break
+
+    def stored(key: str) -> str | None:
+        value = data.get(key)
+        return value if isinstance(value, str) and "${" not in value else None
+
+    run_layout, run_schema = stored("layout") or "brats2021", stored("schema")
+    name = layout or run_layout
+    if name not in LAYOUTS:
+        raise BratsError(f"layout={name!r} is not a file layout; choose one of {sorted(LAYOUTS)} (config key layout; "
+                         f"a label set such as brats2024_gli is schema=, one of {sorted(SCHEMAS)})")
+    if schema is not None and schema not in SCHEMAS:
+        raise BratsError(f"schema={schema!r} is not a label schema; choose one of {sorted(SCHEMAS)} (config key "
+                         "schema)")
+    # The run's schema, unless another layout was asked for and the run's schema is just its own layout's (then the
+    # asked layout's own applies: a brats2021 run reported on 2023-named data reads ET as 3).
+    own = LAYOUTS[run_layout].schema if run_layout in LAYOUTS else None
+    chosen = schema or (run_schema if layout in (None, run_layout) or run_schema != own else None)
+    return LAYOUTS[name], schema_of(name, chosen)
+
+
+def load_overlay_cases(predictions: str | Path, data_root: str | Path, layout: str | Layout, max_cases: int,
+                       schema: LabelSchema | str | None = None) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """(case, FLAIR, true classes, predicted classes) for the first `max_cases` predictions that have a truth, in
+    `schema`'s classes (default: the layout's)."""
     pred_dir = Path(predictions).expanduser()
     if not pred_dir.is_dir():
         raise BratsError(f"predictions folder {pred_dir} does not exist or is not a folder (config key predictions)")
@@ -70,8 +109,8 @@ def load_overlay_cases(predictions: str | Path, data_root: str | Path, layout: s
     cases = []
     for case in matched:
         images, _, _ = read_case_files(truth[case], ["flair"])
-        truth_classes, _, _ = read_label_map(truth[case].seg, layout_obj)
-        pred_classes, _, _ = read_label_map(preds[case], layout_obj)
+        truth_classes, _, _ = read_label_map(truth[case].seg, layout_obj, schema)
+        pred_classes, _, _ = read_label_map(preds[case], layout_obj, schema)
         if pred_classes.shape != truth_classes.shape:
             raise BratsError(f"{preds[case]}: shape {tuple(pred_classes.shape)} differs from the truth "
                              f"{tuple(truth_classes.shape)} of case {case}")
@@ -154,10 +193,12 @@ def sweep_report(sweep: Path, output: Path, metric: str) -> dict[str, Path]:
 
 
 def write_report(run: str | Path, output: str | Path | None = None, *, metric: str = "val/dice_mean",
-                 data_root: str | Path | None = None, layout: str = "brats2021", predictions: str | Path | None = None,
-                 case: str | None = None, max_cases: int = 4, overwrite: bool = False) -> dict[str, Path]:
+                 data_root: str | Path | None = None, layout: str | None = None, predictions: str | Path | None = None,
+                 case: str | None = None, max_cases: int = 4, overwrite: bool = False, schema: str | None = None,
+                 trust_targets: Sequence[str] = ()) -> dict[str, Path]:
     """Write the report for `run` (a run dir or a sweep dir) into `output` (default <run>/report); return
-    {name: file written}."""
+    {name: file written}. `layout` and `schema` (how data_root and predictions are read): default the run's own
+    (report_labels). `trust_targets`: your own `_target_`s the run's config may name (docs/trust.md)."""
     run = Path(run).expanduser()
     if not run.is_dir():
         raise BratsError(f"run folder {run} does not exist or is not a folder (config key run)")
@@ -171,12 +212,13 @@ def write_report(run: str | Path, output: str | Path | None = None, *, metric: s
 
     # Read every input before writing anything, so a bad input leaves no half-written report behind.
     stats, overlay_cases = None, None
+    layout_obj, labels = report_labels(run, layout, schema)
     if data_root:
-        stats = dataset_stats(data_root, layout, progress=True)
+        stats = dataset_stats(data_root, layout_obj.name, progress=True, schema=labels.name)
     if predictions:
-        overlay_cases = load_overlay_cases(predictions, data_root, layout, int(max_cases))
-    example = load_example_case(data_root, layout, case) if data_root else None
-    network = network_of(run)
+        overlay_cases = load_overlay_cases(predictions, data_root, layout_obj, int(max_cases), labels)
+    example = load_example_case(data_root, layout_obj.name, case, labels) if data_root else None
+    network = network_of(run, trust_targets)
 
     check_writable_output(output, bool(overwrite))
     data_figures: dict[str, Path] = {}
@@ -184,10 +226,10 @@ def write_report(run: str | Path, output: str | Path | None = None, *, metric: s
         fig = plot_class_distribution(stats["mean_percent"], stats["cases"])
         data_figures["class_distribution"] = save_figure(fig, output / "figures" / "class_distribution.png")
     if overlay_cases:
-        fig = plot_overlays(overlay_cases)
+        fig = plot_overlays(overlay_cases, labels)
         data_figures["overlays"] = save_figure(fig, output / "figures" / "overlays.png", dpi=150)
     if example is not None:
-        data_figures["case"] = save_figure(plot_case(*example), output / "figures" / "case.png", dpi=150)
+        data_figures["case"] = save_figure(plot_case(*example, schema=labels), output / "figures" / "case.png", dpi=150)
     if network is not None:
         job, spec, patch = network
         data_figures["network"] = save_figure(plot_network(spec, patch, title=f"network of {job}"),

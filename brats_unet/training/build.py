@@ -14,8 +14,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from brats_unet.data.discovery import resolve_layout
-from brats_unet.data.labels import resolve_schema
+from brats_unet.data.cases import schema_of
 from brats_unet.training.checkpoint import AtomicCheckpointIO
 from brats_unet.training.module import BratsModule
 from brats_unet.utils import BratsError
@@ -38,10 +37,9 @@ def user_instantiate(key: str, build: Callable[[], Any]) -> Any:
 
 
 def data_schema(data: Mapping[str, Any]) -> str:
-    """The label schema a data config declares (data.schema), or its layout's own (configs before schemas)."""
-    schema = data.get("schema") or resolve_layout(data["layout"]).schema
-    resolve_schema(schema)  # unknown names fail here, naming the config key
-    return schema
+    """The name of the label schema a data config declares (data.schema), or of its layout's own (configs before
+    schemas): data.cases.schema_of, the one rule. Unknown names fail naming the config key."""
+    return schema_of(data["layout"], data.get("schema") or None).name
 
 
 def build_network(model: Mapping[str, Any], in_channels: int, out_channels: int, channels_last: bool = False

@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from brats_unet.runs import read_metrics
+from brats_unet.runs import NEVER_VALIDATED, read_metrics, validated
 from brats_unet.runtime import configure_runtime, resolve_training
 from brats_unet.training.build import build_datamodule, build_module, build_trainer, user_instantiate
 from brats_unet.training.checkpoint import check_weights_fit, flatten, resolve_ckpt_path, warn_config_changes
@@ -96,6 +96,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # overwriting it with empty metrics.
         log.info("%s: the run was already complete (epoch %d, step %d); kept its metrics.json", ckpt_path,
                  trainer.current_epoch, trainer.global_step)
+        if not validated(previous):
+            log.warning("%s: this run %s", output_dir, NEVER_VALIDATED)
         return dict(previous.get("final") or {})
 
     checkpoint_cb = trainer.checkpoint_callback
@@ -114,4 +116,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero and not trainer.fast_dev_run:
         atomic_write_json(output_dir / "metrics.json", summary)
         log_hparams(trainer, config, metrics)
+        if not validated(summary):
+            log.warning("%s: this run %s", output_dir, NEVER_VALIDATED)
     return metrics

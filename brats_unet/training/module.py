@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from brats_unet.data.labels import LabelSchema
 from brats_unet.evaluation.metrics import BratsMetrics, paper_dice
-from brats_unet.evaluation.overlays import case_panel
+from brats_unet.evaluation.overlays import case_panel, class_colors
 from brats_unet.models.sliding_window import sliding_window
 from brats_unet.training.checkpoint import restore_rng_states, rng_states
 from brats_unet.utils import BratsError
@@ -197,7 +197,8 @@ class BratsModule(L.LightningModule):
         if experiment is None or not hasattr(experiment, "add_image"):
             return
         image = batch["image"][0].float().cpu().numpy()
-        panel = case_panel(image, batch["label"][0].cpu().numpy(), pred[0].cpu().numpy())
+        panel = case_panel(image, batch["label"][0].cpu().numpy(), pred[0].cpu().numpy(),
+                           colors=class_colors(self.loss.schema))
         case = batch.get("case", ["case"])[0]
         experiment.add_image(f"val/overlay/{case}", panel, self.global_step, dataformats="HWC")
 
