@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= outputs/demo
 
-.PHONY: install demo test test-fast bench
+.PHONY: install demo test test-fast test-bf16 bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test: install
 test-fast: install
 	$(BIN)/ruff check brats_unet tests benchmarks
 	$(BIN)/pytest -q -m "not slow"
+
+# The precision-sensitive tests (fixtures, API vs command, auto) with `auto` resolving to bf16, as on an AVX512-BF16 /
+# AMX CPU, on any CPU (bf16 is emulated, slower, where the CPU lacks it); CI runs it beside `make test`.
+test-bf16: install
+	BRATS_UNET_CPU_FLAGS=avx512_bf16 $(BIN)/pytest -q tests/test_api.py tests/test_ensemble.py tests/test_hardware.py
 
 bench: install
 	$(BIN)/python -m benchmarks.run_all

@@ -16,32 +16,28 @@ from typing import Any
 
 import torch
 
+from brats_unet import runtime
 from brats_unet.runtime import configure_runtime
-from brats_unet.utils import atomic_write_json
+from brats_unet.utils import BratsError, atomic_write_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
-    return device
+    """"auto" -> cuda when available, else cpu (brats_unet.runtime's rule); a device not here ends the benchmark."""
+    try:
+        return runtime.resolve_device(name)
+    except BratsError as e:
+        raise SystemExit(f"--device {name}: {e}") from None
 
 
 def _cpu_model() -> tuple[str, list[str]]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine(), []
-    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-    present = set(flags.group(1).split()) if flags else set()
-    return (model.group(1).strip() if model else platform.machine()), [f for f in CPU_FLAGS if f in present]
+    """(model name, the CPU_FLAGS present), from brats_unet.runtime's /proc/cpuinfo reader."""
+    name, flags = runtime.cpu_info()
+    if name == "cpu":
+        name = platform.processor() or platform.machine()
+    return name, [f for f in CPU_FLAGS if f in flags]
 
 
 def device_name(device: torch.device) -> str:

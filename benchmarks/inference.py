@@ -12,7 +12,6 @@ skipped.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import sys
 import time
@@ -34,6 +33,7 @@ from benchmarks.common import (
 )
 from benchmarks.training import MODELS, build_net, preset
 from brats_unet.models.sliding_window import _window_starts, flip_tta, sliding_window  # the same window grid as predict
+from brats_unet.runtime import ProbeModel, autocast, probe_input_shape
 from brats_unet.runtime import resolve as resolve_auto
 
 
@@ -47,11 +47,10 @@ def window_count(shape: Sequence[int], patch: int, overlap: float) -> int:
 def time_case(net: torch.nn.Module, image: torch.Tensor, patch: int, overlap: float, tta: bool, precision: str,
               window_batch: int) -> float:
     device = image.device
-    autocast = (torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
-                if precision != "fp32" else contextlib.nullcontext())
+    cast = autocast(device, precision)
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
-        with autocast:
+        with cast():
             return torch.sigmoid(net(x).float())
 
     run = flip_tta if tta else sliding_window
@@ -65,10 +64,15 @@ def time_case(net: torch.nn.Module, image: torch.Tensor, patch: int, overlap: fl
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
-    precisions = args.precisions or (["auto", "fp16", "fp32"] if device.type == "cuda" else ["auto", "fp32"])
-    if "auto" in precisions:  # what brats-predict picks here by default
-        auto, _ = resolve_auto(device, "auto", "auto", use="infer")
     spec = MODELS[args.model]
+    precisions = args.precisions or (["auto", "fp16", "fp32"] if device.type == "cuda" else ["auto", "fp32"])
+    if "auto" in precisions:  # what brats-predict picks here by default, the probe timing this benchmark's network
+        largest = max(args.patches)
+        base = preset("ours", args.model, largest, 1)
+        probe = ProbeModel(lambda cl: build_net(dataclasses.replace(base, channels_last=cl))[0],
+                           probe_input_shape(device, args.window_batch, spec["in"], (largest,) * 3),
+                           f"benchmark {args.model} patch {largest}")
+        auto, _ = resolve_auto(device, "auto", "auto", use="infer", model=probe)
     torch.manual_seed(0)
     image = torch.randn(1, spec["in"], *args.shape, device=device)
     rows = []

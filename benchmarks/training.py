@@ -11,7 +11,6 @@ time (from the cost per conv FLOP measured so far) exceeds `--max-combo-seconds`
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import sys
@@ -35,6 +34,7 @@ from benchmarks.common import (
     write_result,
 )
 from brats_unet.models.unet3d import UNet3D
+from brats_unet.runtime import autocast
 from brats_unet.training.losses import CombinedLoss, RegionDiceBCELoss
 
 # in/out channels follow the recipes: quickstart = modern (4 modalities, WT/TC/ET regions), paper = seed (3, 4 classes).
@@ -132,12 +132,6 @@ def nvidia_gflops(patch: int = NVIDIA_BRATS["patch"]) -> float | None:
                                        filters=NVIDIA_BRATS["filters"]), (1, c_in, *(patch,) * 3))
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 def run_combo(combo: Combo, device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
     """Time `steps` optimiser steps after `warmup`; peak memory over all of them."""
     with threads(combo.threads):
@@ -158,7 +152,7 @@ def _run_combo(combo: Combo, device: torch.device, steps: int, warmup: int) -> d
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with _autocast(device, combo.precision):
+        with autocast(device, combo.precision)():
             loss = loss_fn(forward(x), y)
         if scaler is None:
             loss.backward()

@@ -3,13 +3,17 @@
 `auto` for precision and the memory format: the fastest correct setting of the hardware at hand.
 
 brats-train's `trainer.precision: auto`, brats-predict's `precision=auto` and `runtime.channels_last: auto` (both
-commands) are resolved here, once, before anything is built; an explicit value always wins.
+commands) are resolved here, once per run (brats-train) or Segmenter (brats-predict and the Python API), before the
+network that runs is built; an explicit value always wins. Device and precision -> autocast are this module's too
+(`resolve_device`, `autocast`: the one rule training, prediction and the benchmarks use).
 
 - Precision follows a rule, because the kernels follow the same CPUID bits: oneDNN runs bf16 natively only on CPUs
   with AVX512-BF16 or AMX (elsewhere it emulates bf16 and is slower than fp32: 1.2-1.4x on this project's 2-core
   Xeon, whose hypervisor hides those flags); CUDA GPUs with native bf16 (Ampere+) get bf16, older ones fp16.
 - channels_last_3d has no reliable rule (it halves the CPU step here, on GPUs it depends on cuDNN and the norm
-  layers), so a short probe measures it once per machine, precision and use (train / infer) and caches the result.
+  layers), so a short probe times the run's own network (the caller hands it in as a `ProbeModel`: this layer
+  imports no models) on the device the run uses, once per machine, precision, use (train / infer) and network, and
+  caches the result. A rank of a multi-process run never times it (ranks could disagree): it reads the cache.
 
 The decision itself (`decide`) is a pure function of the capabilities and the probe's timings.
 """
@@ -19,10 +23,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +35,7 @@ import torch
 
 from brats_unet.utils import BratsError, atomic_write_json
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16")  # what `auto` resolves to; every command and the API also accept "auto"
 LIGHTNING_PRECISION = {"fp32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
 # Lightning's spellings -> ours, to probe the memory format at an explicit trainer.precision.
 FROM_LIGHTNING = {"32-true": "fp32", "32": "fp32", "bf16-mixed": "bf16", "bf16": "bf16", "bf16-true": "bf16",
@@ -39,6 +44,7 @@ BF16_CPU_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}
 # channels_last must win by this much: a probe on a shared machine is noisy, and a tie is not worth a change.
 CHANNELS_LAST_MARGIN = 0.9
 USES = ("train", "infer")
+log = logging.getLogger("brats_unet.runtime")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +112,39 @@ def check_channels_last(value: Any) -> None:
         raise BratsError(f"runtime.channels_last must be auto, true or false, got {value!r}")
 
 
+def check_precision(value: Any) -> None:
+    if value != "auto" and value not in PRECISIONS:
+        raise BratsError(f"precision must be one of {['auto', *PRECISIONS]}, got {value!r}")
+
+
+def autocast(device: torch.device | str, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """THE precision -> autocast rule: a factory of context managers (nullcontext for fp32). `auto` is resolved by
+    `auto_precision` here only for callers that did not resolve it already (resolve() does it once per run)."""
+    check_precision(precision)
+    device = torch.device(device)
+    if precision == "auto":
+        precision = auto_precision(detect(device))[0]
+    if precision == "fp32":
+        return contextlib.nullcontext
+    if precision == "fp16" and device.type != "cuda":
+        raise BratsError("precision=fp16 needs a CUDA device; use precision=bf16 or fp32 on CPU")
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """auto (CUDA when present, else CPU), cpu, cuda, cuda:1 ... -> a torch device; BratsError for one not here."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise BratsError(f"device {name!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BratsError(f"device={name} but CUDA is not available here; use device=cpu")
+    return device
+
+
 def training_device(accelerator: str) -> str:
     """The device type a Lightning `trainer.accelerator` trains on (auto: CUDA when present)."""
     accelerator = str(accelerator)
@@ -114,7 +153,25 @@ def training_device(accelerator: str) -> str:
     return "cpu" if accelerator in ("auto", "cpu") else accelerator
 
 
+def run_device(accelerator: str, devices: Any = "auto") -> torch.device:
+    """The device this process trains on: the accelerator's type, and on CUDA the index Lightning gives this rank
+    (its LOCAL_RANK / SLURM_LOCALID-th entry of `trainer.devices`; rank 0 alone: the first)."""
+    kind = training_device(accelerator)
+    if kind != "cuda":
+        return torch.device(kind)
+    local = int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0)
+    if isinstance(devices, Sequence) and not isinstance(devices, str) and len(devices) > local:
+        return torch.device("cuda", int(devices[local]))
+    return torch.device("cuda", local)
+
+
 # ---- what the machine has ------------------------------------------------------------------------------------------
+# The CPU flags `auto` reads, space-separated, instead of the machine's own: CI runs the precision-sensitive tests with
+# auto = bf16 on any CPU (BRATS_UNET_CPU_FLAGS=avx512_bf16; bf16 is emulated, slower, where the CPU lacks it), or
+# simulates a CPU without bf16 (BRATS_UNET_CPU_FLAGS=avx2).
+CPU_FLAGS_ENV = "BRATS_UNET_CPU_FLAGS"
+
+
 def cpu_info(path: Path = Path("/proc/cpuinfo")) -> tuple[str, frozenset[str]]:
     """(model name, flags) of the first CPU; torch's own CPUID checks where /proc/cpuinfo is absent (macOS...)."""
     name, flags = "cpu", frozenset()
@@ -133,6 +190,7 @@ def cpu_info(path: Path = Path("/proc/cpuinfo")) -> tuple[str, frozenset[str]]:
 
 
 def detect(device: torch.device | str) -> Hardware:
+    """What `auto` decides by: the CPU's flags ($BRATS_UNET_CPU_FLAGS when set) or the GPU's bf16 support."""
     device = torch.device(device)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -140,35 +198,65 @@ def detect(device: torch.device | str) -> Hardware:
                         cuda_bf16=torch.cuda.get_device_capability(index) >= (8, 0))
     if device.type == "cpu":
         name, flags = cpu_info()
+        forced = os.environ.get(CPU_FLAGS_ENV)
+        if forced is not None:
+            flags = frozenset(forced.split())
         return Hardware("cpu", name, cpu_flags=flags)
     return Hardware(device.type, device.type)
 
 
 # ---- the probe (cached) --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ProbeModel:
+    """The run's own network for the channels_last probe, handed in by the caller (this layer builds no models):
+    `build(channels_last)` -> a fresh network in that memory format, `input_shape` (batch, channels, *spatial), and a
+    `name` that keys the cache (the network's config and the input shape)."""
+
+    build: Callable[[bool], torch.nn.Module]
+    input_shape: tuple[int, ...]
+    name: str
+
+
+def probe_input_shape(device: torch.device | str, batch: int, channels: int, patch: Sequence[int]
+                      ) -> tuple[int, ...]:
+    """The probe's input: the run's batch and patch on a GPU; on a CPU one sample, each side halved down towards 32
+    while it stays a multiple of 16 (a 128^3 forward+backward takes many seconds on a small CPU; memory-format effects
+    show at 32^3 already)."""
+    if torch.device(device).type == "cuda":
+        return (int(batch), int(channels), *(int(p) for p in patch))
+    sides = []
+    for p in (int(p) for p in patch):
+        while p >= 64 and (p // 2) % 16 == 0:
+            p //= 2
+        sides.append(p)
+    return (1, int(channels), *sides)
+
+
 def cache_file() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "brats-unet" / "hardware-probe.json"
 
 
-def _probe_step(device: torch.device, precision: str, channels_last: bool, use: str) -> Callable[[], None]:
-    """One step of a quickstart-width U-Net, batch 2 of 32^3: forward+backward (train) or forward (infer)."""
-    from brats_unet.models.unet3d import UNet3D  # here: hardware.py stays importable without building models
-
+def _probe_step(model: ProbeModel, device: torch.device, precision: str, channels_last: bool, use: str
+                ) -> Callable[[], None]:
+    """One step of the run's network on a random input: forward+backward (train) or forward (infer)."""
     gen = torch.Generator().manual_seed(0)
-    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    net = UNet3D(4, 3, [8, 16, 32, 64, 128], norm="instance", channels_last=channels_last).to(device)
-    x = torch.randn(2, 4, 32, 32, 32, generator=gen).to(device).contiguous(memory_format=fmt)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    fmt = torch.channels_last_3d if len(model.input_shape) == 5 else torch.channels_last
+    fmt = fmt if channels_last else torch.contiguous_format
+    net = model.build(channels_last).to(device)
+    x = torch.randn(*model.input_shape, generator=gen).to(device).contiguous(memory_format=fmt)
+    cast = autocast(device, precision)
 
     def step() -> None:
         if use == "train":
             net.zero_grad(set_to_none=True)
-            with autocast():
-                loss = net(x).float().square().mean()
+            with cast():
+                out = net(x)
+                loss = sum(o.float().square().mean() for o in out) if isinstance(out, list | tuple) else \
+                    out.float().square().mean()
             loss.backward()
         else:
-            with torch.inference_mode(), autocast():
+            with torch.inference_mode(), cast():
                 net(x)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -176,7 +264,8 @@ def _probe_step(device: torch.device, precision: str, channels_last: bool, use: 
     return step
 
 
-def probe_channels_last(device: torch.device, precision: str, use: str, reps: int = 5) -> dict[str, float]:
+def probe_channels_last(model: ProbeModel, device: torch.device, precision: str, use: str, reps: int = 5
+                        ) -> dict[str, float]:
     """Median step seconds, contiguous vs channels_last_3d, interleaved so a neighbour's load hits both alike.
 
     On CPU the probe runs one thread and counts that thread's CPU time, not wall time: on a shared machine the wall
@@ -189,15 +278,16 @@ def probe_channels_last(device: torch.device, precision: str, use: str, reps: in
     # (a run that probes and one that reads the cache initialise the same model).
     with torch.random.fork_rng(devices=[] if cpu else [device]):
         try:
-            return _time_formats(device, precision, use, reps)
+            return _time_formats(model, device, precision, use, reps)
         finally:
             torch.set_num_threads(saved)
 
 
-def _time_formats(device: torch.device, precision: str, use: str, reps: int) -> dict[str, float]:
+def _time_formats(model: ProbeModel, device: torch.device, precision: str, use: str, reps: int
+                  ) -> dict[str, float]:
     clock = time.thread_time if device.type == "cpu" else time.perf_counter
     formats = ("contiguous", "channels_last")
-    steps = {fmt: _probe_step(device, precision, fmt == "channels_last", use) for fmt in formats}
+    steps = {fmt: _probe_step(model, device, precision, fmt == "channels_last", use) for fmt in formats}
     times: dict[str, list[float]] = {fmt: [] for fmt in steps}
     for step in steps.values():  # warm-up: allocator, oneDNN primitive cache, cuDNN autotuner
         step(), step()
@@ -209,49 +299,109 @@ def _time_formats(device: torch.device, precision: str, use: str, reps: int) -> 
     return {fmt: statistics.median(t) for fmt, t in times.items()}
 
 
-def probe_key(hw: Hardware, precision: str, use: str) -> str:
-    return f"{use}|{hw.device}|{hw.name}|{precision}|torch {torch.__version__}"
+def probe_key(hw: Hardware, precision: str, use: str, model: str = "") -> str:
+    return f"{use}|{hw.device}|{hw.name}|{precision}|{model}|torch {torch.__version__}"
 
 
-def cached_probe(hw: Hardware, device: torch.device, precision: str, use: str, path: Path | None = None
-                 ) -> tuple[dict[str, float] | None, str]:
-    """(timings, where they came from): the cached measurement for this machine, or a new one (then cached)."""
+def _valid_timings(entry: Any) -> bool:
+    return (isinstance(entry, dict) and set(entry) == {"contiguous", "channels_last"}
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in entry.values()))
+
+
+def read_probe_cache(path: Path) -> tuple[dict[str, Any], bool]:
+    """(the usable entries, whether the file needs rewriting). A file that is not a JSON object of timings (a list,
+    an entry missing a key, bad JSON) is not an error: it is ignored with a warning, so the caller measures again and
+    rewrites it, keeping the entries that are still good."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return {}, False
+    try:
+        cache = json.loads(raw.decode())
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        log.warning("ignoring the probe cache %s: not valid JSON (%s); it will be rewritten", path, e)
+        return {}, True
+    if not isinstance(cache, dict):
+        log.warning("ignoring the probe cache %s: it holds a %s, not an object of timings; it will be rewritten",
+                    path, type(cache).__name__)
+        return {}, True
+    good = {k: v for k, v in cache.items() if _valid_timings(v)}
+    if len(good) < len(cache):
+        bad = sorted(set(cache) - set(good))
+        log.warning("ignoring %d malformed entries of the probe cache %s (each needs positive 'contiguous' and "
+                    "'channels_last' seconds), e.g. %r; they will be rewritten", len(bad), path, bad[0])
+    return good, len(good) < len(cache)
+
+
+def cached_probe(hw: Hardware, device: torch.device, precision: str, use: str, path: Path | None = None,
+                 model: ProbeModel | None = None, measure: bool = True) -> tuple[dict[str, float] | None, str]:
+    """(timings, where they came from): the cached measurement for this machine and network, or a new one (then
+    cached). Without a network to probe, only the cache answers.
+
+    The cache maps `probe_key`s ("use|device|name|precision|network|torch version") to {"contiguous": s,
+    "channels_last": s}."""
     path = path or cache_file()
-    key = probe_key(hw, precision, use)
+    key = probe_key(hw, precision, use, model.name if model else "")
+    cache, damaged = read_probe_cache(path)
+    # An entry with an empty network field answers for every network (a machine-wide setting, e.g. the tests').
+    found = next((k for k in (key, probe_key(hw, precision, use)) if k in cache), None)
+    if found is not None:
+        if damaged:
+            _write_cache(path, cache)
+        return cache[found], f"cached in {path}"
+    if model is None or not measure:
+        if damaged:
+            _write_cache(path, cache)
+        return None, "no network to probe" if model is None else "not measured"
     try:
-        cache = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        cache = {}
-    if isinstance(cache.get(key), dict):
-        return cache[key], f"cached in {path}"
-    try:
-        timings = probe_channels_last(device, precision, use)
+        timings = probe_channels_last(model, device, precision, use)
     except Exception as e:  # a missing kernel or out of memory: fall back to the standard format, say why
         return None, f"probe failed ({type(e).__name__}: {e})"
-    with contextlib.suppress(OSError):  # a read-only home still runs, it only probes again next time
-        atomic_write_json(path, {**cache, key: timings})
+    _write_cache(path, {**cache, key: timings})
     return timings, f"measured now, cached in {path}"
 
 
+def _write_cache(path: Path, cache: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError):  # a read-only home still runs, it only probes again next time
+        atomic_write_json(path, cache)
+
+
+def multi_process() -> bool:
+    """True in one rank of a multi-process run (SLURM tasks, torchrun, Lightning's DDP children): ranks must not
+    each time the formats (they could decide differently, and DDP then fails on parameter strides)."""
+    env = os.environ
+    return int(env.get("WORLD_SIZE", "1")) > 1 or int(env.get("SLURM_NTASKS", "1")) > 1 or "LOCAL_RANK" in env
+
+
 def resolve(device: torch.device | str, precision: str = "auto", channels_last: bool | str = "auto",
-            use: str = "train", cache: Path | None = None) -> tuple[Choice, Hardware]:
-    """The settings for this device (precision auto or one of PRECISIONS); probes only when channels_last is auto."""
+            use: str = "train", cache: Path | None = None, model: ProbeModel | None = None
+            ) -> tuple[Choice, Hardware]:
+    """The settings for this device (precision auto or one of PRECISIONS). Only channels_last=auto consults the
+    probe: the cache, else a measurement with `model` (the run's own network) on `device` (the one the run uses). In
+    one rank of a multi-process run nothing is measured: every rank reads the same cache (or keeps the standard
+    format), so all ranks decide alike; a single-process run on the machine fills the cache."""
     check_channels_last(channels_last)
+    check_precision(precision)
     device = torch.device(device)
     hw = detect(device)
     timings, source = None, "not measured"
     if channels_last == "auto" and hw.device in ("cpu", "cuda"):
         chosen = precision if precision != "auto" else auto_precision(hw)[0]
-        timings, source = cached_probe(hw, device, chosen, use, cache)
+        ranks = multi_process()
+        timings, source = cached_probe(hw, device, chosen, use, cache, model, measure=not ranks)
+        if timings is None and model is not None and ranks:
+            source = "not measured in a multi-process run (rank-consistent); a single-process run caches it"
     return decide(hw, precision, channels_last, timings, source), hw
 
 
-def resolve_training(accelerator: str, precision: str, channels_last: bool | str, cache: Path | None = None
+def resolve_training(accelerator: str, precision: str, channels_last: bool | str, cache: Path | None = None,
+                     model: ProbeModel | None = None, device: torch.device | str | None = None
                      ) -> tuple[str, bool, str]:
     """brats-train's `trainer.precision` (auto or a Lightning value) and `runtime.channels_last` (auto or a bool) ->
-    (Lightning precision, channels_last, a line for the run log)."""
+    (Lightning precision, channels_last, a line for the run log). `device`: the one this process trains on (default:
+    the accelerator's type)."""
     ours = "auto" if precision == "auto" else FROM_LIGHTNING.get(str(precision), "fp32")
-    choice, hw = resolve(training_device(accelerator), ours, channels_last, "train", cache)
+    choice, hw = resolve(device or training_device(accelerator), ours, channels_last, "train", cache, model)
     lightning = choice.lightning_precision if precision == "auto" else str(precision)
     return lightning, choice.channels_last, describe(choice, hw, lightning)
 
@@ -266,7 +416,6 @@ def describe(choice: Choice, hw: Hardware, precision_label: str | None = None) -
             f"{part('channels_last', choice.channels_last)} on {hw.device} ({hw.name})")
 
 
-# The `runtime` config group, applied once at the start of brats-train / brats-predict.
 # The `runtime` config group, applied once at the start of brats-train / brats-predict: CPU threads, the cuDNN
 # autotuner, float32 matmul precision (process-wide), and the network's memory format and compilation (per model).
 #
@@ -302,8 +451,7 @@ def configure_runtime(
                 f"runtime.matmul_precision must be one of {list(MATMUL_PRECISIONS)} or null, got {matmul_precision!r}"
             )
         torch.set_float32_matmul_precision(matmul_precision)
-    if not isinstance(channels_last, bool) and channels_last != "auto":
-        raise BratsError(f"runtime.channels_last must be auto, true or false, got {channels_last!r}")
+    check_channels_last(channels_last)
     if not isinstance(compile, bool):
         raise BratsError(f"runtime.compile must be true or false, got {compile!r}")
     return {

@@ -16,6 +16,7 @@ from helpers import FIXTURES, compose_cli, compose_train, tiny_overrides
 import brats_unet
 from brats_unet.cli.evaluate import evaluate as evaluate_command
 from brats_unet.cli.predict import predict as predict_command
+from brats_unet.runtime import auto_precision, detect
 from brats_unet.utils import BratsError
 
 API_DOC = Path(__file__).parents[1] / "docs" / "python-api.md"
@@ -32,7 +33,8 @@ def test_readme_python_api_example_runs_verbatim(tmp_path: Path, monkeypatch: py
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(readme_api_example(), "docs/python-api.md", "exec"), scope)
-    assert 0.0 <= scope["metrics"]["val/dice_mean"] <= 1.0
+    metrics = scope["metrics"]  # val/dice_mean is the mean of the three regions' Dice
+    assert metrics["val/dice_mean"] == pytest.approx(np.mean([metrics[f"val/dice_{r}"] for r in ("wt", "tc", "et")]))
     image, probs, case = scope["image"], scope["probs"], scope["case"]
     assert image.get_data_dtype() == np.uint8 and image.shape == (64, 64, 48)
     assert np.allclose(image.affine, case.affine)
@@ -76,6 +78,30 @@ def test_old_checkpoint_predicts_bit_identically_through_the_command_and_the_api
     assert segmenter.config["loss"]["_target_"].endswith("RegionDiceBCELoss")
 
 
+@pytest.mark.parametrize("cpu", ["this machine", "forced bf16"])
+def test_the_api_and_the_command_share_their_defaults_and_agree_under_auto(tmp_path: Path, monkeypatch,
+                                                                          cpu: str) -> None:
+    """`Segmenter.from_checkpoint(ckpt).predict(case)` is `brats-predict ckpt_path=ckpt input=case`: one set of defaults
+    (conf/predict.yaml), `auto` included, on whatever CPU runs this; and again with auto forced to bf16
+    (BRATS_UNET_CPU_FLAGS, as CI runs the precision-sensitive tests), where a pinned fp32 still gives the fixtures."""
+    if cpu == "forced bf16":
+        monkeypatch.setenv("BRATS_UNET_CPU_FLAGS", "avx512_bf16")
+    ckpt = OLD / "tiny_region.ckpt"
+    predict_command(compose_cli("predict", [f"ckpt_path={ckpt}", f"input={OLD_CASE}", f"output={tmp_path}"]))
+    segmenter = brats_unet.Segmenter.from_checkpoint(ckpt)
+    assert segmenter.precision == auto_precision(detect("cpu"))[0]
+    assert (segmenter.tta, segmenter.postprocess, segmenter.overlap, segmenter.window_batch) == (False, False, 0.5, 2)
+    assert segmenter.channels_last is False  # the session's probe cache says "no gain"
+    api = np.asarray(segmenter.predict(OLD_CASE).dataobj)
+    assert np.array_equal(api, nifti(tmp_path / "BraTS2021_00000.nii.gz"))
+    if cpu == "forced bf16":
+        assert segmenter.precision == "bf16"
+        pinned = brats_unet.Segmenter.from_checkpoint(ckpt, precision="fp32").predict(OLD_CASE)
+        assert np.array_equal(np.asarray(pinned.dataobj), nifti(OLD / "expected" / "plain.nii.gz"))
+    with pytest.raises(BratsError, match=r"unknown prediction options \['overlapp'\]"):
+        brats_unet.Segmenter.from_checkpoint(ckpt, overlapp=0.5)
+
+
 def test_predict_accepts_paths_and_arrays_with_either_releases_names() -> None:
     segmenter = brats_unet.Segmenter.from_checkpoint(OLD / "tiny_region.ckpt", device="cpu", precision="fp32")
     folder = nifti(OLD / "expected" / "plain.nii.gz")
@@ -89,8 +115,15 @@ def test_predict_accepts_paths_and_arrays_with_either_releases_names() -> None:
     assert np.array_equal(np.asarray(image.dataobj), expected_2023)
     with pytest.raises(BratsError, match=r"the model needs modalities .*the case lacks \['flair'\]"):
         segmenter.predict({k: v for k, v in arrays.items() if k != "t2f"})
-    with pytest.raises(BratsError, match=r"t2 has shape \(4, 4, 4\) but t1 has \(48, 48, 32\)"):
+    with pytest.raises(BratsError, match=r"case: t2: shape \(4, 4, 4\) differs from t1 \(48, 48, 32\)"):
         segmenter.predict({**paths, "t2": (np.zeros((4, 4, 4)), case.affine)})
+    # in-memory images get the checks a case folder gets (data/cases.py's, one home)
+    nan = case.images["t1"].copy()
+    nan[0, 0, 0] = np.nan
+    with pytest.raises(BratsError, match=r"case: t1: 1 NaN or Inf voxels"):
+        segmenter.predict({**paths, "t1": (nan, case.affine)})
+    with pytest.raises(BratsError, match=r"case: t2: t2 image is all zero"):
+        segmenter.predict({**paths, "t2": (np.zeros_like(nan), case.affine)})
 
 
 def test_evaluate_api_gives_the_rows_and_summary_the_command_writes(tmp_path: Path) -> None:

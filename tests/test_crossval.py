@@ -13,11 +13,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from helpers import compose_cli, tiny_overrides
 
 import brats_unet
 from brats_unet.cli.evaluate import evaluate as evaluate_command
 from brats_unet.cli.predict import predict as predict_command
+from brats_unet.inference.export import export_package
 from brats_unet.reporting.writer import write_report
 from brats_unet.utils import BratsError
 
@@ -130,3 +132,24 @@ def test_the_sweep_dir_is_an_ensemble_of_its_folds(sweep: Path, synthetic_root: 
     listed = brats_unet.Segmenter.from_checkpoint(best, device="cpu")
     assert np.array_equal(labels(out / f"{test_case}.nii.gz"),
                           np.asarray(listed.predict(synthetic_root / test_case).dataobj))
+
+
+def test_a_sweep_exports_as_one_package_with_its_cv_table(sweep: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    write_report(sweep, sweep / "report")  # <sweep>/report/cv.md, where brats-report writes it
+    try:
+        package = export_package(sweep, tmp_path / "cv_model", measure=False)
+    finally:
+        shutil.rmtree(sweep / "report")  # the sweep is shared by this module's tests
+    meta = json.loads((package / "model.json").read_text())
+    assert [m["source"] for m in meta["members"]] == ["0/checkpoints/best.ckpt", "1/checkpoints/best.ckpt"]
+    assert [m["run"]["fold"] for m in meta["members"]] == [0, 1]
+    first = next((synthetic_root / split(sweep / "0")["train"][0]).glob("*_t1.nii.gz"))
+    zooms = [float(z) for z in nib.load(first).header.get_zooms()]
+    assert meta["training_spacing"]["spacing"] == pytest.approx(zooms, abs=1e-4)  # stored to 4 decimals
+    card = (package / "MODEL_CARD.md").read_text()
+    assert "| mean ± sd |" in card and "### Cross-validation (report/cv.md)" in card
+    test_case = synthetic_root / split(sweep / "0")["test"][0]
+    best = [sweep / job / "checkpoints" / "best.ckpt" for job in ("0", "1")]
+    from_ckpts = brats_unet.Segmenter.from_checkpoint(best, device="cpu").predict_proba(test_case)
+    from_package = brats_unet.Segmenter.from_package(package, device="cpu").predict_proba(test_case)
+    assert torch.equal(torch.from_numpy(from_ckpts), torch.from_numpy(from_package))

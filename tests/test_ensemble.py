@@ -15,8 +15,8 @@ from helpers import FIXTURES, compose_cli
 import brats_unet
 from brats_unet.cli.predict import predict as predict_command
 from brats_unet.data.labels import SCHEMAS
+from brats_unet.inference.decoding import decode
 from brats_unet.inference.ensemble import check_compatible, resolve_checkpoints
-from brats_unet.inference.segmenter import decode
 from brats_unet.utils import BratsError
 
 OLD = FIXTURES / "v0_1"
@@ -51,11 +51,13 @@ def predict(tmp_path: Path, name: str, ckpt: str, *extra: str) -> Path:
 
 @pytest.mark.slow
 def test_an_ensemble_of_one_checkpoint_twice_is_the_single_model_bit_for_bit(tmp_path: Path) -> None:
-    twice = predict(tmp_path, "twice", f"[{CKPT},{CKPT}]", "tta=true", "postprocess=true", "save_probabilities=true")
+    # precision pinned: the fixtures were written in fp32, and `auto` is bf16 on AVX512-BF16 / AMX CPUs
+    twice = predict(tmp_path, "twice", f"[{CKPT},{CKPT}]", "tta=true", "postprocess=true", "save_probabilities=true",
+                    "precision=fp32")
     expected = OLD / "expected"  # the single model's outputs, written before ensembles existed
     assert np.array_equal(nifti(twice / "BraTS2021_00000.nii.gz"), nifti(expected / "tta_postprocess.nii.gz"))
     assert np.array_equal(nifti(twice / "BraTS2021_00000_prob.nii.gz"), nifti(expected / "tta_prob.nii.gz"))
-    single = brats_unet.Segmenter.from_checkpoint(CKPT, device="cpu")
+    single = brats_unet.Segmenter.from_checkpoint(CKPT, device="cpu")  # auto: the same for both
     double = brats_unet.Segmenter.from_checkpoint([CKPT, CKPT], device="cpu")
     assert len(double.modules) == 2 and double.names == [str(CKPT), str(CKPT)]
     assert np.array_equal(double.predict_proba(CASE), single.predict_proba(CASE))

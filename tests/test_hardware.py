@@ -7,25 +7,31 @@ import json
 import logging
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from helpers import compose_train, tiny_overrides
 
-from brats_unet.inference.segmenter import autocast_for
+from brats_unet import runtime
 from brats_unet.runtime import (
     LIGHTNING_PRECISION,
     Choice,
     Hardware,
     auto_precision,
+    autocast,
     cached_probe,
     channels_last_wins,
     cpu_info,
     decide,
     detect,
+    probe_input_shape,
     probe_key,
     resolve,
+    run_device,
     training_device,
 )
+from brats_unet.training.build import probe_model
 from brats_unet.training.fit import train
 from brats_unet.utils import BratsError
 
@@ -35,6 +41,9 @@ HIDDEN_FLAGS = Hardware("cpu", "Xeon under KVM", frozenset({"avx2", "avx512f", "
 A100 = Hardware("cuda", "NVIDIA A100", cuda_bf16=True)
 V100 = Hardware("cuda", "Tesla V100", cuda_bf16=False)
 FAST_CL = {"contiguous": 1.0, "channels_last": 0.5}
+NO_GAIN = {"contiguous": 1.0, "channels_last": 1.0}
+TINY_NET = probe_model({"_target_": "brats_unet.models.unet3d.UNet3D", "filters": [4, 8]}, 4, 3, [32, 32, 32], 2,
+                       "cpu")
 
 
 # ---- the decision --------------------------------------------------------------------------------------------------
@@ -89,7 +98,7 @@ def test_training_device_of_the_accelerator() -> None:
 def test_predict_auto_precision_follows_the_same_rule() -> None:
     cpu = torch.device("cpu")
     expected = auto_precision(detect(cpu))[0]
-    with autocast_for(cpu, "auto")():
+    with autocast(cpu, "auto")():
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
     assert dtype == {"bf16": torch.bfloat16, "fp32": torch.float32}[expected]
 
@@ -114,13 +123,77 @@ def test_the_probe_measures_once_and_caches_without_touching_the_seeded_rng(tmp_
     torch.manual_seed(7)
     expected = torch.rand(3)
     torch.manual_seed(7)
-    timings, source = cached_probe(hw, torch.device("cpu"), "fp32", "infer", cache)
+    net = TINY_NET
+    timings, source = cached_probe(hw, torch.device("cpu"), "fp32", "infer", cache, net)
     # a run that probes initialises the same model as one that reads the cache
     assert torch.equal(torch.rand(3), expected) and torch.get_num_threads() == threads
     assert source == f"measured now, cached in {cache}"
     assert set(timings) == {"contiguous", "channels_last"} and all(t > 0 for t in timings.values())
-    assert json.loads(cache.read_text()) == {probe_key(hw, "fp32", "infer"): timings}
-    assert cached_probe(hw, torch.device("cpu"), "fp32", "infer", cache) == (timings, f"cached in {cache}")
+    assert json.loads(cache.read_text()) == {probe_key(hw, "fp32", "infer", net.name): timings}
+    assert cached_probe(hw, torch.device("cpu"), "fp32", "infer", cache, net) == (timings, f"cached in {cache}")
+    # another network is measured on its own; without a network only the cache answers
+    assert cached_probe(hw, torch.device("cpu"), "fp32", "infer", cache) == (None, "no network to probe")
+
+
+def test_the_probe_times_the_runs_own_network_at_its_size() -> None:
+    assert TINY_NET.input_shape == (1, 4, 32, 32, 32) and TINY_NET.name.startswith("UNet3D ")
+    net = TINY_NET.build(True)
+    assert [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv3d)][0] == 4  # filters [4, 8]
+    # a GPU gets the run's batch and patch; a CPU one sample, sides halved towards 32 while multiples of 16
+    assert probe_input_shape("cuda", 2, 4, [128, 128, 128]) == (2, 4, 128, 128, 128)
+    assert probe_input_shape("cpu", 2, 4, [128, 96, 160]) == (1, 4, 32, 48, 80)
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "{not json", json.dumps({"k": {"contiguous": 1.0}}), "\xff\xfe",
+                                     json.dumps({"k": {"contiguous": "fast", "channels_last": 1.0}})])
+def test_a_malformed_probe_cache_is_ignored_with_a_warning_and_rewritten(tmp_path: Path, caplog, monkeypatch,
+                                                                          content: str) -> None:
+    """A list, bad JSON, an entry missing a key: brats-train / brats-predict used to crash until it was deleted."""
+    monkeypatch.setattr(runtime, "probe_channels_last", lambda *args: dict(NO_GAIN))  # no timing here
+    cache = tmp_path / "probe.json"
+    cache.write_bytes(content.encode("latin-1"))
+    hw = detect("cpu")
+    good = {probe_key(hw, "fp32", "train"): FAST_CL}
+    with caplog.at_level(logging.WARNING, logger="brats_unet.runtime"):
+        choice, _ = resolve("cpu", "fp32", "auto", "train", cache, TINY_NET)
+    assert f"probe cache {cache}" in caplog.text and "rewritten" in caplog.text
+    assert not choice.channels_last and choice.why["channels_last"] == f"probe: 1 s per step vs 1 s contiguous, " \
+                                                                       f"measured now, cached in {cache}"
+    assert json.loads(cache.read_text()) == {probe_key(hw, "fp32", "train", TINY_NET.name): NO_GAIN}
+    # a good entry beside a bad one is kept, and the file cleaned
+    cache.write_text(json.dumps({**good, "bad": [1]}))
+    assert resolve("cpu", "fp32", "auto", "train", cache)[0].channels_last
+    assert json.loads(cache.read_text()) == good
+
+
+def test_a_rank_of_a_multi_process_run_never_times_it_reads_the_cache(tmp_path: Path, monkeypatch) -> None:
+    """Every SLURM rank probing on its own could decide differently (DDP then fails on strides): none of them does."""
+    cache = tmp_path / "probe.json"
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    choice, _ = resolve("cpu", "fp32", "auto", "train", cache, TINY_NET)
+    assert not choice.channels_last and "multi-process" in choice.why["channels_last"] and not cache.exists()
+    hw = detect("cpu")
+    cache.write_text(json.dumps({probe_key(hw, "fp32", "train", TINY_NET.name): FAST_CL}))
+    assert resolve("cpu", "fp32", "auto", "train", cache, TINY_NET)[0].channels_last
+
+
+def test_the_run_device_is_the_ranks_own(monkeypatch) -> None:
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("SLURM_LOCALID", raising=False)
+    assert run_device("cpu") == torch.device("cpu")
+    assert run_device("gpu", 1) == torch.device("cuda", 0)
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert run_device("gpu", 2) == torch.device("cuda", 1)
+    assert run_device("gpu", [2, 3]) == torch.device("cuda", 3)
+
+
+def test_cpu_flags_can_be_forced_so_ci_runs_auto_as_bf16(monkeypatch) -> None:
+    monkeypatch.setenv("BRATS_UNET_CPU_FLAGS", "avx2 avx512_bf16")
+    assert detect("cpu").cpu_flags == {"avx2", "avx512_bf16"} and auto_precision(detect("cpu"))[0] == "bf16"
+    with autocast("cpu", "auto")():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    monkeypatch.setenv("BRATS_UNET_CPU_FLAGS", "avx2")
+    assert auto_precision(detect("cpu")) == ("fp32", "no AVX512-BF16 or AMX: bf16 would be emulated, slower than fp32")
 
 
 def test_a_bad_channels_last_value_names_the_key() -> None:
@@ -129,14 +202,14 @@ def test_a_bad_channels_last_value_names_the_key() -> None:
 
 
 # ---- auto in brats-train -------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a full train()
 def test_train_resolves_auto_logs_it_and_records_what_ran(synthetic_root: Path, cache_dir: Path, tmp_path: Path,
                                                           monkeypatch, caplog) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # a pre-filled probe: no timing in a test
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # an empty cache: the run's network is probed
     hw = detect("cpu")
     precision = auto_precision(hw)[0]
-    probe = tmp_path / "xdg" / "brats-unet" / "hardware-probe.json"
-    probe.parent.mkdir(parents=True)
-    probe.write_text(json.dumps({probe_key(hw, precision, "train"): FAST_CL}))
+    probed = []
+    monkeypatch.setattr(runtime, "probe_channels_last", lambda *args: probed.append(args) or dict(FAST_CL))
     run = tmp_path / "run"
     overrides = [o for o in tiny_overrides(synthetic_root, cache_dir, run)
                  if not o.startswith(("trainer.precision", "runtime.channels_last"))]
@@ -148,6 +221,15 @@ def test_train_resolves_auto_logs_it_and_records_what_ran(synthetic_root: Path, 
     assert f"precision auto -> {lightning} ({auto_precision(hw)[1]}), channels_last auto -> True" in caplog.text
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["brats_config"]["trainer"]["precision"] == lightning
+    # probed once, on the run's device, with the run's own network (filters 4..16, 4 inputs, 32^3 patch, one sample)
+    [(model, device, chosen, use)] = probed
+    assert (device, chosen, use, model.input_shape) == (torch.device("cpu"), precision, "train", (1, 4, 32, 32, 32))
+    convs = [m for m in model.build(False).modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs[0].out_channels == 4 and max(c.out_channels for c in convs) == 16
+    # the checkpoint records the training cases' median voxel size: brats-predict resamples other spacings to it
+    train_cases = json.loads((run / "split.json").read_text())["train"]
+    zooms = [nib.load(synthetic_root / c / f"{c}_t1.nii.gz").header.get_zooms()[:3] for c in train_cases]
+    assert ckpt["brats_spacing"] == pytest.approx(np.median(np.asarray(zooms, dtype=np.float64), axis=0).tolist())
     assert ckpt["brats_config"]["runtime"]["channels_last"] is True
 
 

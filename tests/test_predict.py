@@ -16,7 +16,7 @@ from helpers import compose_cli, compose_train, make_case, script, tiny_override
 
 from brats_unet.cli.predict import predict
 from brats_unet.data.labels import LAYOUTS
-from brats_unet.inference.segmenter import decode
+from brats_unet.inference.decoding import decode
 from brats_unet.synth.generator import write_dataset
 from brats_unet.training.build import build_module
 from brats_unet.training.fit import run_config
@@ -251,7 +251,8 @@ def test_prediction_without_tta_is_what_validation_scored(ckpts) -> None:
     """brats-predict and whole-volume validation blend the same window logits, so their labels agree exactly."""
     import torch
 
-    from brats_unet.inference.segmenter import load_model, predict_probabilities
+    from brats_unet.inference.loading import load_model
+    from brats_unet.inference.probabilities import predict_probabilities
 
     module, config = load_model(ckpts["region"])
     patch = config["data"]["patch_size"]

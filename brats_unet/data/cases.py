@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gzip
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,6 +187,40 @@ def _meta(affine: np.ndarray, shape: Sequence[int], header: nib.Nifti1Header, fi
     }
 
 
+def _check_same_space(data: np.ndarray, affine: np.ndarray, ref_key: str, ref_shape: Sequence[int],
+                      ref_affine: np.ndarray, atol: float) -> None:
+    """Raises _Problem unless a volume lies on the grid of the case's first one (shape, affine within atol)."""
+    if data.shape != tuple(ref_shape):
+        raise _Problem(f"shape {tuple(data.shape)} differs from {ref_key} {tuple(ref_shape)}")
+    if not np.allclose(affine, ref_affine, atol=atol):
+        raise _Problem(f"affine differs from {ref_key} by up to {np.abs(affine - ref_affine).max():.4g} "
+                       f"(tolerance {atol})")
+
+
+def _check_image(key: str, data: np.ndarray) -> None:
+    """Raises _Problem for an image with NaN/Inf voxels or nothing in it."""
+    if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
+        raise _Problem(f"{int((~np.isfinite(data)).sum())} NaN or Inf voxels")
+    if not np.any(data):
+        raise _Problem(f"{key} image is all zero")
+
+
+def check_images(case: str, images: Mapping[str, np.ndarray], affines: Mapping[str, np.ndarray],
+                 atol: float = 1e-3) -> None:
+    """The checks a case folder gets, for images given in memory: each 3D, finite, not all zero, and all on the first
+    one's grid. BratsError: f"{case}: {modality}: {problem}"."""
+    ref = next(iter(images))
+    for key, data in images.items():
+        try:
+            if data.ndim != 3:
+                raise _Problem(f"{data.ndim}D image of shape {tuple(data.shape)} where a 3D volume was expected")
+            if key != ref:
+                _check_same_space(data, affines[key], ref, images[ref].shape, affines[ref], atol)
+            _check_image(key, data)
+        except _Problem as e:
+            raise BratsError(f"{case}: {key}: {e}") from e
+
+
 def _check_case(files: CaseFiles, layout: Layout, atol: float, keep: Sequence[str], schema: LabelSchema
                 ) -> tuple[dict, np.ndarray | None,
                                                                                              dict]:
@@ -213,18 +247,12 @@ def _check_case(files: CaseFiles, layout: Layout, atol: float, keep: Sequence[st
                 data, affine, header = _read(path)
             if ref_shape is None:
                 ref_key, ref_shape, ref_affine, ref_header = key, data.shape, affine, header
-            elif data.shape != ref_shape:
-                raise _Problem(f"shape {tuple(data.shape)} differs from {ref_key} {tuple(ref_shape)}")
-            elif not np.allclose(affine, ref_affine, atol=atol):
-                raise _Problem(f"affine differs from {ref_key} by up to {np.abs(affine - ref_affine).max():.4g} "
-                               f"(tolerance {atol})")
+            else:
+                _check_same_space(data, affine, ref_key, ref_shape, ref_affine, atol)
             if key == "seg":
                 seg = _check_labels(data, schema)
                 continue
-            if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
-                raise _Problem(f"{int((~np.isfinite(data)).sum())} NaN or Inf voxels")
-            if not np.any(data):
-                raise _Problem(f"{key} image is all zero")
+            _check_image(key, data)
             if key in keep:
                 images[key] = data.astype(np.float32, copy=False)
         except _Problem as e:
@@ -275,10 +303,13 @@ def read_case_files(files: CaseFiles, modalities: Sequence[str]
 
 
 def load_case(path: str | Path, layout: Layout | str | None = None, modalities: Sequence[str] = MODALITIES,
-              schema: LabelSchema | str | None = None) -> Case:
+              schema: LabelSchema | str | None = None, *, labels: bool = True) -> Case:
     """One case folder, validated as brats-preprocess validates it (shapes, affines, NaNs, label values); the layout
-    (file naming, ET label) is detected from the file names unless given."""
+    (file naming, ET label) is detected from the file names unless given. labels=False: the label map, if any, is
+    neither read nor checked (what prediction needs)."""
     files, found = detect_case_files(path, modalities, layout)
+    if not labels:
+        files = CaseFiles(files.case, files.images, None)
     images, seg, meta = load_validated_case(files, found, modalities, schema=schema)
     header = nib.load(files.images[modalities[0]]).header
     return Case(files.case, images, np.asarray(meta["affine"]), header, found, seg)

@@ -3,7 +3,10 @@ callbacks, loggers and the Trainer. A bad config value becomes a BratsError nami
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import hashlib
+import importlib.util
+import json
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as L
@@ -15,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from brats_unet.data.cases import schema_of
+from brats_unet.runtime import ProbeModel, probe_input_shape
 from brats_unet.training.checkpoint import AtomicCheckpointIO
 from brats_unet.training.module import BratsModule
 from brats_unet.utils import BratsError
@@ -49,6 +53,17 @@ def build_network(model: Mapping[str, Any], in_channels: int, out_channels: int,
     return instantiate(model, in_channels=in_channels, out_channels=out_channels, channels_last=channels_last)
 
 
+def probe_model(model: Mapping[str, Any], in_channels: int, out_channels: int, patch: Sequence[int], batch: int,
+                device: torch.device | str) -> ProbeModel:
+    """The run's own network as the channels_last probe times it (brats_unet.runtime), on `device`'s input size."""
+    model = OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else dict(model)
+    shape = probe_input_shape(device, batch, in_channels, patch)
+    spec = json.dumps({"model": model, "in": in_channels, "out": out_channels}, sort_keys=True, default=str)
+    name = (f"{str(model.get('_target_', 'net')).rsplit('.', 1)[-1]} {hashlib.sha1(spec.encode()).hexdigest()[:10]} "
+            f"{'x'.join(str(s) for s in shape)}")
+    return ProbeModel(lambda cl: build_network(model, in_channels, out_channels, channels_last=cl), shape, name)
+
+
 def build_module(cfg: DictConfig, in_channels: int, config: dict[str, Any] | None = None) -> BratsModule:
     """Instantiate loss, network and optimiser partials from the config groups and wrap them in the module."""
     loss = instantiate(cfg.loss, schema=data_schema(cfg.data))
@@ -78,8 +93,23 @@ def instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in (group or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
+# Loggers whose package is an optional extra: (the target's class name, the module it needs, the extra).
+OPTIONAL_LOGGERS = {"MLFlowLogger": ("mlflow", "mlflow")}
+
+
+def check_logger_packages(group: DictConfig | None) -> None:
+    """BratsError naming the extra to install for a logger whose package is missing (before any training starts)."""
+    for name, node in (group or {}).items():
+        target = str(node.get("_target_", "")) if isinstance(node, DictConfig) else ""
+        needs = OPTIONAL_LOGGERS.get(target.rpartition(".")[2])
+        if needs and importlib.util.find_spec(needs[0]) is None:
+            raise BratsError(f"logger {name} ({target}) needs the `{needs[0]}` package, which is not installed: "
+                             f"pip install -e '.[{needs[1]}]' (or choose logger=tensorboard)")
+
+
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     """Callbacks, loggers and the Trainer; checkpoints are written atomically and read back with the safe unpickler."""
+    check_logger_packages(cfg.get("logger"))
     callbacks = user_instantiate("callbacks", lambda: instantiate_all(cfg.get("callbacks")))
     loggers = user_instantiate("logger", lambda: instantiate_all(cfg.get("logger")))
     if not loggers:  # logger=none: the LR monitor has nowhere to write and Lightning refuses it

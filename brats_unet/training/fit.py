@@ -8,11 +8,21 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from brats_unet.runs import NEVER_VALIDATED, read_metrics, validated
-from brats_unet.runtime import configure_runtime, resolve_training
-from brats_unet.training.build import build_datamodule, build_module, build_trainer, user_instantiate
+from brats_unet.data.preprocess import Recipe
+from brats_unet.runs import NEVER_VALIDATED, read_metrics, run_checkpoints, validated
+from brats_unet.runtime import ProbeModel, configure_runtime, resolve_training, run_device
+from brats_unet.training.build import (
+    build_datamodule,
+    build_module,
+    build_trainer,
+    data_schema,
+    probe_model,
+    user_instantiate,
+)
 from brats_unet.training.checkpoint import check_weights_fit, flatten, resolve_ckpt_path, warn_config_changes
 from brats_unet.training.preflight import check_values, preflight
 from brats_unet.utils import BratsError, atomic_write_json
@@ -35,6 +45,13 @@ def log_hparams(trainer: L.Trainer, config: dict[str, Any], metrics: dict[str, f
             logger.log_hyperparams(hparams)
 
 
+def run_probe_model(cfg: DictConfig, device: Any) -> ProbeModel:
+    """This run's network, input channels, patch and batch for the channels_last probe."""
+    in_channels = Recipe.from_config(cfg.preprocess).num_channels
+    loss = user_instantiate("loss", lambda: instantiate(cfg.loss, schema=data_schema(cfg.data)))
+    return probe_model(cfg.model, in_channels, loss.num_outputs, cfg.data.patch_size, cfg.data.batch_size, device)
+
+
 def resolve_auto(cfg: DictConfig) -> None:
     """trainer.precision / runtime.channels_last `auto` -> this machine's fastest setting, written into cfg."""
     precision, runtime = cfg.trainer.get("precision", "32-true"), cfg.get("runtime") or {}
@@ -42,8 +59,10 @@ def resolve_auto(cfg: DictConfig) -> None:
     if precision != "auto" and channels_last != "auto":
         return
     try:
+        device = run_device(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", "auto"))
+        probe = run_probe_model(cfg, device) if channels_last == "auto" else None
         precision, channels_last, line = resolve_training(cfg.trainer.get("accelerator", "auto"), precision,
-                                                          channels_last)
+                                                          channels_last, model=probe, device=device)
     except (RuntimeError, AssertionError) as e:  # accelerator=gpu without CUDA: Lightning words it for the user
         log.warning("could not detect the hardware for auto (%s); auto means 32-true, contiguous", e)
         precision = "32-true" if precision == "auto" else precision
@@ -54,6 +73,22 @@ def resolve_auto(cfg: DictConfig) -> None:
             cfg.runtime.channels_last = channels_last
     if line:
         log.info(line)
+
+
+def check_fresh_run_dir(output_dir: Path, ckpt_path: str | None, overwrite: bool, dir_key: str = "hydra.run.dir"
+                        ) -> None:
+    """BratsError when a fit that starts afresh would write over the checkpoints a run dir already holds."""
+    found = run_checkpoints(output_dir)
+    if not found:
+        return
+    if overwrite:
+        log.warning("overwrite=true: a fresh run in %s replaces its checkpoints (%s)", output_dir,
+                    ", ".join(p.name for p in found))
+        return
+    how = "ckpt_path=last found none it could resume" if ckpt_path else "no ckpt_path was given"
+    raise BratsError(f"{output_dir} already holds checkpoints ({', '.join(str(p) for p in found[:3])}) and this run "
+                     f"would start afresh ({how}): resume it with ckpt_path=last, start a new run dir (omit "
+                     f"{dir_key}, or name a new one), or pass overwrite=true to replace them")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -71,7 +106,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                  checkpoint.get("global_step"))
         changed = warn_config_changes(checkpoint, config, ckpt_path)
 
+    if checkpoint is None:
+        check_fresh_run_dir(output_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite")))
+    elif (cfg.get("scheduler") and cfg.scheduler.get("total_steps") is None
+          and {"trainer.max_epochs", "trainer.max_steps"} & set(changed)):
+        log.warning("the fit's length changed and scheduler.total_steps is not set: the LR schedule spans the whole "
+                    "fit, so from here it follows a different curve than the run started with (set "
+                    "scheduler.total_steps to plan a run in legs)")
+
     datamodule = build_datamodule(cfg, str(output_dir))
+    datamodule.fresh_run = checkpoint is None
     module = user_instantiate("model/loss/optimizer/scheduler",
                               lambda: build_module(cfg, datamodule.num_channels, config))
     preflight(cfg, module.net)
@@ -116,6 +160,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero and not trainer.fast_dev_run:
         atomic_write_json(output_dir / "metrics.json", summary)
         log_hparams(trainer, config, metrics)
+        log_best_checkpoint(trainer, best_path)
         if not validated(summary):
             log.warning("%s: this run %s", output_dir, NEVER_VALIDATED)
     return metrics
+
+
+def log_best_checkpoint(trainer: L.Trainer, best_path: str | None) -> None:
+    """MLflow: the best checkpoint as an artefact (checkpoints/best.ckpt). Lightning's own log_model uploads only the
+    files of the checkpoint callback that saved last, which with our two callbacks is last.ckpt."""
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger) and best_path:
+            logger.experiment.log_artifact(logger.run_id, best_path, artifact_path="checkpoints")

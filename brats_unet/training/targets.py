@@ -37,6 +37,7 @@ PROJECT_TARGETS = frozenset({
     "lightning.pytorch.callbacks.RichModelSummary",
     "lightning.pytorch.callbacks.RichProgressBar",
     "lightning.pytorch.loggers.CSVLogger",
+    "lightning.pytorch.loggers.MLFlowLogger",
     "lightning.pytorch.loggers.TensorBoardLogger",
 })
 # torch's own optimisers (optimizer._target_=torch.optim.SGD is a plain command-line choice): constructors that take

@@ -1,0 +1,88 @@
+"""A brats-train checkpoint -> its network in eval mode and the run config it was trained with (the recipe: data,
+preprocessing, patch size, labels). Nothing here predicts; the Segmenter (segmenter.py) does."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from brats_unet.data.preprocess import Recipe
+from brats_unet.runtime import ProbeModel
+from brats_unet.training.build import build_module, data_schema, probe_model
+from brats_unet.training.checkpoint import load_checkpoint, upgrade_config, weight_mismatches
+from brats_unet.training.module import BratsModule
+from brats_unet.training.targets import check_targets
+from brats_unet.utils import BratsError
+
+
+@dataclass
+class StoredModel:
+    """A checkpoint read and checked, before its network is built: the path, the weights and the upgraded config."""
+
+    path: Path
+    state_dict: dict[str, Any]
+    config: DictConfig
+    spacing: list[float] | None = None  # the training cases' median voxel size (mm); None: not recorded (older)
+
+    @property
+    def in_channels(self) -> int:
+        return Recipe.from_config(self.config.preprocess).num_channels
+
+
+def read_checkpoint(ckpt_path: str | Path, trust_targets: Sequence[str] = ()) -> StoredModel:
+    """Load a brats-train checkpoint safely and upgrade its stored config to today's keys. Its `_target_`s must be
+    the project's own or named in `trust_targets` (training.targets.check_targets)."""
+    path = Path(ckpt_path).expanduser()
+    checkpoint = load_checkpoint(path)
+    config = checkpoint.get("brats_config")
+    if not config or "state_dict" not in checkpoint:
+        raise BratsError(f"{path} is not a brats-unet checkpoint: it lacks the 'brats_config' or 'state_dict' that "
+                         "brats-train writes")
+    absent = [k for k in ("data", "preprocess", "model", "loss", "optimizer") if k not in config]
+    if absent:
+        raise BratsError(f"checkpoint {path}: its stored config lacks {absent}; was it written by another version?")
+    spacing = checkpoint.get("brats_spacing")
+    if spacing is not None and (len(spacing) != 3 or not all(isinstance(v, int | float) and v > 0 for v in spacing)):
+        raise BratsError(f"checkpoint {path}: brats_spacing must be 3 positive voxel sizes in mm, got {spacing!r}")
+    return StoredModel(path, checkpoint["state_dict"],
+                       OmegaConf.create(check_targets(upgrade_config(config), path, trust_targets)),
+                       None if spacing is None else [float(v) for v in spacing])
+
+
+def build_model(stored: StoredModel, channels_last: bool = False) -> tuple[BratsModule, dict[str, Any]]:
+    """Rebuild the module from the checkpoint's own config, load its weights strictly: (module in eval mode, config)."""
+    cfg, path = copy.deepcopy(stored.config), stored.path
+    cfg.runtime.compile = False  # a one-off inference pass does not repay compilation
+    cfg.runtime.channels_last = bool(channels_last)
+    try:
+        module = build_module(cfg, in_channels=stored.in_channels)
+    except (InstantiationException, ValueError, TypeError) as e:
+        raise BratsError(f"checkpoint {path}: cannot rebuild the model from its stored config: {e}") from e
+    state, problems = weight_mismatches(stored.state_dict, module)
+    if problems:
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise BratsError(f"checkpoint {path}: its weights do not fit the model its stored config describes (the model "
+                         f"config differs from the one that wrote them): {'; '.join(problems[:5])}{more}")
+    module.load_state_dict(state, strict=True)
+    return module.eval(), OmegaConf.to_container(cfg, resolve=True)
+
+
+def load_model(ckpt_path: str | Path, channels_last: bool = False, trust_targets: Sequence[str] = ()
+               ) -> tuple[BratsModule, dict[str, Any]]:
+    """read_checkpoint + build_model: (module in eval mode, config)."""
+    return build_model(read_checkpoint(ckpt_path, trust_targets), channels_last)
+
+
+def inference_probe(stored: StoredModel, window_batch: int, device: torch.device) -> ProbeModel:
+    """The checkpoint's own network, at its patch size and the window batch, for the channels_last probe."""
+    loss = instantiate(stored.config.loss, schema=data_schema(stored.config.data))
+    return probe_model(stored.config.model, stored.in_channels, loss.num_outputs, stored.config.data.patch_size,
+                       window_batch, device)
