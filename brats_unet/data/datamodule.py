@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -25,7 +24,6 @@ from torch.utils.data import DataLoader, Dataset
 from brats_unet.data import cache
 from brats_unet.data.cases import schema_of
 from brats_unet.data.checks import check_data_settings
-from brats_unet.data.discovery import list_case_dirs
 from brats_unet.data.preprocess import Recipe
 from brats_unet.data.sampling import PatchSampler, choose_patch_start, crop_or_pad
 from brats_unet.data.split import SUBSETS, SplitSpec, load_split
@@ -223,24 +221,22 @@ class BratsDataModule(L.LightningDataModule):
         return cache.cache_path(self.cache_dir, self.layout, self.root, self.preprocess, self.schema.name)
 
     def prepare_data(self) -> None:
+        """Bring the cache up to date with the raw files (new, changed and deleted cases; cheap when nothing
+        changed), so the split below holds exactly the cases that exist now."""
         path = self.cache_path
-        done = set(cache.cached_cases(path))
-        if not self.root.is_dir() and done:  # e.g. only the cache was copied to a compute node
-            log.warning("data root %s not found; using the %d cases already in %s", self.root, len(done), path)
+        if not self.root.is_dir() and cache.cached_cases(path):  # e.g. only the cache was copied to a compute node
+            log.warning("data root %s not found; using the %d cases already in %s without checking them against "
+                        "their raw files", self.root, len(cache.cached_cases(path)), path)
             return
-        bad_file = path / "bad_cases.json"
-        if self.skip_bad_cases and bad_file.is_file():  # known-bad cases are not "missing": don't re-check each run
-            done |= {b["case"] for b in json.loads(bad_file.read_text())}
-        if {d.name for d in list_case_dirs(self.root, self.layout)} - done:
-            cache.build_cache(
-                self.root,
-                self.layout,
-                self.cache_dir,
-                self.preprocess,
-                num_workers=max(1, self.num_workers),
-                skip_bad_cases=self.skip_bad_cases,
-                schema=self.schema.name,
-            )
+        cache.build_cache(
+            self.root,
+            self.layout,
+            self.cache_dir,
+            self.preprocess,
+            num_workers=max(1, self.num_workers),
+            skip_bad_cases=self.skip_bad_cases,
+            schema=self.schema.name,
+        )
 
     def _make_or_load_split(self) -> dict[str, Any]:
         cached = cache.cached_cases(self.cache_path)
