@@ -16,6 +16,7 @@ from helpers import FIXTURES, compose_cli, compose_train, nifti_array, tiny_over
 import brats_unet
 from brats_unet.cli.evaluate import evaluate as evaluate_command
 from brats_unet.cli.predict import predict as predict_command
+from brats_unet.reporting.paper import network_of
 from brats_unet.runtime import auto_precision, detect
 from brats_unet.utils import BratsError
 
@@ -45,6 +46,22 @@ def test_readme_python_api_example_runs_verbatim(tmp_path: Path, monkeypatch: py
     rows, summary = scope["rows"], scope["summary"]
     assert [r["case"] for r in rows] == ["BraTS2021_00000"] and summary["n_cases"] == 1
     assert rows[0]["dice_wt"] == scope["scores"]["dice_wt"]
+    # a run trained from Python records its config as brats-train's does, so brats-report can draw Figure 1 from it
+    job, spec, patch = network_of(tmp_path / "outputs" / "api")
+    assert spec["name"] == "UNet3D" and list(patch) == [32, 32, 32]
+
+
+def test_load_case_takes_an_msd_case_by_its_file_and_explains_a_root_or_a_2024_label_map(tmp_path: Path) -> None:
+    brats_unet.synthesize(tmp_path / "msd", cases=1, seed=0, layout="msd", shape=(40, 40, 32))
+    case = brats_unet.load_case(tmp_path / "msd" / "imagesTr" / "BRATS_001.nii.gz")
+    assert case.layout.name == "msd" and case.seg.shape == (40, 40, 32)
+    with pytest.raises(BratsError, match=r"msd is an MSD dataset root \(it holds imagesTr/\), not one case: pass a "
+                                         r"case, e\.g\. .*imagesTr/BRATS_001\.nii\.gz"):
+        brats_unet.load_case(tmp_path / "msd")
+    (gli,) = brats_unet.synthesize(tmp_path / "gli", cases=1, seed=0, layout="2024_gli", shape=(40, 40, 32))
+    with pytest.raises(BratsError, match=r"are not brats2023 labels .*a 2024\+ release .* give its label schema"):
+        brats_unet.load_case(gli)
+    assert set(np.unique(brats_unet.load_case(gli, schema="brats2024_gli").seg)) <= {0, 1, 2, 3, 4}
 
 
 def test_old_checkpoint_predicts_bit_identically_through_the_command_and_the_api(tmp_path: Path) -> None:

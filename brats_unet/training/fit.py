@@ -25,7 +25,7 @@ from brats_unet.training.build import (
 )
 from brats_unet.training.checkpoint import check_weights_fit, flatten, resolve_ckpt_path, warn_config_changes
 from brats_unet.training.preflight import check_values, preflight
-from brats_unet.utils import BratsError, atomic_write_json
+from brats_unet.utils import BratsError, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("brats_unet.training")
 
@@ -91,6 +91,15 @@ def check_fresh_run_dir(output_dir: Path, ckpt_path: str | None, overwrite: bool
                      f"{dir_key}, or name a new one), or pass overwrite=true to replace them")
 
 
+def record_config(output_dir: Path, config: dict[str, Any]) -> None:
+    """A run started from Python (not brats-train) gets the `.hydra/config.yaml` that Hydra writes for a command, so
+    brats-report and the sweep tools read both alike (Figure 1 rebuilds the network from it)."""
+    path = output_dir / ".hydra" / "config.yaml"
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(config)))
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (and optionally test) as the config says; write metrics.json; return the final metrics."""
     check_values(cfg)  # seconds, not minutes: before the cache, the model or a worker exists
@@ -126,6 +135,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BratsError(f"cannot create the run dir {output_dir} (paths.output_dir): {e.strerror}") from e
+    record_config(output_dir, config)
     trainer = build_trainer(cfg)
 
     log.info("run dir: %s", output_dir)
