@@ -46,7 +46,7 @@ RENAMED_MODULES = {
 
 
 def renamed_target(target: str) -> str:
-    """A `_target_` written before the regrouping, in today's module path (others unchanged)."""
+    """A `_target_` written before the regrouping, in its current module path (others unchanged)."""
     module, _, name = target.rpartition(".")
     return f"{RENAMED_MODULES[module]}.{name}" if module in RENAMED_MODULES else target
 
@@ -61,7 +61,7 @@ def _rename_targets(node: Any) -> Any:
 
 
 def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A stored run config in today's keys: speed knobs once under model/module now live in `runtime`; `_target_`s
+    """A stored run config in the current keys: speed knobs once under model/module now live in `runtime`; `_target_`s
     of modules that moved name their new place."""
     config = {k: dict(v) if isinstance(v, dict) else v for k, v in _rename_targets(config).items()}
     runtime = config.setdefault("runtime", {})
