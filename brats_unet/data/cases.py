@@ -136,16 +136,20 @@ def et_hint(schema: LabelSchema | Layout) -> str:
     """'; brats2023 cases label ET as 3': the usual cause of a wrong label value (2021 and 2023 files differ)."""
     schema = schema.label_schema if isinstance(schema, Layout) else schema
     et = dict((n, v) for v, n in schema.labels).get("et")
-    hint = f"; {schema.name} cases label ET as {et}" if et is not None else ""
-    if schema.name == "brats2023":  # 2024+ releases name their files as 2023 does but label them otherwise
-        hint += ("; a 2024+ release (2024 GLI, MET, PED, ...) names its files the same way: give its label schema "
-                 "(data.schema, or schema= in Python, e.g. brats2024_gli)")
-    return hint
+    return f"; {schema.name} cases label ET as {et}" if et is not None else ""
+
+
+def schema_hint(schema: LabelSchema) -> str:
+    """2024+ releases name their files as 2023 does but label them otherwise: reading one needs its schema."""
+    if schema.name != "brats2023":
+        return ""
+    return ("; a 2024+ release (2024 GLI, MET, PED, ...) names its files the same way: give its label schema "
+            "(data.schema, or schema= in Python, e.g. brats2024_gli)")
 
 
 def _check_labels(data: np.ndarray, schema: LabelSchema) -> np.ndarray:
     """Integer label map with only `schema`'s label values; raises _Problem."""
-    return _check_allowed(data, schema.values, schema.name, et_hint(schema))
+    return _check_allowed(data, schema.values, schema.name, et_hint(schema) + schema_hint(schema))
 
 
 def schema_of(layout: Layout | str, schema: LabelSchema | str | None = None) -> LabelSchema:
@@ -177,7 +181,7 @@ def read_label_map(path: str | Path, layout: Layout | str, schema: LabelSchema |
     predictions. BratsError naming the file for a float map with non-integer values, values outside int16 (which
     would wrap: 65540.0 -> 4), or labels outside the schema (default: the layout's)."""
     schema = schema_of(layout, schema)
-    seg, affine, header = read_labels(path, schema.values, schema.name, et_hint(schema))
+    seg, affine, header = read_labels(path, schema.values, schema.name, et_hint(schema) + schema_hint(schema))
     return schema.to_classes(seg), affine, header
 
 
