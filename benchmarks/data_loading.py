@@ -6,8 +6,10 @@ DataLoader keeps up with a training step.
 (a) raw: decode the .nii.gz modalities and the label map, MinMax each volume, fixed 128^3 crop (the seed's loader);
 (b) cached: cache.load_cached (memory-mapped .npy) + a patch crop of the same size, once opening the case per sample
     and once with the handles kept open as the DataModule does. Both after one untimed pass (warm page cache).
-(c) loader wait: a BratsDataModule (modern recipe) feeding training steps of the quickstart model; the time blocked
-    on next(batch) as a share of the whole step.
+(c) loader wait: a BratsDataModule (modern recipe, `--augment` none or modern = nnU-Net's augmentation) feeding
+    training steps of the quickstart model; the time blocked on next(batch) as a share of the whole step, and the
+    time one worker needs per sample (cut + augment), so `workers_needed_at(step time)` says how many workers keep
+    a faster (GPU) step fed.
 Without --root, synthetic 240x240x155 cases are generated into a temporary folder.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 import tempfile
 import time
@@ -115,17 +118,34 @@ def time_raw_vs_cached(root: Path, layout: str, work: Path, samples: int, cached
             "ratio_raw_over_cached_open_once": raw_s / once_s, "target_ratio": 30.0}
 
 
+def augment_config(name: str) -> dict[str, Any]:
+    """conf/augment/<name>.yaml as brats-train composes it."""
+    return OmegaConf.to_container(compose([f"augment={name}"]).augment, resolve=True)
+
+
+def sample_cost(dm: BratsDataModule, samples: int) -> float:
+    """Median seconds for one training sample in this process (patch cut + augmentation + tensors)."""
+    dm.train_set[(0, 0)]  # first touch: open the memmap, import what the augmentation imports
+    times = []
+    for i in range(samples):
+        start = time.perf_counter()
+        dm.train_set[(i % len(dm.train_set), 1000 + i)]
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
 def loader_wait(root: Path, layout: str, work: Path, model: str, patch: int, batch: int, workers: int,
-                steps: int) -> dict[str, Any]:
+                steps: int, augment: str = "none", samples: int = 20) -> dict[str, Any]:
     """Train `steps` steps from the DataModule's loader; measure the time blocked in next(batch)."""
     dm = BratsDataModule(root=root, layout=layout, cache_dir=work / "cache", preprocess=recipe("modern"),
-                         augment=None, patch_size=[patch] * 3, batch_size=batch, num_workers=workers,
+                         augment=augment_config(augment), patch_size=[patch] * 3, batch_size=batch, num_workers=workers,
                          persistent_workers=workers > 0, val_fraction=0.0, steps_per_epoch=steps + 1,
                          output_dir=work / "run", seed=0)
     start = time.perf_counter()
     dm.prepare_data()
     cache_s = time.perf_counter() - start
     dm.setup("fit")
+    per_sample = sample_cost(dm, samples)
     torch.manual_seed(0)
     spec = MODELS[model]
     net, loss_fn, _ = build_net(Combo("ours", model, patch, batch, norm=spec["norm"]))
@@ -148,10 +168,13 @@ def loader_wait(root: Path, layout: str, work: Path, model: str, patch: int, bat
         waits.append(waited)
         totals.append(time.perf_counter() - start)
     del it
+    step_s = float(np.mean(totals))
     return {"model": model, "patch": patch, "batch": batch, "num_workers": workers, "steps": steps,
-            "modern_cache_build_s": cache_s, "wait_s_mean": float(np.mean(waits)),
-            "step_s_mean": float(np.mean(totals)), "wait_pct": 100 * float(np.sum(waits) / np.sum(totals)),
-            "target_wait_pct": 5.0}
+            "augment": augment, "modern_cache_build_s": cache_s, "sample_s": per_sample,
+            "wait_s_mean": float(np.mean(waits)), "step_s_mean": step_s,
+            "wait_pct": 100 * float(np.sum(waits) / np.sum(totals)), "target_wait_pct": 5.0,
+            # One worker makes a batch in batch x sample_s; a step of t seconds needs that many workers to keep up.
+            "workers_needed_at": {f"{t:g}s": math.ceil(batch * per_sample / t) for t in (step_s, 1.0, 0.5, 0.25)}}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -167,6 +190,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--patch", type=int, default=64)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--num-workers", type=int, default=1, help="DataLoader workers (the quickstart uses 1)")
+    p.add_argument("--augment", default="none", help="conf/augment name for the loader: none | modern (nnU-Net's) | "
+                   "brightness")
+    p.add_argument("--loader-samples", type=int, default=20, help="samples timed for the per-sample loader cost")
     p.add_argument("--steps", type=int, help="timed training steps for the loader wait (default 10, quick 4)")
     p.add_argument("--threads", type=int, help="intra-op CPU threads (default: torch's, one per core)")
     p.add_argument("--work-dir", type=Path, help="keep generated cases and caches here (default: a temp folder)")
@@ -189,7 +215,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     print(f"[data_loading] raw vs cached on {root}", flush=True)
     sample = time_raw_vs_cached(root, args.layout, work, args.samples, args.cached_samples)
     print("[data_loading] loader wait", flush=True)
-    wait = loader_wait(root, args.layout, work, args.model, args.patch, args.batch, args.num_workers, args.steps)
+    wait = loader_wait(root, args.layout, work, args.model, args.patch, args.batch, args.num_workers, args.steps,
+                       args.augment, args.loader_samples)
     return {"device": "cpu", "source": "synthetic" if args.root is None else str(args.root), "synth_s": synth_s,
             "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
             "per_sample": sample, "loader": wait}
@@ -212,8 +239,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  {"path": "cache, handles kept open (DataModule)", "s_per_sample": s["cached_open_once_s"],
                   "ratio": s["ratio_raw_over_cached_open_once"]}],
                 ["path", "s_per_sample", "ratio"], title=f"per sample, {s['patch']} voxels from {s['volume_shape']}")
-    print_table([w], ["model", "patch", "batch", "num_workers", "steps", "wait_s_mean", "step_s_mean", "wait_pct"],
-                title="DataLoader wait during training")
+    print_table([w], ["model", "patch", "batch", "num_workers", "augment", "sample_s", "wait_s_mean", "step_s_mean",
+                      "wait_pct"], title="DataLoader wait during training")
+    print(f"workers needed to keep a step fed: {w['workers_needed_at']}", flush=True)
     print(f"wrote {path}", flush=True)
     return result
 

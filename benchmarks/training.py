@@ -33,6 +33,7 @@ from benchmarks.common import (
     threads,
     write_result,
 )
+from brats_unet.models.resenc import ResEncUNet
 from brats_unet.models.unet3d import UNet3D
 from brats_unet.runtime import autocast
 from brats_unet.training.losses import CombinedLoss, RegionDiceBCELoss
@@ -43,6 +44,9 @@ MODELS: dict[str, dict[str, Any]] = {
     "quickstart": {"filters": [8, 16, 32, 64, 128], "norm": "instance", "dropout": 0.0, "in": 4, "loss": "region"},
     "paper": {"filters": [32, 64, 128, 256, 512], "norm": "none", "dropout": [0.1, 0.1, 0.2, 0.2, 0.2], "in": 3,
               "loss": "combined"},
+    # model=resenc (nnU-Net ResEnc M); timed without its deep-supervision heads (1x1 convs: a few % of a step).
+    "resenc": {"filters": [32, 64, 128, 256, 320, 320], "norm": "instance", "dropout": 0.0, "in": 4, "loss": "region",
+               "arch": "resenc"},
 }
 # NVIDIA nnU-Net for BraTS21 (DeepLearningExamples README): published training throughput at 128^3, batch 2, and the
 # network it was measured with (DynUNet, --depth 6 --filters 64 96 128 192 256 384 512 --min_fmap 2, 5 input channels
@@ -88,6 +92,9 @@ def build_net(combo: Combo) -> tuple[nn.Module, nn.Module, int]:
                                  strides=[1] + [2] * (levels - 1), upsample_kernel_size=[2] * (levels - 1),
                                  filters=spec["filters"], norm_name=(norm, {"affine": True}),
                                  act_name=("relu", {"inplace": True}), res_block=False)
+    elif spec.get("arch") == "resenc":
+        net = ResEncUNet(spec["in"], loss.num_outputs, spec["filters"], norm=norm, deep_supervision=False,
+                         channels_last=combo.channels_last)
     else:
         net = UNet3D(spec["in"], loss.num_outputs, spec["filters"], dropout=spec["dropout"] if combo.dropout else 0.0,
                      norm=norm, channels_last=combo.channels_last)

@@ -11,18 +11,24 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 # Hydra entry points read their YAML from the package, so installed scripts work from any directory.
 CONFIG_MODULE = "brats_unet.conf"
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
-CONFIG_NAMES = ("train", "predict", "evaluate", "preprocess", "stats", "report")
+CONFIG_NAMES = ("train", "predict", "evaluate", "preprocess", "stats", "report", "export", "postprocess")
 # The prediction settings the Python API shares with brats-predict: conf/predict.yaml (+ runtime/default.yaml's
 # channels_last) is their one home, so `Segmenter.from_checkpoint(ckpt).predict(case)` runs what the command runs.
 PREDICT_OPTIONS = ("device", "precision", "tta", "postprocess", "overlap", "window_batch")
 
 
+# What predict.yaml's null means for a checkpoint (a model package has its own defaults: inference/package.py).
+CHECKPOINT_DEFAULTS = {"tta": False, "postprocess": False, "overlap": 0.5, "window_batch": 2}
+
+
 def predict_defaults() -> dict[str, Any]:
-    """brats-predict's defaults for PREDICT_OPTIONS and channels_last, read from the shipped YAML."""
+    """brats-predict's defaults for PREDICT_OPTIONS and channels_last, read from the shipped YAML (null: a
+    checkpoint's default, CHECKPOINT_DEFAULTS)."""
     root = importlib.resources.files(CONFIG_MODULE)
     predict = OmegaConf.create((root / "predict.yaml").read_text())
     runtime = OmegaConf.create((root / "runtime" / "default.yaml").read_text())
-    return {**{k: predict[k] for k in PREDICT_OPTIONS}, "channels_last": runtime.channels_last}
+    values = {k: CHECKPOINT_DEFAULTS[k] if predict[k] is None else predict[k] for k in PREDICT_OPTIONS}
+    return {**values, "channels_last": runtime.channels_last}
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:

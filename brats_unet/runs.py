@@ -92,6 +92,12 @@ def is_run(path: Path) -> bool:
     return any((path / name).exists() for name in ("metrics.json", "tensorboard", ".hydra"))
 
 
+def run_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The checkpoints a run folder holds (best, last, periodic; not the temp files of a save in progress)."""
+    folder = Path(run_dir) / "checkpoints"
+    return sorted(p for p in folder.rglob("*.ckpt") if not p.name.startswith(".")) if folder.is_dir() else []
+
+
 def find_jobs(sweep: Path) -> list[Path]:
     """Job folders of a Hydra sweep (those with .hydra/overrides.yaml), numeric names in numeric order."""
     if not sweep.is_dir():

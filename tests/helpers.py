@@ -7,10 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+import torch
 from omegaconf import DictConfig
 
 from brats_unet.cli.evaluate import evaluate
+from brats_unet.cli.predict import predict
 from brats_unet.config import compose
+from brats_unet.synth.generator import FULL_SHAPE, generate_case, schema_seg
+from brats_unet.training.build import build_module
+from brats_unet.training.fit import run_config
 
 # Tiny volumes keep the end-to-end tests to seconds; the fixed seed crop is scaled to fit them.
 TINY_SHAPE = (64, 64, 48)
@@ -78,8 +85,42 @@ def run_evaluate(pred: Path, truth: Path, out: Path, *extra: str) -> dict:
     return evaluate(compose_cli("evaluate", [f"pred={pred}", f"truth={truth}", f"output={out}", *extra]))
 
 
+def run_predict(ckpt: Path, input_path: Path, output: Path, *extra: str) -> list[Path]:
+    """brats-predict in-process (the CLI's own function on its composed config)."""
+    return predict(compose_cli("predict", [f"ckpt_path={ckpt}", f"input={input_path}", f"output={output}", *extra]))
+
+
+def nifti_array(path: Path) -> np.ndarray:
+    """A NIfTI file's voxels as stored (no scaling to float)."""
+    return np.asarray(nib.load(path).dataobj)
+
+
+def save_checkpoint(path: Path, *extra: str, preprocess: str = "modern", et_everywhere: bool = False) -> Path:
+    """An untrained tiny model saved the way brats-train saves one: weights plus the resolved run config.
+
+    et_everywhere: logits = bias only, so the argmax is ET at every voxel the model sees."""
+    torch.manual_seed(0)
+    cfg = compose_train([*tiny_overrides(Path("data"), Path("cache"), path.parent, preprocess=preprocess), *extra])
+    module = build_module(cfg, in_channels=len(cfg.preprocess.modalities))
+    if et_everywhere:
+        with torch.no_grad():
+            module.net.head.weight.zero_()
+            module.net.head.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 10.0]))
+    torch.save({"state_dict": module.state_dict(), "brats_config": run_config(cfg), "epoch": 0, "global_step": 2},
+               path)
+    return path
+
+
 def read_metrics_csv(path: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
     """(columns, {case: row}) of a metrics.csv, as text."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         return list(reader.fieldnames or []), {row["case"]: row for row in reader}
+
+
+def make_case(rng: np.random.Generator, shape: tuple[int, ...] = FULL_SHAPE
+              ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """One synthetic case as arrays: images (int16) per canonical modality, seg (uint8, BraTS 2021 labels {0, 1, 2,
+    4}), affine (the physical voxel size of `shape`: 240 / shape[0] mm ...)."""
+    case = generate_case(rng, shape)
+    return case.images, schema_seg(case, "brats2021"), case.affine

@@ -11,11 +11,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import FIXTURES, compose_cli, compose_train, tiny_overrides
+from helpers import FIXTURES, compose_cli, compose_train, nifti_array, tiny_overrides
 
 import brats_unet
 from brats_unet.cli.evaluate import evaluate as evaluate_command
 from brats_unet.cli.predict import predict as predict_command
+from brats_unet.reporting.paper import network_of
 from brats_unet.runtime import auto_precision, detect
 from brats_unet.utils import BratsError
 
@@ -33,7 +34,8 @@ def test_readme_python_api_example_runs_verbatim(tmp_path: Path, monkeypatch: py
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(readme_api_example(), "docs/python-api.md", "exec"), scope)
-    assert 0.0 <= scope["metrics"]["val/dice_mean"] <= 1.0
+    metrics = scope["metrics"]  # val/dice_mean is the mean of the three regions' Dice
+    assert metrics["val/dice_mean"] == pytest.approx(np.mean([metrics[f"val/dice_{r}"] for r in ("wt", "tc", "et")]))
     image, probs, case = scope["image"], scope["probs"], scope["case"]
     assert image.get_data_dtype() == np.uint8 and image.shape == (64, 64, 48)
     assert np.allclose(image.affine, case.affine)
@@ -44,10 +46,22 @@ def test_readme_python_api_example_runs_verbatim(tmp_path: Path, monkeypatch: py
     rows, summary = scope["rows"], scope["summary"]
     assert [r["case"] for r in rows] == ["BraTS2021_00000"] and summary["n_cases"] == 1
     assert rows[0]["dice_wt"] == scope["scores"]["dice_wt"]
+    # a run trained from Python records its config as brats-train's does, so brats-report can draw Figure 1 from it
+    job, spec, patch = network_of(tmp_path / "outputs" / "api")
+    assert spec["name"] == "UNet3D" and list(patch) == [32, 32, 32]
 
 
-def nifti(path: Path) -> np.ndarray:
-    return np.asarray(nib.load(path).dataobj)
+def test_load_case_takes_an_msd_case_by_its_file_and_explains_a_root_or_a_2024_label_map(tmp_path: Path) -> None:
+    brats_unet.synthesize(tmp_path / "msd", cases=1, seed=0, layout="msd", shape=(40, 40, 32))
+    case = brats_unet.load_case(tmp_path / "msd" / "imagesTr" / "BRATS_001.nii.gz")
+    assert case.layout.name == "msd" and case.seg.shape == (40, 40, 32)
+    with pytest.raises(BratsError, match=r"msd is an MSD dataset root \(it holds imagesTr/\), not one case: pass a "
+                                         r"case, e\.g\. .*imagesTr/BRATS_001\.nii\.gz"):
+        brats_unet.load_case(tmp_path / "msd")
+    (gli,) = brats_unet.synthesize(tmp_path / "gli", cases=1, seed=0, layout="2024_gli", shape=(40, 40, 32))
+    with pytest.raises(BratsError, match=r"are not brats2023 labels .*a 2024\+ release .* give its label schema"):
+        brats_unet.load_case(gli)
+    assert set(np.unique(brats_unet.load_case(gli, schema="brats2024_gli").seg)) <= {0, 1, 2, 3, 4}
 
 
 def test_old_checkpoint_predicts_bit_identically_through_the_command_and_the_api(tmp_path: Path) -> None:
@@ -58,18 +72,21 @@ def test_old_checkpoint_predicts_bit_identically_through_the_command_and_the_api
                                             "device=cpu", "precision=fp32", "tta=true", "postprocess=true",
                                             "save_probabilities=true"]))
     expected = OLD / "expected"
-    assert np.array_equal(nifti(tmp_path / "a" / "BraTS2021_00000.nii.gz"), nifti(expected / "plain.nii.gz"))
-    assert np.array_equal(nifti(tmp_path / "b" / "BraTS2021_00000.nii.gz"), nifti(expected / "tta_postprocess.nii.gz"))
-    assert np.array_equal(nifti(tmp_path / "b" / "BraTS2021_00000_prob.nii.gz"), nifti(expected / "tta_prob.nii.gz"))
+    assert np.array_equal(nifti_array(tmp_path / "a" / "BraTS2021_00000.nii.gz"),
+                          nifti_array(expected / "plain.nii.gz"))
+    assert np.array_equal(nifti_array(tmp_path / "b" / "BraTS2021_00000.nii.gz"),
+                          nifti_array(expected / "tta_postprocess.nii.gz"))
+    assert np.array_equal(nifti_array(tmp_path / "b" / "BraTS2021_00000_prob.nii.gz"),
+                          nifti_array(expected / "tta_prob.nii.gz"))
 
     segmenter = brats_unet.Segmenter.from_checkpoint(ckpt, device="cpu", precision="fp32")  # as stored: fp32
     image = segmenter.predict(OLD_CASE)
-    assert np.array_equal(np.asarray(image.dataobj), nifti(expected / "plain.nii.gz"))
+    assert np.array_equal(np.asarray(image.dataobj), nifti_array(expected / "plain.nii.gz"))
     reference = nib.load(expected / "plain.nii.gz")
     assert image.get_data_dtype() == np.uint8 and np.array_equal(image.affine, reference.affine)
     assert image.header["qform_code"] == reference.header["qform_code"]
     tta = brats_unet.Segmenter.from_checkpoint(ckpt, device="cpu", tta=True, postprocess=True, precision="fp32")
-    assert np.array_equal(np.asarray(tta.predict(OLD_CASE).dataobj), nifti(expected / "tta_postprocess.nii.gz"))
+    assert np.array_equal(np.asarray(tta.predict(OLD_CASE).dataobj), nifti_array(expected / "tta_postprocess.nii.gz"))
     probs = tta.predict_proba(OLD_CASE)
     stored = nib.load(expected / "tta_prob.nii.gz").get_fdata()  # uint8 steps of 1/255 in the file
     assert probs.shape == (3, *image.shape) and np.abs(np.moveaxis(probs, 0, -1) - stored).max() <= 0.5 / 255 + 1e-6
@@ -92,18 +109,18 @@ def test_the_api_and_the_command_share_their_defaults_and_agree_under_auto(tmp_p
     assert (segmenter.tta, segmenter.postprocess, segmenter.overlap, segmenter.window_batch) == (False, False, 0.5, 2)
     assert segmenter.channels_last is False  # the session's probe cache says "no gain"
     api = np.asarray(segmenter.predict(OLD_CASE).dataobj)
-    assert np.array_equal(api, nifti(tmp_path / "BraTS2021_00000.nii.gz"))
+    assert np.array_equal(api, nifti_array(tmp_path / "BraTS2021_00000.nii.gz"))
     if cpu == "forced bf16":
         assert segmenter.precision == "bf16"
         pinned = brats_unet.Segmenter.from_checkpoint(ckpt, precision="fp32").predict(OLD_CASE)
-        assert np.array_equal(np.asarray(pinned.dataobj), nifti(OLD / "expected" / "plain.nii.gz"))
+        assert np.array_equal(np.asarray(pinned.dataobj), nifti_array(OLD / "expected" / "plain.nii.gz"))
     with pytest.raises(BratsError, match=r"unknown prediction options \['overlapp'\]"):
         brats_unet.Segmenter.from_checkpoint(ckpt, overlapp=0.5)
 
 
 def test_predict_accepts_paths_and_arrays_with_either_releases_names() -> None:
     segmenter = brats_unet.Segmenter.from_checkpoint(OLD / "tiny_region.ckpt", device="cpu", precision="fp32")
-    folder = nifti(OLD / "expected" / "plain.nii.gz")
+    folder = nifti_array(OLD / "expected" / "plain.nii.gz")
     paths = {m: OLD_CASE / f"BraTS2021_00000_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair")}
     assert np.array_equal(np.asarray(segmenter.predict(paths).dataobj), folder)
     case = brats_unet.load_case(OLD_CASE)
@@ -142,7 +159,7 @@ def test_evaluate_api_gives_the_rows_and_summary_the_command_writes(tmp_path: Pa
         if key != "case":
             assert float(value) == rows[0][key], key
     case = brats_unet.load_case(OLD_CASE)
-    scores = brats_unet.case_metrics(nifti(pred / "BraTS2021_00000.nii.gz"), case.seg, spacing=case.spacing)
+    scores = brats_unet.case_metrics(nifti_array(pred / "BraTS2021_00000.nii.gz"), case.seg, spacing=case.spacing)
     assert scores == {k: v for k, v in rows[0].items() if k != "case"}
 
 

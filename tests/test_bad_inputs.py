@@ -20,17 +20,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import compose_cli, compose_train, script, tiny_overrides
+from helpers import compose_cli, compose_train, run_evaluate, run_predict, save_checkpoint, script, tiny_overrides
 from omegaconf import DictConfig
 
 from brats_unet.cli import synth
-from brats_unet.cli.evaluate import evaluate
-from brats_unet.cli.predict import predict
 from brats_unet.cli.preprocess import preprocess
 from brats_unet.cli.report import report
 from brats_unet.synth.generator import write_dataset
-from brats_unet.training.build import build_module
-from brats_unet.training.fit import run_config, train
+from brats_unet.training.fit import train
 from brats_unet.utils import BratsError, atomic_save_npy
 
 SHAPE = (32, 32, 32)
@@ -258,16 +255,6 @@ def test_train_run_dir_under_a_file(small_root: Path, tmp_path: Path) -> None:
         train(cfg)
 
 
-def save_checkpoint(path: Path, *extra: str, in_channels: int = 4) -> Path:
-    """An untrained tiny model saved the way brats-train saves one (weights + resolved run config)."""
-    torch.manual_seed(0)
-    cfg = compose_train([*tiny_overrides(Path("data"), Path("cache"), path.parent), *extra])
-    module = build_module(cfg, in_channels=in_channels)
-    torch.save({"state_dict": module.state_dict(), "brats_config": run_config(cfg), "epoch": 0, "global_step": 2},
-               path)
-    return path
-
-
 def test_train_resume_from_a_different_model_config(small_root: Path, tmp_path: Path) -> None:
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     save_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", "model.filters=[4,8,32]")
@@ -299,10 +286,6 @@ def test_train_truncated_checkpoint(small_root: Path, tmp_path: Path) -> None:
 def model_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.ckpt", "preprocess=modern",
                            "data.patch_size=[16,16,16]")
-
-
-def run_predict(ckpt: Path, input_path: Path, output: Path, *extra: str) -> list[Path]:
-    return predict(compose_cli("predict", [f"ckpt_path={ckpt}", f"input={input_path}", f"output={output}", *extra]))
 
 
 PREDICT_MESSAGES = {**{k: v for k, (_, v) in IMAGE_PROBLEMS.items()},
@@ -342,10 +325,6 @@ def test_predict_bad_roots_outputs_and_checkpoints(model_ckpt: Path, tmp_path: P
 
 
 # ---- brats-evaluate ----------------------------------------------------------------------------------------------
-def run_evaluate(pred: Path, truth: Path, output: Path, *extra: str) -> dict:
-    return evaluate(compose_cli("evaluate", [f"pred={pred}", f"truth={truth}", f"output={output}", *extra]))
-
-
 def prediction(tmp_path: Path, data: np.ndarray, affine: np.ndarray | None = None, raw: bytes | None = None) -> Path:
     pred = tmp_path / "pred"
     pred.mkdir(exist_ok=True)

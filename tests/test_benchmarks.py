@@ -4,17 +4,21 @@ positive. No timing thresholds: speed depends on the machine."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 # benchmarks/ sits beside the package, not inside it: make the checkout importable when pytest is run from elsewhere.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from benchmarks import (  # noqa: E402
     cv_ensemble,
     data_loading,
     evaluation,
+    gpu_check,
     inference,
     realism,
     run_all,
@@ -77,8 +81,8 @@ def test_training_benchmark_skips_combinations_over_budget(tmp_path: Path) -> No
 
 def test_data_loading_benchmark_tiny(tmp_path: Path) -> None:
     data_loading.main(["--cases", "2", "--shape", "32,32,24", "--samples", "2", "--cached-samples", "3", "--model",
-                       "tiny", "--patch", "16", "--batch", "1", "--num-workers", "0", "--steps", "2",
-                       *FAST, "--out", str(tmp_path)])
+                       "tiny", "--patch", "16", "--batch", "1", "--num-workers", "0", "--steps", "2", "--augment",
+                       "modern", "--loader-samples", "3", *FAST, "--out", str(tmp_path)])
     result = _load(tmp_path / "data_loading-cpu.json", "data_loading")
     sample, loader = result["per_sample"], result["loader"]
     assert sample["crop_box"] == [[0, 32], [0, 32], [0, 24]]  # the seed's 128^3 box shrunk to the tiny volume
@@ -86,6 +90,7 @@ def test_data_loading_benchmark_tiny(tmp_path: Path) -> None:
                 "ratio_raw_over_cached_open_once"):
         assert sample[key] > 0, key
     assert loader["steps"] == 2 and loader["step_s_mean"] > 0 and 0 < loader["wait_pct"] < 100
+    assert loader["augment"] == "modern" and loader["sample_s"] > 0 and loader["workers_needed_at"]["1s"] >= 1
 
 
 def test_inference_benchmark_tiny(tmp_path: Path, monkeypatch) -> None:
@@ -147,13 +152,19 @@ def test_format_table_aligns_columns_and_marks_missing_values() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.slow  # two arms, each trained, validated and tested
 def test_time_to_quality_benchmark_tiny(tmp_path: Path) -> None:
-    result = time_to_quality.main(["--quick", "--budget", "1", "--arms", "fp32", "--cases", "3", *FAST,
-                                   "--out", str(tmp_path)])
-    [row] = _load(tmp_path / "time_to_quality-cpu.json", "time_to_quality")["rows"]
-    assert row == result["rows"][0]
+    result = time_to_quality.main(["--quick", "--budget", "1", "--arms", "fp32,resenc", "--cases", "4",
+                                   "--val-every", "1", *FAST, "--out", str(tmp_path)])
+    rows = _load(tmp_path / "time_to_quality-cpu.json", "time_to_quality")["rows"]
+    assert rows == json.loads(json.dumps(result["rows"]))
+    row, resenc = rows
     assert (row["arm"], row["precision"], row["channels_last"], row["status"]) == ("fp32", "32-true", False, "ok")
-    assert row["steps"] >= 1 and 0 <= row["val_dice_mean"] <= 1
+    assert (resenc["arm"], resenc["impl"], resenc["status"]) == ("resenc", "ours (model=resenc)", "ok")
+    for r in rows:
+        assert r["steps"] >= 1 and 0 <= r["val_dice_mean"] <= 1 and 0 <= r["test_dice_mean"] <= 1
+        assert r["test_cases"] >= 1 and r["load_average_1m"] >= 0 and "time_to_val_dice_0.90_s" in r
+        assert all(t <= r["train_s"] + 1 for _, t, _ in r["val_curve"])
 
 
 def test_cv_ensemble_reads_evaluate_summaries_into_the_readme_table(tmp_path: Path) -> None:
@@ -165,3 +176,30 @@ def test_cv_ensemble_reads_evaluate_summaries_into_the_readme_table(tmp_path: Pa
     assert row["dice_mean"] == pytest.approx(0.6) and row["cases"] == 4
     assert cv_ensemble.markdown([row]).splitlines()[2] == (
         "| ensemble of 3 | 4 | 0.900 | 0.600 | 0.300 | 0.600 | 2.0 | 4.0 | - |")
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path: Path) -> None:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU visible, even on a GPU machine
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "gpu-check: no CUDA device visible to torch" in proc.stdout and "nothing to check" in proc.stdout
+    assert not list(tmp_path.iterdir())
+
+
+def test_gpu_check_markdown_table_from_results() -> None:
+    results = {"gpu": "NVIDIA H100", "gpu_tests": {"status": "ok", "summary": "3 passed", "seconds": 20.0},
+               "throughput": {"status": "ok", "rows": [
+                   {"model": "resenc", "cudnn": "benchmark", "compile": False, "precision": "bf16",
+                    "samples_per_s": 13.74, "vs_nvidia_published": 0.5, "nvidia_flops_scaled_img_s": 40.0},
+                   {"model": "paper", "cudnn": "deterministic", "compile": True, "precision": "bf16",
+                    "status": "error: OutOfMemoryError: ..."}]},
+               "inference": {"status": "ok", "rows": [{"model": "resenc", "tta": True, "case_s": 4.25}]}}
+    table = gpu_check.markdown(results).splitlines()
+    assert table[0].startswith("GPU check on NVIDIA H100") and table[2] == "| part | setting | result |"
+    assert "| gpu_tests | | ok 3 passed (20.0 s) |" in table
+    assert ("| training | resenc 128^3 b2 bf16 channels_last, cudnn benchmark | 13.74 img/s (0.50 x NVIDIA's 27.48; "
+            "FLOP-scaled target 40.0) |") in table
+    assert ("| training | paper 128^3 b2 bf16 channels_last, cudnn deterministic, compiled | "
+            "error: OutOfMemoryError: ... |") in table
+    assert "| inference | resenc 240x240x155, TTA x8 | 4.25 s/case |" in table

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from omegaconf import OmegaConf
 
 from brats_unet.cli.preprocess import preprocess
 from brats_unet.cli.stats import stats
-from brats_unet.data.cache import build_cache, cache_key, cache_path, cached_cases, load_cached
+from brats_unet.data.cache import build_cache, cache_key, cache_path, cached_cases, cached_shape, load_cached
 from brats_unet.data.cases import read_case_files
 from brats_unet.data.discovery import case_files
 from brats_unet.data.preprocess import preprocess_case
@@ -59,7 +60,7 @@ def root(tmp_path):
 
 def test_cache_key_stable_and_sensitive(tmp_path, monkeypatch):
     key = cache_key("brats2021", tmp_path, MODERN)
-    assert len(key) == 12 and int(key, 16) >= 0
+    assert re.fullmatch(r"[0-9a-f]{12}", key), key  # 12 hex digits: a folder name on every file system
     monkeypatch.chdir(tmp_path)
     assert cache_key("brats2021", ".", dict(reversed(list(MODERN.items())))) == key  # resolved root, sorted keys
     assert cache_key("brats2021", ".", OmegaConf.create(MODERN)) == key
@@ -84,7 +85,7 @@ def test_build_cache_files_match_preprocessing(root, tmp_path):
     images, seg, _ = read_case_files(files, MODERN["modalities"])
     ex, ey, _ = preprocess_case(images, seg, modalities=MODERN["modalities"], normalize="zscore", crop="nonzero",
                                 crop_box=None, foreground_channel=False, schema="brats2021")
-    assert x.shape == (4, 14, 11, 12) == ex.shape
+    assert x.shape == (4, 14, 11, 12) == ex.shape and cached_shape(out, "BraTS2021_00001") == (14, 11, 12)
     np.testing.assert_array_equal(x, ex.astype(np.float16))
     np.testing.assert_array_equal(y, ey)
     assert meta["crop_box"] == [[3, 17], [4, 15], [2, 14]] and meta["original_shape"] == list(SHAPE)
@@ -256,3 +257,113 @@ def test_preprocess_and_stats_scripts_end_to_end(root, tmp_path):
     assert "cases: 3" in proc.stdout and len(cached_cases(next((tmp_path / "cache").iterdir()))) == 3
     run("brats-stats", "hydra.run.dir=run")
     assert json.loads((tmp_path / "run" / "stats.json").read_text())["cases"] == 3
+
+
+# ---- the cache follows the raw files (issue 19 item 2) ----
+
+def _rewrite_seg(root: Path, case: str, seg: np.ndarray) -> None:
+    """Rewrite a label map in place; the modification time is moved on by a second, as an edit a moment later
+    would, so the test does not depend on the file system's timestamp granularity."""
+    path = root / case / f"{case}_seg.nii.gz"
+    before = path.stat().st_mtime_ns
+    nib.save(nib.Nifti1Image(seg, np.eye(4)), path)
+    os.utime(path, ns=(before + 10**9, before + 10**9))
+
+
+def _datamodule(root: Path, tmp_path: Path, run: str, **kw):
+    from brats_unet.data.datamodule import BratsDataModule
+
+    dm = BratsDataModule(root=root, layout="brats2021", cache_dir=tmp_path / "cache", preprocess=SEED,
+                         patch_size=(8, 8, 8), batch_size=1, num_workers=0, val_fraction=0.34,
+                         output_dir=tmp_path / run, **kw)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_a_label_map_rewritten_in_place_is_preprocessed_again(root, tmp_path, caplog):
+    out = build_cache(root, "brats2021", tmp_path / "cache", SEED, num_workers=0, progress=False)
+    assert load_cached(out, "BraTS2021_00001", mmap=False)[1][3, 3, 4] == 1  # NCR at [5, 5, 4] (box starts at 2)
+    assert load_cached(out, "BraTS2021_00001")[2]["raw_files"]["seg"][0] == "BraTS2021_00001_seg.nii.gz"
+    seg = np.zeros(SHAPE, np.uint8)
+    seg[5:9, 5:10, 4:6] = 2  # the NCR block relabelled as oedema
+    _rewrite_seg(root, "BraTS2021_00001", seg)
+    untouched = (out / "BraTS2021_00000_x.npy").stat().st_mtime_ns
+    with caplog.at_level(logging.WARNING):
+        build_cache(root, "brats2021", tmp_path / "cache", SEED, num_workers=0, progress=False)  # brats-preprocess
+    assert "BraTS2021_00001: raw files changed since it was cached; preprocessing it again" in caplog.text
+    y = load_cached(out, "BraTS2021_00001", mmap=False)[1]
+    assert y[3, 3, 4] == 2 and np.count_nonzero(y == 1) == 0 and np.count_nonzero(y == 2) == 40
+    assert (out / "BraTS2021_00000_x.npy").stat().st_mtime_ns == untouched  # unchanged cases are not rebuilt
+    # A training's prepare_data does the same check: a second edit reaches the arrays its split reads.
+    seg[5:9, 5:10, 4:6] = 4
+    _rewrite_seg(root, "BraTS2021_00001", seg)
+    _datamodule(root, tmp_path, "run")
+    assert load_cached(out, "BraTS2021_00001", mmap=False)[1][3, 3, 4] == 3  # ET, internal class 3
+
+
+def test_a_deleted_case_folder_leaves_the_cache_and_the_next_split(root, tmp_path, caplog):
+    import shutil
+
+    before = _datamodule(root, tmp_path, "run1")
+    assert sorted(before.split["train"] + before.split["val"]) == [f"BraTS2021_0000{i}" for i in range(3)]
+    shutil.rmtree(root / "BraTS2021_00002")
+    with caplog.at_level(logging.WARNING):
+        after = _datamodule(root, tmp_path, "run2")
+    assert sorted(after.split["train"] + after.split["val"]) == ["BraTS2021_00000", "BraTS2021_00001"]
+    assert f"BraTS2021_00002: its raw case is no longer in {root}; removed from the cache" in caplog.text
+    assert cached_cases(after.cache_path) == ["BraTS2021_00000", "BraTS2021_00001"]
+    # Resuming the first run, whose split names the deleted case, is refused with the case named.
+    with pytest.raises(BratsError, match=r"split\.json: names 1 cases missing from the cache .*: BraTS2021_00002"):
+        _datamodule(root, tmp_path, "run1")
+
+
+def test_skip_bad_cases_takes_a_bad_case_in_once_its_files_are_fixed(root, tmp_path):
+    write_case(root, 3)
+    _break_case(root)
+    first = _datamodule(root, tmp_path, "run1", skip_bad_cases=True)
+    assert set(first.split["train"] + first.split["val"]) == {"BraTS2021_00000", "BraTS2021_00003"}
+    bad = json.loads((first.cache_path / "bad_cases.json").read_text())
+    assert [b["case"] for b in bad] == ["BraTS2021_00001", "BraTS2021_00002"]
+    again = _datamodule(root, tmp_path, "run2", skip_bad_cases=True)  # nothing fixed: still out
+    assert set(again.split["train"] + again.split["val"]) == {"BraTS2021_00000", "BraTS2021_00003"}
+    seg = np.zeros(SHAPE, np.uint8)
+    seg[5:9, 5:10, 4:6] = 1
+    _rewrite_seg(root, "BraTS2021_00001", seg)  # the wrong label fixed
+    fixed = _datamodule(root, tmp_path, "run3", skip_bad_cases=True)
+    assert set(fixed.split["train"] + fixed.split["val"]) == {"BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00003"}
+    assert [b["case"] for b in json.loads((fixed.cache_path / "bad_cases.json").read_text())] == ["BraTS2021_00002"]
+    assert load_cached(fixed.cache_path, "BraTS2021_00001", mmap=False)[1].sum() == 40
+
+
+def test_a_cache_built_before_raw_stamps_is_kept_unless_a_raw_file_is_newer(root, tmp_path):
+    out = build_cache(root, "brats2021", tmp_path / "cache", SEED, num_workers=0, progress=False)
+    for case in cached_cases(out):  # as an older version wrote them: no raw_files
+        meta = json.loads((out / f"{case}.json").read_text())
+        del meta["raw_files"]
+        (out / f"{case}.json").write_text(json.dumps(meta))
+    seg = np.zeros(SHAPE, np.uint8)
+    seg[5:9, 5:10, 4:6] = 2
+    path = root / "BraTS2021_00001" / "BraTS2021_00001_seg.nii.gz"
+    nib.save(nib.Nifti1Image(seg, np.eye(4)), path)
+    later = (out / "BraTS2021_00001.json").stat().st_mtime_ns + 10**9
+    os.utime(path, ns=(later, later))  # edited after the entry was written
+    build_cache(root, "brats2021", tmp_path / "cache", SEED, num_workers=0, progress=False)
+    assert "raw_files" not in json.loads((out / "BraTS2021_00000.json").read_text())  # older raw files: kept
+    assert load_cached(out, "BraTS2021_00001", mmap=False)[1].max() == 2  # newer: rebuilt (and stamped)
+    assert "raw_files" in load_cached(out, "BraTS2021_00001")[2]
+
+
+def test_the_check_reads_the_index_not_every_meta(root, tmp_path):
+    from brats_unet.data.cache import cache_status
+
+    out = build_cache(root, "brats2021", tmp_path / "cache", SEED, num_workers=0, progress=False)
+    meta = out / "BraTS2021_00001.json"
+    written = meta.stat().st_mtime_ns
+    meta.write_text("not json")  # were it parsed, the case would count as changed
+    os.utime(meta, ns=(written, written))  # ... but config.json's index still vouches for this very file
+    dirs = sorted(p for p in root.iterdir())
+    status = cache_status(out, dirs, "brats2021", SEED["modalities"])
+    assert status.current == ["BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002"] and not status.changed
+    os.utime(meta, ns=(written + 1, written + 1))  # another meta than the index saw: read it, and rebuild
+    assert cache_status(out, dirs, "brats2021", SEED["modalities"]).changed == ["BraTS2021_00001"]

@@ -13,11 +13,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from helpers import compose_cli, tiny_overrides
 
 import brats_unet
 from brats_unet.cli.evaluate import evaluate as evaluate_command
+from brats_unet.cli.postprocess import postprocess as postprocess_command
 from brats_unet.cli.predict import predict as predict_command
+from brats_unet.evaluation.challenges import CHALLENGES
+from brats_unet.inference.export import export_package
+from brats_unet.inference.postprocess import apply_rules
 from brats_unet.reporting.writer import write_report
 from brats_unet.utils import BratsError
 
@@ -130,3 +135,43 @@ def test_the_sweep_dir_is_an_ensemble_of_its_folds(sweep: Path, synthetic_root: 
     listed = brats_unet.Segmenter.from_checkpoint(best, device="cpu")
     assert np.array_equal(labels(out / f"{test_case}.nii.gz"),
                           np.asarray(listed.predict(synthetic_root / test_case).dataobj))
+
+
+def test_a_sweep_exports_as_one_package_with_its_cv_table(sweep: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    write_report(sweep, sweep / "report")  # <sweep>/report/cv.md, where brats-report writes it
+    try:
+        package = export_package(sweep, tmp_path / "cv_model", measure=False)
+    finally:
+        shutil.rmtree(sweep / "report")  # the sweep is shared by this module's tests
+    meta = json.loads((package / "model.json").read_text())
+    assert [m["source"] for m in meta["members"]] == ["0/checkpoints/best.ckpt", "1/checkpoints/best.ckpt"]
+    assert [m["run"]["fold"] for m in meta["members"]] == [0, 1]
+    first = next((synthetic_root / split(sweep / "0")["train"][0]).glob("*_t1.nii.gz"))
+    zooms = [float(z) for z in nib.load(first).header.get_zooms()]
+    assert meta["training_spacing"]["spacing"] == pytest.approx(zooms, abs=1e-4)  # stored to 4 decimals
+    card = (package / "MODEL_CARD.md").read_text()
+    assert "| mean ± sd |" in card and "### Cross-validation (report/cv.md)" in card
+    test_case = synthetic_root / split(sweep / "0")["test"][0]
+    best = [sweep / job / "checkpoints" / "best.ckpt" for job in ("0", "1")]
+    from_ckpts = brats_unet.Segmenter.from_checkpoint(best, device="cpu").predict_proba(test_case)
+    from_package = brats_unet.Segmenter.from_package(package, device="cpu").predict_proba(test_case)
+    assert torch.equal(torch.from_numpy(from_ckpts), torch.from_numpy(from_package))
+
+
+def test_postprocessing_chosen_on_the_folds_is_what_predict_applies(sweep: Path, synthetic_root: Path,
+                                                                    tmp_path: Path) -> None:
+    cv = tmp_path / "cv"
+    shutil.copytree(sweep, cv)  # postprocessing.json goes into the sweep: keep the shared one as it was
+    record = postprocess_command(compose_cli("postprocess", [f"run={cv}", "device=cpu", "precision=fp32",
+                                                             "sizes=[5,50]", "et_totals=[50]"]))
+    oof = sorted(p.name for p in (cv / "postprocess" / "oof").glob("*.nii.gz"))
+    assert oof == sorted(f"{c}.nii.gz" for job in ("0", "1") for c in split(cv / job)["val"])
+    assert record["cases"] == len(oof) and record["score_after"] >= record["score_before"]
+    assert json.loads((cv / "postprocessing.json").read_text())["rules"] == json.loads(json.dumps(record["rules"]))
+    test_case = split(cv / "0")["test"][0]
+    outs = {}
+    for name, extra in (("applied", []), ("raw", ["cv_postprocess=false"])):
+        predict_command(compose_cli("predict", [f"ckpt_path={cv}", f"input={synthetic_root / test_case}",
+                                                f"output={tmp_path / name}", "device=cpu", "precision=fp32", *extra]))
+        outs[name] = labels(tmp_path / name / f"{test_case}.nii.gz")
+    assert np.array_equal(outs["applied"], apply_rules(outs["raw"], record["rules"], CHALLENGES["brats2021"]))

@@ -4,10 +4,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import compose_train
 
 from brats_unet.data import cache
-from brats_unet.data.datamodule import BratsDataModule, make_split
-from brats_unet.data.split import load_split
+from brats_unet.data.datamodule import BratsDataModule, LoaderSettings
+from brats_unet.data.split import SplitSpec, load_split, make_split
 from brats_unet.utils import BratsError
 
 PRE = {"name": "modern", "modalities": ["t1ce", "t2", "flair"], "normalize": "zscore", "crop": "nonzero",
@@ -77,7 +78,8 @@ def test_kfold_assignment_is_the_same_on_every_machine():
     assert [s["val"] for s in splits] == [_pick([4, 5, 8]), _pick([0, 2, 7]), _pick([1, 3])]
     assert all(s["test"] == _pick([6, 9]) for s in splits)
     assert splits[1] == {"train": _pick([1, 3, 4, 5, 8]), "val": _pick([0, 2, 7]), "test": _pick([6, 9]), "seed": 0,
-                         "fold": 1, "num_folds": 3}
+                         "fold": 1, "num_folds": 3, "val_fraction": 0.2, "test_fraction": 0.2, "train_cases": None,
+                         "val_cases": None}
     assert make_split(_names(10), seed=1, test_fraction=0.2, num_folds=3, fold=0)["val"] != splits[0]["val"]
 
 
@@ -157,7 +159,7 @@ def _dm(tiny_cache, **kw):
                 augment=MODERN_AUG, patch_size=(8, 8, 8), batch_size=2, num_workers=0, val_fraction=0.2,
                 test_fraction=0.2, output_dir=tiny_cache["out"], seed=0)
     args.update(kw)
-    dm = BratsDataModule(**args)
+    dm = BratsDataModule(**{k: v for k, v in args.items() if v is not None})  # None: leave the key out
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -168,8 +170,70 @@ def test_split_json_is_written_and_reused_on_resume(tiny_cache):
     written = json.loads((tiny_cache["out"] / "split.json").read_text())
     assert [len(written[k]) for k in ("train", "val", "test")] == [4, 1, 1]
     assert written == dm.split
-    resumed = _dm(tiny_cache, split_seed=99)  # a resumed run keeps its own split whatever the seed says
+    assert (written["val_fraction"], written["test_fraction"], written["seed"]) == (0.2, 0.2, 0)  # the spec too
+    resumed = _dm(tiny_cache)
     assert resumed.split == written
+
+
+def _checkpoint_in(run):
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"trained on the split beside it")
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("fold", 2, r"data\.fold: split\.json has 0, the config asks 2"),
+    ("num_folds", 2, r"data\.num_folds: split\.json has 3, the config asks 2"),
+    ("split_seed", 9, r"data\.split_seed: split\.json has 0, the config asks 9"),
+    ("test_fraction", 0.4, r"data\.test_fraction: split\.json has 0\.2, the config asks 0\.4"),
+])
+def test_a_run_dirs_split_for_other_settings_is_refused_when_a_checkpoint_depends_on_it(tiny_cache, key, value,
+                                                                                         message):
+    _dm(tiny_cache, num_folds=3, fold=0)
+    _checkpoint_in(tiny_cache["out"])
+    with pytest.raises(BratsError, match=message + r".*last\.ckpt was trained on it"):
+        _dm(tiny_cache, **{"num_folds": 3, "fold": 0, key: value})
+
+
+def test_a_single_splits_fractions_and_counts_are_checked_too(tiny_cache):
+    _dm(tiny_cache)
+    _checkpoint_in(tiny_cache["out"])
+    with pytest.raises(BratsError, match=r"data\.val_fraction: split\.json has 0\.2, the config asks 0\.4"):
+        _dm(tiny_cache, val_fraction=0.4)
+    with pytest.raises(BratsError, match=r"data\.val_cases: split\.json has None, the config asks 1"):
+        _dm(tiny_cache, val_cases=1)
+
+
+def test_a_split_json_no_checkpoint_depends_on_is_written_anew(tiny_cache, caplog):
+    first = _dm(tiny_cache, num_folds=3, fold=0).split
+    again = _dm(tiny_cache, num_folds=3, fold=2)
+    assert "no checkpoint depends on it, so it is written anew" in caplog.text
+    stored = json.loads((tiny_cache["out"] / "split.json").read_text())
+    assert stored["fold"] == 2 and stored["val"] == again.split["val"] != first["val"]
+    assert again.split["val"] == make_split(_names(6), seed=0, test_fraction=0.2, num_folds=3, fold=2)["val"]
+
+
+def test_a_fresh_run_allowed_to_overwrite_writes_its_own_split(tiny_cache):
+    _dm(tiny_cache, num_folds=3, fold=0)
+    _checkpoint_in(tiny_cache["out"])
+    args = dict(root=tiny_cache["root"], layout="brats2021", cache_dir=tiny_cache["cache_dir"], preprocess=PRE,
+                patch_size=(8, 8, 8), num_workers=0, test_fraction=0.2, num_folds=3, fold=1,
+                output_dir=tiny_cache["out"])
+    dm = BratsDataModule(**args)
+    dm.fresh_run = True  # what brats-train sets for a run without ckpt_path (overwrite=true let it start)
+    dm.setup("fit")
+    assert json.loads((tiny_cache["out"] / "split.json").read_text())["fold"] == 1
+
+
+def test_a_split_json_from_before_the_spec_was_recorded_is_still_checked_on_what_it_holds(tiny_cache):
+    run = tiny_cache["out"]
+    run.mkdir(parents=True)
+    old = make_split(_names(6), seed=0, test_fraction=0.2, num_folds=3, fold=0)
+    (run / "split.json").write_text(json.dumps({k: old[k] for k in ("train", "val", "test", "seed", "fold",
+                                                                    "num_folds")}))
+    _checkpoint_in(run)
+    assert _dm(tiny_cache, num_folds=3, fold=0, test_fraction=0.4).split["val"] == old["val"]  # not recorded
+    with pytest.raises(BratsError, match=r"data\.fold: split\.json has 0, the config asks 1"):
+        _dm(tiny_cache, num_folds=3, fold=1)
 
 
 def test_split_from_counts_and_a_clear_error_when_short(tiny_cache):
@@ -261,13 +325,33 @@ def test_val_loader_returns_whole_volumes_with_spacing(tiny_cache):
     assert len(list(dm.test_dataloader())) == 1
 
 
-def test_bad_arguments_name_their_config_key(tiny_cache):
-    with pytest.raises(BratsError, match=r"data\.patch_size must be 3 positive integers .*\[128, 128\]"):
-        _dm(tiny_cache, patch_size=[128, 128])
-    with pytest.raises(BratsError, match=r"data\.patch_size"):
-        _dm(tiny_cache, patch_size=[8, 0, 8])
-    with pytest.raises(BratsError, match=r"data\.batch_size must be positive, got 0"):
-        _dm(tiny_cache, batch_size=0)
+def test_bad_arguments_name_their_config_key_as_brats_train_does(tiny_cache):
+    """One check, one message: the DataModule built directly says what brats-train's preflight says."""
+    from brats_unet.training.preflight import check_values
+
+    cases = [({"patch_size": [128, 128]}, r"data\.patch_size must hold 3 positive integers, got 2: \[128, 128\]"),
+             ({"patch_size": [8, 0, 8]}, r"data\.patch_size must be positive .*\[0\] <= 0"),
+             ({"batch_size": 0}, r"data\.batch_size must be a positive integer, got 0"),
+             ({"foreground_fraction": 1.5}, r"data\.foreground_fraction must be a number in \[0, 1\], got 1\.5"),
+             ({"steps_per_epoch": 0}, r"data\.steps_per_epoch must be a positive integer or null, got 0")]
+    for change, message in cases:
+        with pytest.raises(BratsError, match=message):
+            _dm(tiny_cache, **change)
+        key, value = next(iter(change.items()))
+        with pytest.raises(BratsError, match=message):
+            check_values(compose_train([f"data.{key}={value}".replace(" ", "")]))
+    with pytest.raises(BratsError, match=r"unknown data config keys: data\.batchsize"):
+        _dm(tiny_cache, batchsize=2)
+
+
+def test_the_split_and_loader_come_as_one_argument_each_or_as_the_configs_flat_keys(tiny_cache):
+    grouped = _dm(tiny_cache, batch_size=None, num_workers=None, val_fraction=None, test_fraction=None,
+                  split=SplitSpec(val_fraction=0.2, test_fraction=0.2), loader=LoaderSettings(batch_size=2,
+                                                                                              num_workers=0))
+    flat = _dm(tiny_cache)
+    assert grouped.split == flat.split and grouped.loader == flat.loader
+    with pytest.raises(BratsError, match=r"pass either split= or its data\.\* keys \(fold\), not both"):
+        _dm(tiny_cache, split=SplitSpec(), val_fraction=None, test_fraction=None, fold=0)
 
 
 def test_num_channels_needs_no_setup(tmp_path):
@@ -324,3 +408,17 @@ def test_case_balance_weights_training_cases_by_tumour_type_from_the_cache_meta(
     assert drawn.count(0) > len(drawn) / 4
     with pytest.raises(BratsError, match="data.case_balance must be a number in \\[0, 1\\], got 2"):
         _dm(tiny_cache, case_balance=2)
+
+
+def test_nnunet_augment_in_the_loader_is_seeded_and_keeps_labels(tiny_cache):
+    # Every spatial sample rotated and zoomed (cut from a larger region), all intensity steps on.
+    steps = {"spatial": {"p": 1.0, "p_rotation": 1.0, "p_scaling": 1.0}, "flip": {"p": 0.5},
+             **{name: {"p": 1.0} for name in ("gaussian_noise", "blur", "multiplicative_brightness", "contrast",
+                                              "low_resolution", "inverted_gamma", "gamma")}}
+    dm = _dm(tiny_cache, augment=steps)
+    first, again, other = (dm.train_set[(0, seed)] for seed in (11, 11, 12))
+    assert torch.equal(first["image"], again["image"]) and torch.equal(first["label"], again["label"])
+    assert not torch.equal(first["image"], other["image"])
+    for item in (first, other):
+        assert item["image"].shape == (3, 8, 8, 8) and item["label"].shape == (8, 8, 8)
+        assert set(item["label"].unique().tolist()) <= {0, 1, 2, 3}

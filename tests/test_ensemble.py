@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import FIXTURES, compose_cli
+from helpers import FIXTURES, compose_cli, nifti_array
 
 import brats_unet
 from brats_unet.cli.predict import predict as predict_command
@@ -22,10 +22,6 @@ from brats_unet.utils import BratsError
 OLD = FIXTURES / "v0_1"
 CKPT = OLD / "tiny_region.ckpt"
 CASE = OLD / "BraTS2021_00000"
-
-
-def nifti(path: Path) -> np.ndarray:
-    return np.asarray(nib.load(path).dataobj)
 
 
 def variant(path: Path, seed: int = 1, **config: dict[str, Any]) -> Path:
@@ -55,8 +51,10 @@ def test_an_ensemble_of_one_checkpoint_twice_is_the_single_model_bit_for_bit(tmp
     twice = predict(tmp_path, "twice", f"[{CKPT},{CKPT}]", "tta=true", "postprocess=true", "save_probabilities=true",
                     "precision=fp32")
     expected = OLD / "expected"  # the single model's outputs, written before ensembles existed
-    assert np.array_equal(nifti(twice / "BraTS2021_00000.nii.gz"), nifti(expected / "tta_postprocess.nii.gz"))
-    assert np.array_equal(nifti(twice / "BraTS2021_00000_prob.nii.gz"), nifti(expected / "tta_prob.nii.gz"))
+    assert np.array_equal(nifti_array(twice / "BraTS2021_00000.nii.gz"),
+                          nifti_array(expected / "tta_postprocess.nii.gz"))
+    assert np.array_equal(nifti_array(twice / "BraTS2021_00000_prob.nii.gz"),
+                          nifti_array(expected / "tta_prob.nii.gz"))
     single = brats_unet.Segmenter.from_checkpoint(CKPT, device="cpu")  # auto: the same for both
     double = brats_unet.Segmenter.from_checkpoint([CKPT, CKPT], device="cpu")
     assert len(double.modules) == 2 and double.names == [str(CKPT), str(CKPT)]
@@ -80,7 +78,7 @@ def test_an_ensemble_of_two_is_the_mean_of_their_probabilities(tmp_path: Path) -
     out = predict(tmp_path, "ab", f"[{CKPT},{b}]", "save_probabilities=true")
     saved = nib.load(out / "BraTS2021_00000_prob.nii.gz").get_fdata()
     assert np.abs(saved - np.moveaxis(mean, 0, -1)).max() <= 0.5 / 255 + 1e-6
-    assert np.array_equal(nifti(out / "BraTS2021_00000.nii.gz"), labels)
+    assert np.array_equal(nifti_array(out / "BraTS2021_00000.nii.gz"), labels)
 
 
 @pytest.mark.parametrize(("section", "change", "message"), [

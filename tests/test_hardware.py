@@ -202,6 +202,7 @@ def test_a_bad_channels_last_value_names_the_key() -> None:
 
 
 # ---- auto in brats-train -------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a full train()
 def test_train_resolves_auto_logs_it_and_records_what_ran(synthetic_root: Path, cache_dir: Path, tmp_path: Path,
                                                           monkeypatch, caplog) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # an empty cache: the run's network is probed

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from brats_unet.inference.postprocess import postprocess_et
 from brats_unet.models.sliding_window import (
     _window_starts,
     flip_tta,
     gaussian_importance,
-    postprocess_et,
     sliding_window,
 )
 

@@ -10,14 +10,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import compose_cli, compose_train, tiny_overrides
+from helpers import compose_cli, compose_train, make_case, tiny_overrides
 
 from brats_unet.cli.evaluate import evaluate
 from brats_unet.cli.predict import predict
 from brats_unet.cli.preprocess import preprocess
 from brats_unet.data.cache import load_cached
 from brats_unet.data.cases import load_case, read_labels
-from brats_unet.synth.generator import make_case
 from brats_unet.training.build import build_module
 from brats_unet.training.fit import run_config
 from brats_unet.utils import BratsError

@@ -12,30 +12,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import compose_cli, compose_train, script, tiny_overrides
+from helpers import compose_cli, make_case, run_predict, save_checkpoint, script
 
 from brats_unet.cli.predict import predict
 from brats_unet.data.labels import LAYOUTS
 from brats_unet.inference.decoding import decode
-from brats_unet.synth.generator import make_case, write_dataset
-from brats_unet.training.build import build_module
-from brats_unet.training.fit import run_config
+from brats_unet.synth.generator import write_dataset
 from brats_unet.utils import BratsError
 
 SEED_BOX = ((8, 56), (8, 56), (8, 40))  # conftest's TINY_SEED_CROP
-
-
-def save_checkpoint(path: Path, preprocess: str, extra: list[str], et_everywhere: bool = False) -> Path:
-    """An untrained tiny model saved as brats-train would: weights plus the resolved run config."""
-    torch.manual_seed(0)
-    cfg = compose_train([*tiny_overrides(Path("data"), Path("cache"), path.parent, preprocess=preprocess), *extra])
-    module = build_module(cfg, in_channels=len(cfg.preprocess.modalities))
-    if et_everywhere:  # logits = bias only: the argmax is ET at every voxel the model sees
-        with torch.no_grad():
-            module.net.head.weight.zero_()
-            module.net.head.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 10.0]))
-    torch.save({"state_dict": module.state_dict(), "brats_config": run_config(cfg)}, path)
-    return path
 
 
 def write_case(root: Path, name: str, shape: tuple[int, int, int], affine: np.ndarray, layout: str = "brats2021",
@@ -65,20 +50,17 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("ckpts")
     return {
         # patch = the seed crop: one window per case
-        "seed_et": save_checkpoint(d / "seed_et.ckpt", "seed", ["data.patch_size=[48,48,32]"], et_everywhere=True),
-        "modern": save_checkpoint(d / "modern.ckpt", "modern", []),
-        "region": save_checkpoint(d / "region.ckpt", "modern",
-                                  ["loss=region", "model.filters=[2,4,8]", "data.patch_size=[32,32,32]"]),
+        "seed_et": save_checkpoint(d / "seed_et.ckpt", "data.patch_size=[48,48,32]", preprocess="seed",
+                                   et_everywhere=True),
+        "modern": save_checkpoint(d / "modern.ckpt"),
+        "region": save_checkpoint(d / "region.ckpt", "loss=region", "model.filters=[2,4,8]",
+                                  "data.patch_size=[32,32,32]"),
     }
 
 
 @pytest.fixture(scope="module")
 def oblique_case(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_case(tmp_path_factory.mktemp("oblique"), "Oblique_001", (61, 60, 45), oblique_affine())
-
-
-def run_predict(ckpt: Path, input_path: Path, output: Path, *extra: str) -> list[Path]:
-    return predict(compose_cli("predict", [f"ckpt_path={ckpt}", f"input={input_path}", f"output={output}", *extra]))
 
 
 def read(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:

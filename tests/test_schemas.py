@@ -15,7 +15,8 @@ from brats_unet.cli.evaluate import evaluate
 from brats_unet.cli.predict import predict
 from brats_unet.data.discovery import find_file, list_case_dirs
 from brats_unet.data.labels import SCHEMAS, LabelSchema
-from brats_unet.synth.generator import RELEASES, write_dataset
+from brats_unet.synth.generator import write_dataset
+from brats_unet.synth.releases import RELEASES
 from brats_unet.training.fit import train
 from brats_unet.training.losses import RegionDiceBCELoss, classes_from_region_logits
 

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import hashlib
+import json
 import os
+import platform
 
 import nibabel as nib
 import numpy as np
 import pytest
+import scipy
+from helpers import FIXTURES, make_case
 from scipy import ndimage as ndi
 
 from brats_unet.cli.synth import main
 from brats_unet.data.labels import MODALITIES
+from brats_unet.runtime import detect
 from brats_unet.synth import anatomy as A
 from brats_unet.synth import generator as S
+from brats_unet.synth import releases as R
 from brats_unet.synth import tumour as T
 from brats_unet.utils import BratsError
 
@@ -47,10 +55,10 @@ def test_best_threshold_accuracy_by_hand():
     assert best_threshold_accuracy(np.array([1, 3]), np.array([2, 4])) == 0.75
 
 
-def test_make_case_deterministic_types_and_composition(small_cases):
-    images, seg, affine = S.make_case(S.case_rng(0, 0), SMALL)
-    again, seg_again, _ = S.make_case(S.case_rng(0, 0), SMALL)
-    other, seg_other, _ = S.make_case(S.case_rng(1, 0), SMALL)
+def test_generate_case_deterministic_types_and_composition(small_cases):
+    images, seg, affine = make_case(S.case_rng(0, 0), SMALL)
+    again, seg_again, _ = make_case(S.case_rng(0, 0), SMALL)
+    other, seg_other, _ = make_case(S.case_rng(1, 0), SMALL)
     case = small_cases[0]
     assert list(images) == list(MODALITIES)
     for m in MODALITIES:
@@ -217,7 +225,7 @@ def test_write_dataset_files(tmp_path, small_cases, layout, cases, names, labels
     assert folders == [tmp_path / c for c in cases]
     assert sorted(p.name for p in tmp_path.iterdir()) == cases
     assert sorted(os.listdir(folders[1])) == names
-    images, seg = small_cases[1].images, small_cases[1].seg(4)  # written case 1 == generated case 1
+    images, seg = small_cases[1].images, S.schema_seg(small_cases[1], "brats2021")  # written case 1 == generated case 1
     by_modality = dict(zip(["flair", "seg", "t1", "t1ce", "t2"] if layout == "brats2021"
                            else ["seg", "t1ce", "t1", "flair", "t2"], names, strict=True))
     for key, name in by_modality.items():
@@ -294,7 +302,7 @@ def test_cli_writes_2023_layout_and_reports_folder(tmp_path, capsys):
     assert "[1/1] BraTS-GLI-00000-000: written" in out
     assert f"1 synthetic cases in {(tmp_path / 'syn').resolve()}" in out
     seg = nib.load(tmp_path / "syn" / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-seg.nii.gz")
-    expected = S.make_case(S.case_rng(0, 0), (32, 32, 24))[1]  # BraTS 2021 labels: ET 4 becomes 3 in 2023
+    expected = make_case(S.case_rng(0, 0), (32, 32, 24))[1]  # BraTS 2021 labels: ET 4 becomes 3 in 2023
     np.testing.assert_array_equal(np.asarray(seg.dataobj), np.where(expected == 4, 3, expected))
     np.testing.assert_allclose(seg.header.get_zooms(), (7.5, 7.5, 155 / 24))
 
@@ -318,7 +326,7 @@ def test_cli_errors_exit_2_without_traceback(tmp_path, capsys, args, message):
 
 @pytest.mark.slow
 def test_full_size_case_is_plausible():
-    images, seg, affine = S.make_case(S.case_rng(0, 0))
+    images, seg, affine = make_case(S.case_rng(0, 0))
     assert seg.shape == (240, 240, 155) and all(im.shape == seg.shape for im in images.values())
     brain_ml = (images["t1"] > 0).sum() / 1000  # 1 mm voxels
     wt_ml, tc_ml = (seg > 0).sum() / 1000, np.isin(seg, (1, 4)).sum() / 1000
@@ -326,3 +334,91 @@ def test_full_size_case_is_plausible():
     assert 20 < wt_ml < 200 and 0.1 < tc_ml / wt_ml < 0.7
     for m in MODALITIES:  # WM at 300-1200 units (times bias and per-case contrast), far below int16 limits
         assert 150 < np.median(images[m][images[m] > 0]) < 4000 and images[m].max() < 15_000
+
+
+def _digests(root) -> dict[str, str]:
+    """sha256 (16 hex) of each file under root; NIfTI digested decompressed, so the zlib version does not matter."""
+    out = {}
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        data = p.read_bytes()
+        out[str(p.relative_to(root))] = hashlib.sha256(gzip.decompress(data) if p.name.endswith(".gz")
+                                                       else data).hexdigest()[:16]
+    return out
+
+
+def test_written_files_are_the_recorded_ones(tmp_path):
+    """The files brats-synth writes, byte for byte, as recorded in tests/fixtures/synth_digests.json (written by the
+    generator before write_dataset was split into small functions). Float rounding differs between CPUs and library
+    versions, so the comparison runs only in the environment the digests were recorded in."""
+    recorded = json.loads((FIXTURES / "synth_digests.json").read_text())
+    env = {"cpu": detect("cpu").name, "machine": platform.machine(), "numpy": np.__version__,
+           "scipy": scipy.__version__, "nibabel": nib.__version__}
+    if env != recorded["environment"]:
+        pytest.skip(f"digests recorded in {recorded['environment']}, this is {env}")
+    for layout, want in recorded["layouts"].items():
+        S.write_dataset(tmp_path / layout, want["cases"], recorded["seed"], layout=layout, shape=recorded["shape"])
+        assert _digests(tmp_path / layout) == want["files"], layout
+
+
+# ---- distractors, healthy heads, metastases and paediatric cysts (issue 20 section 3, issue 19 item 7) ----
+
+def test_distractors_are_background_bright_where_they_should_be_and_change_nothing_else(small_cases):
+    from brats_unet.synth.distractors import CAP, PLEXUS, VESSEL, WMH
+
+    release = R.resolve_release("2021")
+    kinds = set()
+    for i in (0, 3):  # between them, all four kinds
+        plain = small_cases[i]
+        case = S.generate_case(S.case_rng(0, i), SMALL, **S.case_options(release, 0, i, S.Options(distractors=True)))
+        d = case.distractors
+        np.testing.assert_array_equal(case.classes, plain.classes)  # same tumour, same labels: distractors are 0
+        assert plain.distractors is None and not (d > 0)[case.classes > 0].any() and (case.tissue[d > 0] > 0).all()
+        far = ~ndi.binary_dilation(d > 0, iterations=3)  # beyond the blur's reach the images are the same
+        for m in MODALITIES:
+            np.testing.assert_array_equal(case.images[m][far], plain.images[m][far])
+        wm = {m: np.median(case.images[m][(case.healthy == 1) & far]) for m in MODALITIES}
+        for code, modality in ((PLEXUS, "t1ce"), (VESSEL, "t1ce"), (CAP, "flair"), (WMH, "flair")):
+            if (d == code).sum() >= 3:
+                kinds.add(code)
+                assert np.median(case.images[modality][d == code]) > 1.1 * wm[modality], (i, code)
+    assert kinds == {PLEXUS, VESSEL, CAP, WMH}
+
+
+def test_healthy_fraction_gives_heads_without_tumour_and_is_part_of_the_case_identity(tmp_path):
+    # Case i is healthy when frac((i + 1) * 0.618...) < 0.4: 0.618, 0.236, 0.854, 0.472, 0.090 -> cases 1 and 4.
+    folders = S.write_dataset(tmp_path, cases=5, seed=0, shape=(32, 32, 24), healthy_fraction=0.4)
+    tumour = [bool(np.asarray(nib.load(f / f"{f.name}_seg.nii.gz").dataobj).any()) for f in folders]
+    assert tumour == [True, False, True, True, False]
+    header = nib.load(folders[1] / "BraTS2021_00001_t1.nii.gz").header
+    assert bytes(header["descrip"]).rstrip(b"\0") == b"brats-synth v2 seed=0 case=1 healthy=0.4"
+    assert (np.asarray(nib.load(folders[1] / "BraTS2021_00001_t1.nii.gz").dataobj) > 0).sum() > 1000  # a head
+    with pytest.raises(BratsError, match=r"not this synthetic case \(brats-synth v2 seed=0 case=0 \+distractors"):
+        S.write_dataset(tmp_path, cases=1, seed=0, shape=(32, 32, 24), distractors=True)
+    with pytest.raises(BratsError, match=r"healthy fraction must be in \[0, 1\], got 1.5"):
+        S.write_dataset(tmp_path / "x", cases=1, seed=0, shape=(32, 32, 24), healthy_fraction=1.5)
+
+
+def test_paediatric_cases_hold_cysts_and_metastases_include_small_lesions():
+    # Before: a PED label map never held CC (3), and MET cases were one glioma of 2-110 cm3.
+    ped, met = R.resolve_release("ped"), R.resolve_release("met")
+    cc = [3 in S.schema_seg(S.generate_case(S.case_rng(0, i), SMALL, **S.case_options(ped, 0, i, S.Options())),
+                            ped.label_schema) for i in range(2)]
+    assert cc == [True, False]  # CYSTS: half of the tumours
+    voxel_ml = np.prod(S.physical_spacing(SMALL)) / 1000
+    lesions = []
+    for i in range(2):
+        case = S.generate_case(S.case_rng(0, i), SMALL, **S.case_options(met, 0, i, S.Options()))
+        labels, n = ndi.label(np.isin(case.classes, (1, 3)), ndi.generate_binary_structure(3, 3))
+        lesions += (np.bincount(labels.ravel())[1:] * voxel_ml).tolist()
+    assert len(lesions) >= 4 and min(lesions) < 0.5  # several lesions per case, some under half a millilitre
+
+
+def test_cli_distractor_options(tmp_path, capsys):
+    main(["--out", str(tmp_path / "syn"), "--cases", "2", "--shape", "32", "32", "24", "--workers", "1",
+          "--distractors", "--healthy-fraction", "1"])
+    seg = nib.load(tmp_path / "syn" / "BraTS2021_00000" / "BraTS2021_00000_seg.nii.gz")
+    assert not np.asarray(seg.dataobj).any()
+    assert bytes(seg.header["descrip"]).rstrip(b"\0") == b"brats-synth v2 seed=0 case=0 +distractors healthy=1"
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "x"), "--healthy-fraction", "-0.1"])
+    assert exc.value.code == 2 and "error: healthy fraction must be in [0, 1], got -0.1" in capsys.readouterr().err

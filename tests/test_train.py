@@ -58,6 +58,7 @@ def test_cli_overrides_reach_the_model_and_loss() -> None:
     assert module.loss.alpha == 0.25
 
 
+@pytest.mark.slow  # a full train()
 def test_fast_dev_run_trains_and_validates(train_cfg) -> None:
     cfg = compose_train([*tiny_overrides(Path(train_cfg.data.root), Path(train_cfg.paths.cache_dir),
                                          Path(train_cfg.paths.output_dir)), "debug=fast_dev_run"])
@@ -98,6 +99,7 @@ def last_checkpoint(run: Path) -> dict:
 NO_IMPROVEMENT = ["callbacks.model_checkpoint.monitor=val/dice_mean_best", "callbacks.model_checkpoint.mode=min"]
 
 
+@pytest.mark.slow  # a full train()
 def test_last_ckpt_holds_the_final_epoch_when_the_metric_does_not_improve(train_cfg, tmp_path: Path) -> None:
     run = tmp_path / "flat"
     cfg = compose_train([*tiny_overrides(Path(train_cfg.data.root), Path(train_cfg.paths.cache_dir), run),
@@ -185,6 +187,7 @@ def test_warmup_longer_than_the_fit_is_a_clean_error(train_cfg) -> None:
         train(train_cfg)
 
 
+@pytest.mark.slow  # a full train()
 def test_unet2d_trains_on_axial_slices_through_the_same_pipeline(train_cfg) -> None:
     cfg = compose_train([*tiny_overrides(Path(train_cfg.data.root), Path(train_cfg.paths.cache_dir),
                                          Path(train_cfg.paths.output_dir)), "model=unet2d", "model.filters=[4,8,16]",

@@ -125,8 +125,8 @@ def test_intensity_channels_leave_a_mask_channel_alone():
 
 
 def test_build_augment_rejects_unknown_names_keys_and_bad_values():
-    with pytest.raises(BratsError, match=r"augment\.blur: unknown augmentation"):
-        build_augment({"blur": {"p": 0.5}})
+    with pytest.raises(BratsError, match=r"augment\.sharpen: unknown augmentation"):
+        build_augment({"sharpen": {"p": 0.5}})
     with pytest.raises(BratsError, match=r"augment\.flip: unknown keys \['axes'\]"):
         build_augment({"flip": {"p": 0.5, "axes": [0]}})
     with pytest.raises(BratsError, match=r"augment\.noise\.p must be a probability in \[0, 1\], got 1\.5"):

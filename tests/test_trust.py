@@ -100,7 +100,11 @@ def job(sweep: Path, name: str, ckpt: Path, fold: int, val: list[str]) -> None:
     (sweep / name / ".hydra").mkdir(parents=True)
     (sweep / name / ".hydra" / "overrides.yaml").write_text(f"- data.fold={fold}\n- data.num_folds=2\n")
     (sweep / name / "checkpoints").mkdir()
-    shutil.copy(ckpt, sweep / name / "checkpoints" / "best.ckpt")
+    # A real fold job: its checkpoint's own config trained this fold of this split (out-of-fold prediction checks it)
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    checkpoint["brats_config"]["data"] = {**checkpoint["brats_config"]["data"], "fold": fold, "num_folds": 2,
+                                          "split_seed": 0}
+    torch.save(checkpoint, sweep / name / "checkpoints" / "best.ckpt")
     split = {"train": ["a"], "val": val, "test": [], "seed": 0, "fold": fold, "num_folds": 2}
     (sweep / name / "split.json").write_text(json.dumps(split))
 

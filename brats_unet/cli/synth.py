@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from brats_unet.cli.common import user_errors
-from brats_unet.synth.generator import FULL_SHAPE, RELEASE_ALIASES, RELEASES, write_dataset
+from brats_unet.synth.generator import FULL_SHAPE, write_dataset
+from brats_unet.synth.releases import RELEASE_ALIASES, RELEASES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "README's dataset table); default %(default)s")
     p.add_argument("--shape", type=int, nargs=3, default=list(FULL_SHAPE), metavar=("X", "Y", "Z"),
                    help="volume size in voxels (default: 240 240 155, BraTS size)")
+    p.add_argument("--distractors", action="store_true",
+                   help="add bright healthy structures labelled background: choroid plexus, veins and sinuses "
+                   "(T1ce), periventricular caps and white-matter hyperintensities (FLAIR/T2); off by default")
+    p.add_argument("--healthy-fraction", type=float, default=0.0, metavar="F",
+                   help="share of heads without a tumour, in [0, 1] (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files in the case folders")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="parallel processes (default: %(default)s)")
@@ -39,7 +45,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         start = time.perf_counter()
         folders = write_dataset(args.out, args.cases, args.seed, layout=args.layout,
                                 shape=args.shape, overwrite=args.overwrite, progress=not args.quiet,
-                                workers=args.workers)
+                                workers=args.workers, distractors=args.distractors,
+                                healthy_fraction=args.healthy_fraction)
         root = Path(args.out).resolve()
         print(f"{len(folders)} synthetic cases in {root} ({time.perf_counter() - start:.1f} s)")
 

@@ -136,7 +136,11 @@ def et_hint(schema: LabelSchema | Layout) -> str:
     """'; brats2023 cases label ET as 3': the usual cause of a wrong label value (2021 and 2023 files differ)."""
     schema = schema.label_schema if isinstance(schema, Layout) else schema
     et = dict((n, v) for v, n in schema.labels).get("et")
-    return f"; {schema.name} cases label ET as {et}" if et is not None else ""
+    hint = f"; {schema.name} cases label ET as {et}" if et is not None else ""
+    if schema.name == "brats2023":  # 2024+ releases name their files as 2023 does but label them otherwise
+        hint += ("; a 2024+ release (2024 GLI, MET, PED, ...) names its files the same way: give its label schema "
+                 "(data.schema, or schema= in Python, e.g. brats2024_gli)")
+    return hint
 
 
 def _check_labels(data: np.ndarray, schema: LabelSchema) -> np.ndarray:

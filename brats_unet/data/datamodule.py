@@ -8,9 +8,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from brats_unet.data import cache
 from brats_unet.data.cases import schema_of
-from brats_unet.data.discovery import list_case_dirs
+from brats_unet.data.checks import check_data_settings
 from brats_unet.data.preprocess import Recipe
 from brats_unet.data.sampling import PatchSampler, case_weights, choose_patch_start, crop_or_pad, tumour_type
-from brats_unet.data.split import load_split, make_split
+from brats_unet.data.split import SUBSETS, SplitSpec, load_split
 from brats_unet.data.transforms import Augment, build_augment
+from brats_unet.runs import run_checkpoints
 from brats_unet.utils import BratsError, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,13 @@ def steps_per_epoch(num_train_cases: int, batch_size: int, steps: int | None = N
     rounded down like Keras (100 / 2 = 50, 50 / 2 = 25), at least 1. Under DDP the sampler's patches are shared out
     between the ranks (the last rank padded), and each rank drops its incomplete batch.
     """
-    samples = steps * batch_size if steps else max(num_train_cases, batch_size)
-    return max(1, -(-samples // world_size) // batch_size)
+    return max(1, -(-samples_per_epoch(num_train_cases, batch_size, steps) // world_size) // batch_size)
+
+
+def samples_per_epoch(num_train_cases: int, batch_size: int, steps: int | None = None) -> int:
+    """Training patches drawn per epoch (over all devices): data.steps_per_epoch batches when set, else one patch per
+    training case (at least one batch)."""
+    return steps * batch_size if steps else max(num_train_cases, batch_size)
 
 
 class _CachedCases:
@@ -86,8 +92,12 @@ class PatchDataset(Dataset):
         case, x, y, coords, _ = self.cases.get(index)
         rng = np.random.default_rng(sample_seed)  # one stream: patch position, then augmentation
         start = choose_patch_start(y.shape, self.patch_size, rng, coords, self.foreground_fraction)
-        xp, yp = crop_or_pad(x, y, start, self.patch_size)
-        xp, yp = self.augment(xp.astype(np.float32, copy=False), yp, rng)
+        # A rotated / zoomed patch is resampled from a larger region around it (nnU-Net's initial patch size).
+        spatial = self.augment.draw_spatial(rng)
+        size = spatial.input_size(self.patch_size) if spatial is not None else self.patch_size
+        start = [s - (n - p) // 2 for s, n, p in zip(start, size, self.patch_size, strict=True)]
+        xp, yp = crop_or_pad(x, y, start, size)
+        xp, yp = self.augment(xp.astype(np.float32, copy=False), yp, rng, spatial=spatial, patch_size=self.patch_size)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(xp, dtype=np.float32)),
             "label": torch.from_numpy(np.ascontiguousarray(yp, dtype=np.int64)),
@@ -114,9 +124,47 @@ class VolumeDataset(Dataset):
         }
 
 
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How batches are loaded: data.batch_size, data.num_workers, data.pin_memory, data.persistent_workers."""
+
+    batch_size: int = 2
+    num_workers: int = 2
+    pin_memory: bool = False
+    persistent_workers: bool = True
+
+
+# conf/data/*.yaml keys (what users type) -> the group and field they fill.
+GROUPED_KEYS = {
+    **{f.name: ("loader", f.name) for f in fields(LoaderSettings)},
+    **{("split_seed" if f.name == "seed" else f.name): ("split", f.name) for f in fields(SplitSpec)},
+}
+
+
+def group_keys(keys: Mapping[str, Any], split: SplitSpec | None, loader: LoaderSettings | None
+               ) -> tuple[SplitSpec, LoaderSettings]:
+    """The flat data.* keys of a config, folded into the split and loader groups (or the groups as given)."""
+    unknown = sorted(k for k in keys if k not in GROUPED_KEYS)
+    if unknown:
+        raise BratsError(f"unknown data config keys: {', '.join('data.' + k for k in unknown)}")
+    groups: dict[str, dict[str, Any]] = {"split": {}, "loader": {}}
+    for key, value in keys.items():
+        group, name = GROUPED_KEYS[key]
+        groups[group][name] = value
+    for name, given in (("split", split), ("loader", loader)):
+        if given is not None and groups[name]:
+            raise BratsError(f"pass either {name}= or its data.* keys ({', '.join(groups[name])}), not both")
+    return split or SplitSpec(**groups["split"]), loader or LoaderSettings(**groups["loader"])
+
+
 class BratsDataModule(L.LightningDataModule):
-    """BraTS cases from a preprocessing cache. Arguments are the keys of conf/data/brats2021.yaml, plus the run
-    directory (`output_dir`, where split.json goes) and the run `seed` (patch order and augmentation)."""
+    """BraTS cases from a preprocessing cache, plus the run directory (`output_dir`, where split.json goes) and the
+    run `seed` (patch order and augmentation).
+
+    The split and the loader are one argument each (`split=SplitSpec(...)`, `loader=LoaderSettings(...)`); a config
+    (conf/data/*.yaml, instantiated by Hydra) gives their keys flat instead, as users type them (data.batch_size,
+    data.val_fraction, data.split_seed, ...: GROUPED_KEYS), and they are grouped here.
+    """
 
     def __init__(
         self,
@@ -128,37 +176,21 @@ class BratsDataModule(L.LightningDataModule):
         modalities: Sequence[str] | None = None,
         augment: Mapping | DictConfig | None = None,
         patch_size: Sequence[int] = (128, 128, 128),
-        batch_size: int = 2,
-        num_workers: int = 2,
-        pin_memory: bool = False,
-        persistent_workers: bool = True,
-        val_fraction: float = 0.2,
-        test_fraction: float = 0.0,
-        train_cases: int | None = None,
-        val_cases: int | None = None,
-        num_folds: int = 1,
-        fold: int = 0,
-        split_seed: int = 0,
-        split_file: str | Path | None = None,
         foreground_fraction: float = 0.33,
         steps_per_epoch: int | None = None,
         case_balance: float = 0.0,
         skip_bad_cases: bool = False,
+        split: SplitSpec | None = None,
+        split_file: str | Path | None = None,
+        loader: LoaderSettings | None = None,
         output_dir: str | Path | None = None,
         seed: int = 0,
+        **keys: Any,
     ) -> None:
         super().__init__()
-        patch = list(patch_size) if isinstance(patch_size, Sequence | np.ndarray) else []
-        if len(patch) != 3 or not all(
-            isinstance(p, int | np.integer) and not isinstance(p, bool) and p > 0 for p in patch
-        ):
-            raise BratsError(f"data.patch_size must be 3 positive integers (x, y, z), got {patch_size!r}")
-        if batch_size <= 0:
-            raise BratsError(f"data.batch_size must be positive, got {batch_size}")
-        if not 0.0 <= foreground_fraction <= 1.0:
-            raise BratsError(f"data.foreground_fraction must be in [0, 1], got {foreground_fraction}")
-        if steps_per_epoch is not None and steps_per_epoch <= 0:
-            raise BratsError(f"data.steps_per_epoch must be positive or null, got {steps_per_epoch}")
+        self.split_spec, self.loader = group_keys(keys, split, loader)
+        check_data_settings(patch_size, self.loader.batch_size, self.loader.num_workers, steps_per_epoch,
+                            foreground_fraction, self.split_spec.num_folds, self.split_spec.fold)
         if isinstance(case_balance, bool) or not isinstance(case_balance, int | float) or not 0 <= case_balance <= 1:
             raise BratsError(f"data.case_balance must be a number in [0, 1], got {case_balance!r}")
         self.root, self.layout, self.cache_dir = Path(root), layout, Path(cache_dir)
@@ -169,18 +201,11 @@ class BratsDataModule(L.LightningDataModule):
         if absent:
             raise BratsError(f"preprocess.modalities {list(self.recipe.modalities)} asks for {absent}, which this "
                              f"dataset does not have (data.modalities {list(modalities)}): set preprocess.modalities")
-        self.patch_size = tuple(int(p) for p in patch)
-        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
-        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
-        self.split_args = {
-            "val_fraction": val_fraction,
-            "test_fraction": test_fraction,
-            "train_cases": train_cases,
-            "val_cases": val_cases,
-            "num_folds": num_folds,
-            "fold": fold,
-            "seed": split_seed,
-        }
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.batch_size, self.num_workers = int(self.loader.batch_size), int(self.loader.num_workers)
+        # True for a fit that starts afresh (brats-train without ckpt_path, where overwrite=true allowed replacing
+        # the folder's checkpoints): a split.json that disagrees with the config is then written anew.
+        self.fresh_run = False
         self.split_file = Path(split_file) if split_file else None
         self.foreground_fraction, self.steps_per_epoch = foreground_fraction, steps_per_epoch
         self.case_balance = float(case_balance)
@@ -189,6 +214,7 @@ class BratsDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self.augment = build_augment(self.augment_cfg, intensity_channels=len(self.preprocess["modalities"]))
         self.split: dict[str, Any] | None = None
+        self._resume_epoch = 0
 
     @property
     def num_channels(self) -> int:
@@ -199,24 +225,22 @@ class BratsDataModule(L.LightningDataModule):
         return cache.cache_path(self.cache_dir, self.layout, self.root, self.preprocess, self.schema.name)
 
     def prepare_data(self) -> None:
+        """Bring the cache up to date with the raw files (new, changed and deleted cases; cheap when nothing
+        changed), so the split below holds exactly the cases that exist now."""
         path = self.cache_path
-        done = set(cache.cached_cases(path))
-        if not self.root.is_dir() and done:  # e.g. only the cache was copied to a compute node
-            log.warning("data root %s not found; using the %d cases already in %s", self.root, len(done), path)
+        if not self.root.is_dir() and cache.cached_cases(path):  # e.g. only the cache was copied to a compute node
+            log.warning("data root %s not found; using the %d cases already in %s without checking them against "
+                        "their raw files", self.root, len(cache.cached_cases(path)), path)
             return
-        bad_file = path / "bad_cases.json"
-        if self.skip_bad_cases and bad_file.is_file():  # known-bad cases are not "missing": don't re-check each run
-            done |= {b["case"] for b in json.loads(bad_file.read_text())}
-        if {d.name for d in list_case_dirs(self.root, self.layout)} - done:
-            cache.build_cache(
-                self.root,
-                self.layout,
-                self.cache_dir,
-                self.preprocess,
-                num_workers=max(1, self.num_workers),
-                skip_bad_cases=self.skip_bad_cases,
-                schema=self.schema.name,
-            )
+        cache.build_cache(
+            self.root,
+            self.layout,
+            self.cache_dir,
+            self.preprocess,
+            num_workers=max(1, self.num_workers),
+            skip_bad_cases=self.skip_bad_cases,
+            schema=self.schema.name,
+        )
 
     def _make_or_load_split(self) -> dict[str, Any]:
         cached = cache.cached_cases(self.cache_path)
@@ -228,13 +252,27 @@ class BratsDataModule(L.LightningDataModule):
         own = self.output_dir / "split.json" if self.output_dir else None
         if own is not None and own.is_file():  # resume: the run's own split wins
             split = load_split(own, cached=cached, cache_path=self.cache_path)
-            if self.split_file and load_split(self.split_file, cached=cached)["train"] != split["train"]:
-                raise BratsError(f"data.split_file {self.split_file} differs from this run's {own}")
-            return split
+            if self.split_file:
+                other = load_split(self.split_file, cached=cached)
+                differ = [k for k in SUBSETS if other[k] != split[k]]
+                if differ:
+                    raise BratsError(f"data.split_file {self.split_file} differs from this run's {own} "
+                                     f"({', '.join(differ)} cases)")
+                return split
+            problems = self.split_spec.mismatches(split)
+            if not problems:
+                return split
+            checkpoints = run_checkpoints(self.output_dir)
+            if checkpoints and not self.fresh_run:
+                raise BratsError(f"{own} is not the split this config asks for ({'; '.join(problems)}), and "
+                                 f"{checkpoints[0]} was trained on it. Resume with the run's own data settings, or "
+                                 "train this split in a new run dir (omit hydra.run.dir, or name a new one)")
+            log.warning("%s is not the split this config asks for (%s); no checkpoint depends on it, so it is "
+                        "written anew", own, "; ".join(problems))
         if self.split_file:
             split = load_split(self.split_file, cached=cached, cache_path=self.cache_path)
         else:
-            split = make_split(cached, **self.split_args)
+            split = self.split_spec.make(cached)
         if own is not None:
             atomic_write_json(own, split)
         return split
@@ -278,17 +316,19 @@ class BratsDataModule(L.LightningDataModule):
 
     @property
     def samples_per_epoch(self) -> int:
-        if self.steps_per_epoch:
-            return self.steps_per_epoch * self.batch_size
-        return max(len(self.train_set), self.batch_size)
+        return samples_per_epoch(len(self.train_set), self.batch_size, self.steps_per_epoch)
 
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+        # Its own generator: creating an iterator draws the workers' base seed from it, not from the global torch
+        # RNG that dropout uses. Otherwise persistent workers (one draw in epoch 0 of a straight run, one in the
+        # first epoch of a resumed one) shift dropout masks and a resumed run no longer ends bit-identical.
         return DataLoader(
             dataset,
             batch_size=batch_size,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            pin_memory=self.loader.pin_memory,
+            persistent_workers=self.loader.persistent_workers and self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
             **kwargs,
         )
 
@@ -300,7 +340,26 @@ class BratsDataModule(L.LightningDataModule):
         log.info("steps per epoch: %d (%s%s)", steps, rule, f", per device of {world}" if world > 1 else "")
         sampler = PatchSampler(len(self.train_set), self.samples_per_epoch, seed=self.seed,
                                weights=self.case_weights())
+        # Lightning 2.6 may build a resumed run's training iterator before it restores the loops and calls
+        # set_epoch (the scheduler's trainer.estimated_stepping_batches does), and worker processes draw their
+        # first indices as soon as the iterator exists: start at the epoch the fit continues from, or a run resumed
+        # with num_workers > 0 would replay epoch 0's patches.
+        sampler.set_epoch(self._fit_epoch())
         return self._loader(self.train_set, self.batch_size, sampler=sampler, drop_last=True)
+
+    def _fit_epoch(self) -> int:
+        """The epoch the fit is in: the loop's count, or, before Lightning restores the loops of a resumed run, the
+        one its checkpoint recorded (load_state_dict)."""
+        epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
+        return max(epoch, self._resume_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        # Lightning counts an epoch processed before on_train_epoch_end, where last.ckpt is written: this is the
+        # epoch a resumed fit continues with.
+        return {"sampler_epoch": self._fit_epoch()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_epoch = int(state_dict.get("sampler_epoch", 0))
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         """Whole volumes, one per batch. Under DDP each case goes to exactly one rank: Lightning's default sampler

@@ -150,6 +150,13 @@ def detect_case_files(case_dir: str | Path, modalities: Sequence[str] = MODALITI
                       preferred: Layout | str | None = None) -> tuple[CaseFiles, Layout]:
     """The case's files in whichever layout names all `modalities` (the preferred one first), seg if present."""
     case_dir = Path(case_dir).expanduser()
+    if case_dir.parent.name == "imagesTr" and case_dir.name.endswith(EXTENSIONS):  # an MSD case by its file path
+        name = next(case_dir.name.removesuffix(e) for e in EXTENSIONS if case_dir.name.endswith(e))
+        case_dir = case_dir.parent / name
+    if (case_dir / "imagesTr").is_dir():
+        example = next(iter(sorted((case_dir / "imagesTr").glob("*.nii*"))), case_dir / "imagesTr" / "<case>.nii.gz")
+        raise BratsError(f"{case_dir} is an MSD dataset root (it holds imagesTr/), not one case: pass a case, e.g. "
+                         f"{example}, or the root as a folder of cases where a command takes one (input=, data.root=)")
     order = layout_order(preferred)
     for layout in order:
         images = {m: find_file(case_dir, layout, m) for m in modalities}

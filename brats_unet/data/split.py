@@ -1,7 +1,11 @@
 """split.json: which cases train, validate and test a run. One schema, one writer, one reader.
 
 {"train": [case, ...], "val": [...], "test": [...], "seed": <split seed>, "fold": <validation fold>,
- "num_folds": <number of folds, 1 for a single split>}
+ "num_folds": <number of folds, 1 for a single split>, "val_fraction", "test_fraction", "train_cases", "val_cases"}
+(the last four since the split is checked against the config: older files lack them).
+
+`SplitSpec` is what a data config asks of a split (data.val_fraction ... data.split_seed); a run folder's split.json
+is checked against it, so a run dir that holds fold 0 cannot silently train `data.fold=2` on fold 0's cases.
 
 K-fold splits rank cases by a SHA-256 of (seed, case name), so the same seed puts the same cases in the same folds on
 any machine, Python or numpy (a Generator's stream may change between numpy releases). The single split keeps its
@@ -13,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Collection, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +50,43 @@ def check_folds(num_folds: Any, fold: Any) -> None:
     if not _is_int(fold) or not 0 <= fold < num_folds:
         hint = " (data.fold picks a fold of a k-fold split: set data.num_folds too)" if num_folds == 1 else ""
         raise BratsError(f"data.fold must be in [0, {num_folds}) for data.num_folds={num_folds}, got {fold!r}{hint}")
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """The split a data config asks for: conf/data/*.yaml's val_fraction, test_fraction, train_cases, val_cases,
+    num_folds, fold and split_seed (here `seed`)."""
+
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    train_cases: int | None = None
+    val_cases: int | None = None
+    num_folds: int = 1
+    fold: int = 0
+    seed: int = 0
+
+    def make(self, cases: Sequence[str]) -> dict[str, Any]:
+        return make_split(cases, **asdict(self))
+
+    def deciding(self) -> dict[str, Any]:
+        """The fields that decide which case goes where (k folds ignore the validation fraction and counts)."""
+        keys = (("num_folds", "fold", "seed", "test_fraction") if self.num_folds > 1 else
+                ("num_folds", "seed", "test_fraction", "train_cases", "val_cases")
+                + (("val_fraction",) if self.val_cases is None else ()))
+        return {k: getattr(self, k) for k in keys}
+
+    def mismatches(self, split: dict[str, Any]) -> list[str]:
+        """'data.<key>: split.json has X, the config asks Y' for each deciding field a stored split records
+        differently (a split.json written before a field was recorded is not compared on it)."""
+        out = []
+        for key, asked in self.deciding().items():
+            stored = split.get(key)
+            if key not in split or (stored is None and key in ("seed", "fold")):  # not recorded: older file
+                continue
+            if stored != asked:
+                name = "data.split_seed" if key == "seed" else f"data.{key}"
+                out.append(f"{name}: split.json has {stored!r}, the config asks {asked!r}")
+        return out
 
 
 def make_split(
@@ -80,7 +122,8 @@ def make_split(
         folds = fold_of(rest, seed, num_folds)
         val = [c for c in rest if folds[c] == fold]
         train = [c for c in rest if folds[c] != fold]
-        return _finish(train, val, test, seed, fold, num_folds, len(order))
+        return _finish(train, val, test, SplitSpec(val_fraction, test_fraction, None, None, num_folds, fold, seed),
+                       len(order))
     order = [str(c) for c in np.random.default_rng(seed).permutation(sorted(cases))]
     n_test = _count(test_fraction, len(order))
     test, rest = order[:n_test], order[n_test:]
@@ -97,19 +140,18 @@ def make_split(
     else:
         n_val = _count(val_fraction, len(order))
         val, train = rest[:n_val], rest[n_val:]
-    return _finish(train, val, test, seed, fold, num_folds, len(order))
+    spec = SplitSpec(val_fraction, test_fraction, train_cases, val_cases, num_folds, fold, seed)
+    return _finish(train, val, test, spec, len(order))
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
-def _finish(train: list[str], val: list[str], test: list[str], seed: int, fold: int, num_folds: int, n: int
-            ) -> dict[str, Any]:
+def _finish(train: list[str], val: list[str], test: list[str], spec: SplitSpec, n: int) -> dict[str, Any]:
     if not train:
         raise BratsError(f"no training cases left: {n} cached cases, check data.val_fraction/test_fraction")
-    return {"train": sorted(train), "val": sorted(val), "test": sorted(test), "seed": seed, "fold": fold,
-            "num_folds": num_folds}
+    return {"train": sorted(train), "val": sorted(val), "test": sorted(test), **asdict(spec)}
 
 
 def load_split(path: str | Path, cached: Collection[str] | None = None, cache_path: Path | None = None,
@@ -140,6 +182,7 @@ def load_split(path: str | Path, cached: Collection[str] | None = None, cache_pa
         "seed": split.get("seed"),
         "fold": split.get("fold"),
         "num_folds": split.get("num_folds", 1),  # split files written before k-fold support hold one split
+        **{k: split[k] for k in ("val_fraction", "test_fraction", "train_cases", "val_cases") if k in split},
     }
 
 

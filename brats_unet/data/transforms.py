@@ -11,6 +11,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from brats_unet.data.nnunet_augment import (
+    NNUNET_INTENSITY_STEPS,
+    SPATIAL_KEYS,
+    SpatialDraw,
+    apply_spatial,
+    draw_spatial,
+)
 from brats_unet.utils import BratsError
 
 Range = Sequence[float]
@@ -81,34 +88,61 @@ def noise(x: np.ndarray, rng: np.random.Generator, std: Range = (0.0, 0.1)) -> n
     return (x + n * _per_channel(scales, x.ndim)).astype(np.float32, copy=False)
 
 
-# Config name -> (function, keyword arguments it takes besides p). Applied in this order after the flip.
+# Config name -> (function, keyword arguments it takes besides p). Applied in this order after the flip: the seed
+# recipe's steps first, then nnU-Net's (data/nnunet_augment.py).
 _INTENSITY_STEPS = {
     "intensity": (intensity, ("scale", "shift")),
     "brightness": (brightness, ("alpha", "gamma")),
     "noise": (noise, ("std",)),
+    **{name: (fn, (*ranges, *scalars)) for name, (fn, ranges, scalars) in NNUNET_INTENSITY_STEPS.items()},
 }
-_KNOWN = {"flip": (), **{name: keys for name, (_, keys) in _INTENSITY_STEPS.items()}}
+# Config name -> (range keys, probability keys) besides p.
+_KNOWN = {
+    "spatial": SPATIAL_KEYS,
+    "flip": ((), ()),
+    "intensity": (("scale", "shift"), ()),
+    "brightness": (("alpha", "gamma"), ()),
+    "noise": (("std",), ()),
+    **{name: (ranges, scalars) for name, (_, ranges, scalars) in NNUNET_INTENSITY_STEPS.items()},
+}
 
 
 class Augment:
-    """Callable (x, y, rng) -> (x, y): flip (per-axis probability p), then intensity, brightness and noise, each
-    applied with its probability p. Picklable, so DataLoader workers can use it under any start method.
+    """Callable (x, y, rng) -> (x, y): the spatial step (rotation / zoom / elastic), flip (per-axis probability p),
+    then the intensity steps in `_INTENSITY_STEPS` order, each applied with its probability p. Picklable, so
+    DataLoader workers can use it under any start method.
 
     `intensity_channels`: only the first k channels are image intensities (a trailing brain-mask channel is only
-    flipped); None means all.
+    flipped and resampled); None means all. Label maps are resampled by nearest neighbour, so they keep their values.
     """
 
     def __init__(self, steps: Mapping[str, Mapping], intensity_channels: int | None = None) -> None:
-        self.steps = {name: dict(step) for name, step in steps.items() if step.get("p", 0.0) > 0.0}
+        self.steps = {name: dict(step) for name, step in steps.items() if _active(name, step)}
         self.intensity_channels = intensity_channels
 
     @property
     def is_identity(self) -> bool:
         return not self.steps
 
+    def draw_spatial(self, rng: np.random.Generator, ndim: int = 3) -> SpatialDraw | None:
+        """The spatial step's parameters for one sample (None: no resampling); draws nothing without the step.
+        A caller that cuts patches (PatchDataset) draws first to cut the larger region `input_size` asks for."""
+        step = self.steps.get("spatial")
+        if step is None or rng.random() >= step["p"]:
+            return None
+        return draw_spatial(rng, ndim=ndim, **step)
+
     def __call__(
-        self, x: np.ndarray, y: np.ndarray | None, rng: np.random.Generator
+        self, x: np.ndarray, y: np.ndarray | None, rng: np.random.Generator,
+        spatial: SpatialDraw | None | bool = True, patch_size: tuple[int, ...] | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
+        """`spatial`: True draws the spatial step here (output the input's size); a SpatialDraw (or None) is one the
+        caller drew with `draw_spatial`, `x` then being its `input_size` region around the `patch_size` patch."""
+        if spatial is True:
+            spatial = self.draw_spatial(rng, ndim=x.ndim - 1)
+        patch = tuple(patch_size) if patch_size is not None else tuple(x.shape[1:])
+        if spatial is not None:
+            x, y = apply_spatial(x, y, spatial, patch, **self.steps["spatial"])
         if "flip" in self.steps:
             x, y = flip(x, y, rng, p=self.steps["flip"]["p"])
         k = x.shape[0] if self.intensity_channels is None else self.intensity_channels
@@ -121,6 +155,14 @@ class Augment:
         return x, y
 
 
+def _active(name: str, step: Mapping) -> bool:
+    """A step runs when its p is > 0 (the spatial step also needs one of its p_* > 0; absent ones keep their
+    nnU-Net defaults, 0.2 for rotation and scaling)."""
+    if step.get("p", 0.0) <= 0.0:
+        return False
+    return name != "spatial" or any(step.get(k, 1.0) > 0.0 for k in SPATIAL_KEYS[1])
+
+
 def build_augment(cfg: Mapping, intensity_channels: int | None = None) -> Augment:
     """Augmentation from a mapping like conf/augment/none.yaml: {name: {p: ..., <range>: [lo, hi]}}."""
     steps = {}
@@ -129,14 +171,18 @@ def build_augment(cfg: Mapping, intensity_channels: int | None = None) -> Augmen
             raise BratsError(f"augment.{name}: unknown augmentation; choose from {sorted(_KNOWN)}")
         if not isinstance(step, Mapping):
             raise BratsError(f"augment.{name}: expected a mapping like {{p: 0.5}}, got {step!r}")
-        unknown = set(step) - {"p", *_KNOWN[name]}
+        ranges, probabilities = _KNOWN[name]
+        unknown = set(step) - {"p", *ranges, *probabilities}
         if unknown:
-            raise BratsError(f"augment.{name}: unknown keys {sorted(unknown)}; allowed p, {', '.join(_KNOWN[name])}")
-        p = step.get("p", 0.0)
-        if not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
-            raise BratsError(f"augment.{name}.p must be a probability in [0, 1], got {p!r}")
-        clean = {"p": float(p)}
-        for key in _KNOWN[name]:
+            raise BratsError(f"augment.{name}: unknown keys {sorted(unknown)}; allowed "
+                             f"{', '.join(['p', *ranges, *probabilities])}")
+        clean = {}
+        for key in ("p", *(k for k in probabilities if k in step)):  # an absent p_* keeps the step's default
+            p = step.get(key, 0.0)
+            if not isinstance(p, int | float) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+                raise BratsError(f"augment.{name}.{key} must be a probability in [0, 1], got {p!r}")
+            clean[key] = float(p)
+        for key in ranges:
             if key in step:
                 lo_hi = step[key]
                 if (

@@ -44,8 +44,13 @@ STATISTICS_NOTE = ("per metric over the cases with a finite value: NaN (undefine
                    "used; std is the sample standard deviation (ddof=1, null below 2 values)")
 
 
+# Files brats-predict writes beside <case>.nii.gz that are not label maps: probabilities and uncertainty.
+SIDECARS = ("_prob", "_uncertainty")
+
+
 def find_predictions(pred_dir: str | Path) -> dict[str, Path]:
-    """`<case>.nii.gz` (or `.nii`) files in a folder; probability maps (`*_prob`) and temp files are not predictions."""
+    """`<case>.nii.gz` (or `.nii`) files in a folder; sidecars (`*_prob`, `*_uncertainty`) and temp files are not
+    predictions."""
     root = Path(pred_dir).expanduser()
     if not root.is_dir():
         raise BratsError(f"pred {root} is not a folder of <case>.nii.gz predictions")
@@ -53,7 +58,7 @@ def find_predictions(pred_dir: str | Path) -> dict[str, Path]:
     for ext in reversed(EXTENSIONS):  # .nii.gz last, so it wins over a .nii of the same case
         for path in root.glob(f"*{ext}"):
             case = path.name[: -len(ext)]
-            if path.is_file() and not path.name.startswith(".") and not case.endswith("_prob"):
+            if path.is_file() and not path.name.startswith(".") and not case.endswith(SIDECARS):
                 found[case] = path
     return dict(sorted(found.items()))
 

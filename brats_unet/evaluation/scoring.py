@@ -2,7 +2,7 @@
 (optionally) the lesion-wise numbers of the official BraTS parsers. Pure: arrays in, numbers out, no IO.
 
 Columns come from the challenge's regions (evaluation.challenges), outermost region first: for brats2021/2023 that
-reproduces today's metrics.csv exactly (dice_wt, dice_tc, dice_et, hd95_*, dice_ncr, dice_ed, vol_pred_*,
+reproduces the original metrics.csv exactly (dice_wt, dice_tc, dice_et, hd95_*, dice_ncr, dice_ed, vol_pred_*,
 vol_true_*). Extra columns follow: nsd_<region> (with an NSD tolerance), then lesion-wise keys named like the official
 parser's CSV (all_instance_tp_et, global_dsc_et, lesionwise_dsc_mean_et, ...).
 """
@@ -23,7 +23,7 @@ Row = dict[str, float | None]
 
 
 def region_order(challenge: Challenge) -> list[str]:
-    """Regions with the most labels first (wt, tc, et for gliomas: today's column order), ties in official order."""
+    """Regions with the most labels first (wt, tc, et for gliomas, as the first metrics.csv), ties in official order."""
     return sorted(challenge.regions, key=lambda r: -len(challenge.regions[r]))
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from brats_unet.data.cases import Case
 from brats_unet.data.labels import SCHEMAS, LabelSchema, Layout, compatible
 from brats_unet.data.preprocess import undo_crop
-from brats_unet.models.sliding_window import postprocess_et
+from brats_unet.inference.postprocess import postprocess_et
 from brats_unet.utils import BratsError
 
 

@@ -16,6 +16,7 @@ from brats_unet.data.preprocess import Recipe
 from brats_unet.data.split import load_split
 from brats_unet.runs import NEVER_VALIDATED, find_jobs, read_metrics, validated
 from brats_unet.training.build import data_schema
+from brats_unet.training.checkpoint import load_checkpoint
 from brats_unet.utils import BratsError
 
 BEST = Path("checkpoints") / "best.ckpt"
@@ -89,6 +90,20 @@ def check_compatible(names: Sequence[str], configs: Sequence[Mapping[str, Any]],
                                  "must read the same input and predict the same outputs")
 
 
+def check_split_is_the_checkpoints(path: Path, split: Mapping[str, Any], ckpt: Path) -> None:
+    """BratsError when a job's split.json is not the split its checkpoint was trained on (data.fold, data.num_folds,
+    data.split_seed of the checkpoint's own config): e.g. a fold-2 run started in a folder holding fold 0's split."""
+    data = (load_checkpoint(ckpt).get("brats_config") or {}).get("data") or {}
+    pairs = (("data.fold", data.get("fold"), split["fold"]), ("data.num_folds", data.get("num_folds"),
+                                                               split["num_folds"]),
+             ("data.split_seed", data.get("split_seed"), split["seed"]))
+    differ = [f"{key}: checkpoint {mine!r}, split.json {theirs!r}" for key, mine, theirs in pairs
+              if mine is not None and theirs is not None and mine != theirs]
+    if differ:
+        raise BratsError(f"{path} is not the split {ckpt} was trained on ({'; '.join(differ)}): its validation cases "
+                         "are not held out from that model, so out-of-fold predictions would score training cases")
+
+
 def out_of_fold_jobs(sweep: str | Path) -> list[tuple[Path, list[str]]]:
     """(best checkpoint, validation cases) of each fold of a cross-validation sweep (`data.fold=0,1,...`).
 
@@ -103,6 +118,7 @@ def out_of_fold_jobs(sweep: str | Path) -> list[tuple[Path, list[str]]]:
     for ckpt in checkpoints:
         job = ckpt.parent.parent
         split = load_split(job / "split.json", need_train=False)
+        check_split_is_the_checkpoints(job / "split.json", split, ckpt)
         if split["num_folds"] < 2:
             raise BratsError(f"{job / 'split.json'} is not a k-fold split (num_folds={split['num_folds']}): oof=true "
                              "needs a sweep such as brats-train -m data.num_folds=5 data.fold=0,1,2,3,4")

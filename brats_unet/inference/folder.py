@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,16 @@ from brats_unet.data.discovery import expected_pattern, list_case_dirs, resolve_
 from brats_unet.data.labels import LAYOUTS
 from brats_unet.evaluation.folder import find_predictions
 from brats_unet.evaluation.manifest import MANIFEST, describe, differences, model_key, read_manifest, write_manifest
-from brats_unet.inference.decoding import label_image, output_header
+from brats_unet.inference.decoding import label_image, output_header, output_schema
 from brats_unet.inference.ensemble import out_of_fold_jobs
 from brats_unet.inference.inputs import is_case_folder
+from brats_unet.inference.postprocess import apply_record
 from brats_unet.inference.segmenter import Segmenter
+from brats_unet.inference.uncertainty import qc_row, read_qc, save_uncertainty, segment_with_uncertainty, write_qc
 from brats_unet.utils import BratsError, atomic_path, check_writable_output
 
 log = logging.getLogger("brats_unet.predict")
+QC_FILE = "qc.csv"
 
 
 def find_input_cases(input_path: str | Path, preferred: str, only: Sequence[str] | None = None) -> list[Path]:
@@ -84,6 +87,7 @@ def model_record(segmenter: Segmenter, layout: str, checkpoints: Sequence[str | 
     if checkpoints is None and all(Path(n).is_file() for n in segmenter.names):
         checkpoints = segmenter.names
     members = ([{"checkpoint": str(c), "sha256": file_sha256(c)} for c in checkpoints] if checkpoints is not None
+               else [{"checkpoint": f, "sha256": h} for f, h in segmenter.package_files] if segmenter.package_files
                else [{"checkpoint": n, "sha256": weights_sha256(m)} for n, m in zip(segmenter.names, segmenter.modules,
                                                                                      strict=True)])
     return {"members": members, "oof": oof, "tta": segmenter.tta, "postprocess": segmenter.postprocess,
@@ -123,17 +127,22 @@ def claim_folder(out_dir: Path, model: dict[str, Any], outputs: Sequence[Path], 
         return [], []
     log.info("overwrite=true: replacing the %d predictions of %s in %s", len(ours), describe(previous["model"]),
              out_dir)
-    return [], [out_dir / f"{case}{suffix}" for case in sorted(ours) for suffix in (".nii.gz", "_prob.nii.gz")]
+    return [], [out_dir / f"{case}{suffix}" for case in sorted(ours)
+                for suffix in (".nii.gz", "_prob.nii.gz", "_uncertainty.nii.gz")] + [out_dir / QC_FILE]
 
 
 def predict_folder(segmenter: Segmenter, input_path: str | Path, output: str | Path, *,
                    only: Sequence[str] | None = None, layout: str | None = None,
                    probabilities: bool = False, overwrite: bool = False, resume: bool = False,
-                   model: dict[str, Any] | None = None) -> list[Path]:
+                   model: dict[str, Any] | None = None, uncertainty: bool = False,
+                   postprocessing: Mapping[str, Any] | None = None) -> list[Path]:
     """Predict every case in scope into `output`; return the prediction files (including those a resume skipped).
 
     `<case>.nii.gz` is written last (atomically), so it marks a finished case for `resume`. `<output>/prediction.json`
     names the model (`model`, default: model_record of `segmenter`) and the cases it wrote; see claim_folder.
+    `uncertainty`: also `<case>_uncertainty.nii.gz` and one qc.csv row per case (inference/uncertainty.py).
+    `postprocessing`: a sweep's postprocessing.json (brats-postprocess), applied to every label map before it is
+    written; its rules are part of the model the manifest names.
     """
     if overwrite and resume:
         raise BratsError("overwrite=true and resume=true contradict each other: pick one")
@@ -146,6 +155,8 @@ def predict_folder(segmenter: Segmenter, input_path: str | Path, output: str | P
             raise BratsError(f"output folder {out_dir} already holds {len(held)} files; pass overwrite=true to "
                              "replace them, or resume=true to predict only the cases not written yet")
     model = model or model_record(segmenter, preferred)
+    if postprocessing is not None:
+        model = {**model, "cv_postprocessing": list(postprocessing["rules"])}
     outputs = [out_dir / f"{d.name}.nii.gz" for d in dirs]
     kept, stale = claim_folder(out_dir, model, outputs, overwrite=overwrite, resume=resume)
     check_writable_output(out_dir, overwrite=True)
@@ -154,17 +165,28 @@ def predict_folder(segmenter: Segmenter, input_path: str | Path, output: str | P
     if len(todo) < len(dirs):
         log.info("resume: %d of %d cases already predicted in %s", len(dirs) - len(todo), len(dirs), out_dir)
     start = time.perf_counter()
+    qc = read_qc(out_dir / QC_FILE) if uncertainty and resume else {}
     for i, (case_dir, out) in enumerate(tqdm(todo, desc="predict", unit="case")):
-        case, labels, probs = segmenter.segment(case_dir, preferred, probabilities=probabilities)
+        if uncertainty:
+            case, labels, probs, unc = segment_with_uncertainty(segmenter, case_dir, preferred, probabilities)
+        else:
+            case, labels, probs = segmenter.segment(case_dir, preferred, probabilities=probabilities)
+        if postprocessing is not None:
+            labels = apply_record(labels, postprocessing, output_schema(segmenter.schema, case.layout).name)
         if i == 0:  # the folder changes once the first case is predicted (a bad input leaves it as it was), and its
             # manifest first: a kill mid-way leaves one that names every file this run may have written.
             for path in stale:
                 path.unlink(missing_ok=True)
             write_manifest(out_dir, model, [*kept, *(d.name for d in dirs)])
+        if uncertainty:
+            save_uncertainty(out_dir / f"{case.name}_uncertainty.nii.gz", unc, case)
+            qc[case.name] = qc_row(case, labels, segmenter, unc)
         if probs is not None:
             save_probabilities(out_dir / f"{case.name}_prob.nii.gz", probs, case)
         with atomic_path(out) as tmp:
             nib.save(label_image(labels, case), tmp)
+        if uncertainty:  # rewritten after each case: an interrupted run keeps the rows of the cases it wrote
+            write_qc(out_dir / QC_FILE, list(qc.values()))
     seconds = time.perf_counter() - start
     per_case = f" ({seconds / len(todo):.1f} s/case)" if todo else ""
     log.info("predicted %d cases in %.1f s%s on %s -> %s", len(todo), seconds, per_case, segmenter.device, out_dir)
@@ -173,7 +195,7 @@ def predict_folder(segmenter: Segmenter, input_path: str | Path, output: str | P
 
 def predict_out_of_fold(sweep: str | Path, input_path: str | Path, output: str | Path, *, layout: str | None = None,
                         probabilities: bool = False, overwrite: bool = False, resume: bool = False,
-                        **options: Any) -> list[Path]:
+                        postprocessing: Mapping[str, Any] | None = None, **options: Any) -> list[Path]:
     """Each fold's validation cases (its split.json) predicted by that fold's checkpoints/best.ckpt, all into one
     `output`: every non-test case once, by the model that did not train on it. `options` go to
     Segmenter.from_checkpoint (device, tta, postprocess, precision, overlap, window_batch)."""
@@ -189,5 +211,5 @@ def predict_out_of_fold(sweep: str | Path, input_path: str | Path, output: str |
                                       checkpoints=[c for c, _ in jobs], oof=True)
         outputs += predict_folder(segmenter, input_path, output, only=cases, layout=layout,
                                   probabilities=probabilities, overwrite=overwrite and i == 0,
-                                  resume=resume or i > 0, model=model)
+                                  resume=resume or i > 0, model=model, postprocessing=postprocessing)
     return sorted(outputs)

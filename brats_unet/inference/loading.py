@@ -38,7 +38,7 @@ class StoredModel:
 
 
 def read_checkpoint(ckpt_path: str | Path, trust_targets: Sequence[str] = ()) -> StoredModel:
-    """Load a brats-train checkpoint safely and upgrade its stored config to today's keys. Its `_target_`s must be
+    """Load a brats-train checkpoint safely and upgrade its stored config to the current keys. Its `_target_`s must be
     the project's own or named in `trust_targets` (training.targets.check_targets)."""
     path = Path(ckpt_path).expanduser()
     checkpoint = load_checkpoint(path)

@@ -17,14 +17,21 @@ from brats_unet.training.module import BratsModule
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
 
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
 def predict_probabilities(module: BratsModule, x: np.ndarray, patch_size: Sequence[int], *, overlap: float,
-                          window_batch: int, tta: bool, device: torch.device, autocast: Autocast) -> np.ndarray:
-    """(C, *S) preprocessed volume -> (K, *S) float32 probabilities (softmax classes or sigmoid regions)."""
+                          window_batch: int, tta: bool, device: torch.device, autocast: Autocast,
+                          activation: Activation | None = None) -> np.ndarray:
+    """(C, *S) preprocessed volume -> (K, *S) float32 probabilities (softmax classes or sigmoid regions).
+
+    `activation` (default: the head's probabilities) maps each blended (1, K, *S) logit map - each flip's, with TTA -
+    to what is averaged (inference/uncertainty.py adds per-sample statistics as channels)."""
     def predictor(batch: torch.Tensor) -> torch.Tensor:
         with autocast():
             return module(batch).float()
 
-    to_probabilities = module.loss.probabilities
+    to_probabilities = activation or module.loss.probabilities
     with torch.inference_mode():
         image = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(device)
         if tta:
@@ -37,13 +44,15 @@ def predict_probabilities(module: BratsModule, x: np.ndarray, patch_size: Sequen
 
 
 def mean_probabilities(modules: Sequence[BratsModule], configs: Sequence[Mapping[str, Any]], x: np.ndarray, *,
-                       overlap: float, window_batch: int, tta: bool, device: torch.device, autocast: Autocast
-                       ) -> np.ndarray:
-    """The members' mean (K, *S) probabilities, each model with its own patch size."""
+                       overlap: float, window_batch: int, tta: bool, device: torch.device, autocast: Autocast,
+                       activation_for: Callable[[BratsModule], Activation] | None = None) -> np.ndarray:
+    """The members' mean (K, *S) probabilities, each model with its own patch size. `activation_for(module)`: what
+    each sample's logits become instead (see predict_probabilities)."""
     total: np.ndarray | None = None
     for module, config in zip(modules, configs, strict=True):
         probs = predict_probabilities(module, x, config["data"]["patch_size"], overlap=overlap,
-                                      window_batch=window_batch, tta=tta, device=device, autocast=autocast)
+                                      window_batch=window_batch, tta=tta, device=device, autocast=autocast,
+                                      activation=activation_for(module) if activation_for else None)
         if total is None:
             total = probs
         else:

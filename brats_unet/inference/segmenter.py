@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import nibabel as nib
@@ -30,6 +31,7 @@ from brats_unet.inference.decoding import decode, label_image, output_schema, po
 from brats_unet.inference.ensemble import CheckpointSpec, check_compatible, resolve_checkpoints
 from brats_unet.inference.inputs import CaseInput, load_input
 from brats_unet.inference.loading import StoredModel, build_model, inference_probe, read_checkpoint
+from brats_unet.inference.package import load_members, package_options
 from brats_unet.inference.probabilities import mean_probabilities
 from brats_unet.inference.resampling import resample, resampled_shape
 from brats_unet.runtime import (
@@ -122,6 +124,8 @@ class Segmenter:
         self.overlap, self.window_batch = float(opts["overlap"]), int(opts["window_batch"])
         self.spacing = None if spacing is None else tuple(float(v) for v in spacing)
         self.channels_last: bool | None = None  # the memory format from_checkpoint chose (None: as the modules are)
+        self.package: dict[str, Any] | None = None  # model.json, for a Segmenter.from_package
+        self.package_files: list[tuple[str, str]] = []  # (file, SHA-256) of each member, for a package
 
     @classmethod
     def from_checkpoint(cls, path: CheckpointSpec, device: str | torch.device | None = None, tta: bool | None = None,
@@ -156,6 +160,25 @@ class Segmenter:
         segmenter.channels_last = choice.channels_last
         return segmenter
 
+    @classmethod
+    def from_package(cls, path: str | Path, device: str | torch.device | None = None, tta: bool | None = None,
+                     postprocess: bool | None = None, precision: str | None = None, channels_last: bool = False,
+                     runtime: str = "torch", overlap: float | None = None, window_batch: int | None = None
+                     ) -> Segmenter:
+        """A brats-export model package (its hash and contents checked first); tta, postprocess, overlap and
+        window_batch default to the package's. runtime=onnx runs its ONNX graphs with onnxruntime. Inputs are
+        resampled to the training spacing the checkpoint recorded, as from_checkpoint does."""
+        meta, modules, configs, names = load_members(path, runtime=runtime, channels_last=bool(channels_last))
+        options = package_options(meta, tta=tta, postprocess=postprocess, overlap=overlap, window_batch=window_batch)
+        recorded = meta.get("training_spacing") or {}
+        spacing = recorded.get("spacing") if str(recorded.get("source", "")).startswith("checkpoint") else None
+        segmenter = cls(modules, configs, device=device, precision=precision, names=names, spacing=spacing, **options)
+        segmenter.package = meta
+        key = "onnx" if runtime == "onnx" else "weights"  # the files this runtime reads, for prediction.json
+        segmenter.package_files = [(str(Path(path).expanduser() / m[key]), meta["files"][m[key]])
+                                   for m in meta["members"]]
+        return segmenter
+
     @property
     def config(self) -> dict[str, Any]:
         """The run config the checkpoint was trained with (resolved, plain dicts)."""
@@ -179,21 +202,32 @@ class Segmenter:
     def segment(self, case: CaseInput, layout: str | Layout | None = None, probabilities: bool = False
                 ) -> tuple[Case, np.ndarray, np.ndarray | None]:
         """(the loaded case, labels in its geometry and labels, probabilities (K, *S) or None)."""
+        loaded, x, meta = self.prepare(case, layout)
+        probs = mean_probabilities(self.modules, self.configs, x, overlap=self.overlap,
+                                   window_batch=self.window_batch, tta=self.tta, device=self.device,
+                                   autocast=self._autocast)
+        return self.finish(loaded, probs, meta, probabilities)
+
+    def prepare(self, case: CaseInput, layout: str | Layout | None = None) -> tuple[Case, np.ndarray, dict[str, Any]]:
+        """(the loaded case, its preprocessed (C, *S) volume, meta: the recipe's crop box and shape, the case's own
+        shape and the grid it was resampled to (None: read as it is))."""
         loaded = load_input(case, self.modalities, resolve_layout(layout) if layout else self.layout)
-        schema, activation = self.schema, self.module.loss.activation
         own = next(iter(loaded.images.values())).shape
         grid = resampled_shape(own, loaded.spacing, self.spacing)  # None: the model reads the case as it is
         images = loaded.images if grid is None else {m: resample(v, grid) for m, v in loaded.images.items()}
         if grid is not None:
             log.info("%s: resampled from %s mm %s to the training spacing %s mm %s", loaded.name,
                      _mm(loaded.spacing), own, _mm(self.spacing), grid)
-        x, _, meta = Recipe.from_config(self._config["preprocess"]).apply(images, None, schema)
-        probs = mean_probabilities(self.modules, self.configs, x, overlap=self.overlap,
-                                   window_batch=self.window_batch, tta=self.tta, device=self.device,
-                                   autocast=self._autocast)
+        x, _, meta = Recipe.from_config(self._config["preprocess"]).apply(images, None, self.schema)
+        return loaded, x, {**meta, "input_shape": own, "grid": grid}
+
+    def finish(self, loaded: Case, probs: np.ndarray, meta: dict[str, Any], probabilities: bool = False
+               ) -> tuple[Case, np.ndarray, np.ndarray | None]:
+        """Mean probabilities on the model's crop -> labels (and probabilities) in the case's own geometry."""
+        schema, activation = self.schema, self.module.loss.activation
         box, shape = meta["crop_box"], meta["original_shape"]
         full = None
-        if grid is None:
+        if meta["grid"] is None:
             classes, et_prob = decode(probs, activation, schema)
             # Outside the crop is background: the model never saw it (the seed's fixed crop, modern's nonzero box).
             classes = undo_crop(classes, box, shape, fill=0)
@@ -201,12 +235,18 @@ class Segmenter:
             if probabilities:
                 full = uncrop_probabilities(probs, box, shape, activation)
         else:  # the probabilities back on the input's own grid, decoded there (nnU-Net's order)
-            full = resample(uncrop_probabilities(probs, box, shape, activation), own)
+            full = resample(uncrop_probabilities(probs, box, shape, activation), meta["input_shape"])
             classes, et_prob = decode(full, activation, schema)
         if self.postprocess:
             classes = postprocess(classes, et_prob, schema)
         labels = output_schema(schema, loaded.layout).from_classes(classes)
         return loaded, labels, full if probabilities else None
+
+    def to_input_grid(self, volume: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+        """A (*S) map on the model's crop -> the case's own geometry: 0 outside the crop, resampled back if the case
+        was resampled to the training spacing."""
+        full = undo_crop(volume, meta["crop_box"], meta["original_shape"], fill=0)
+        return full if meta["grid"] is None else resample(full, meta["input_shape"])
 
     def predict(self, case: CaseInput, layout: str | Layout | None = None) -> nib.Nifti1Image:
         """uint8 label map in the dataset's own labels (the model's schema; ET 4 for 2021 names, 3 for 2023), the

@@ -1,4 +1,5 @@
-"""Whole-volume inference: Gaussian-weighted sliding window, flip test-time augmentation, ET post-processing."""
+"""Whole-volume inference: Gaussian-weighted sliding window, flip test-time augmentation (post-processing rules are in
+inference/postprocess.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,8 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from torch import Tensor
 
 Predictor = Callable[[Tensor], Tensor]
@@ -129,47 +128,6 @@ def flip_tta(
         total = pred if total is None else total + pred
     assert total is not None
     return total / len(combos)
-
-
-def postprocess_et(
-    classes: np.ndarray,
-    et_prob: np.ndarray | None = None,
-    min_component: int = 8,
-    min_total: int = 73,
-    prob_threshold: float = 0.9,
-    et_class: int = 3,
-    core_class: int = 1,
-) -> np.ndarray:
-    """NVIDIA's BraTS21 rule: unconvincing small enhancing tumour becomes necrosis (class 3 -> 1).
-
-    1. Each ET connected component (face connectivity, as scipy.ndimage.label's default in the notebook) with fewer
-       than `min_component` voxels and mean ET probability < `prob_threshold` becomes NCR. (The notebook's test is
-       `1 < size < 8`, which spares single voxels - apparently by accident; we relabel them too.)
-    2. If what is left of ET has 0 < voxels < `min_total` and mean probability < `prob_threshold`, all of it becomes
-       NCR. BraTS scores a false-positive ET on an ET-free case as Dice 0, which is what this guards against.
-    With et_prob None the probability counts as 0, so the size rules alone decide. `et_class`/`core_class`: the
-    internal classes of ET and of the necrotic core (3 and 1 in BraTS glioma schemas). Returns a new array.
-    """
-    classes = np.asarray(classes)
-    if et_prob is not None:
-        et_prob = np.asarray(et_prob, dtype=np.float64)
-        if et_prob.shape != classes.shape:
-            raise ValueError(f"et_prob shape {et_prob.shape} != class map shape {classes.shape}")
-    out = classes.copy()
-    components, n = ndimage.label(out == et_class)
-    if n:
-        flat = components.ravel()
-        sizes = np.bincount(flat, minlength=n + 1)
-        means = np.zeros(n + 1) if et_prob is None else np.bincount(flat, et_prob.ravel(), n + 1) / np.maximum(sizes, 1)
-        relabel = (sizes < min_component) & (means < prob_threshold)
-        relabel[0] = False  # background
-        out[relabel[components]] = core_class
-    et = out == et_class
-    total = int(np.count_nonzero(et))
-    mean_prob = 0.0 if et_prob is None or total == 0 else float(et_prob[et].mean())
-    if 0 < total < min_total and mean_prob < prob_threshold:
-        out[et] = core_class
-    return out
 
 
 def _window_starts(size: int, patch: int, overlap: float) -> list[int]:

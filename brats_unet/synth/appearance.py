@@ -16,6 +16,7 @@ from scipy import ndimage as ndi
 
 from brats_unet.data.labels import MODALITIES
 from brats_unet.synth.anatomy import SmoothField
+from brats_unet.synth.distractors import DISTRACTORS
 from brats_unet.synth.tumour import ED, TISSUES
 
 # Mean intensity relative to white matter, columns in MODALITIES order (t1, t1ce, t2, flair); rows TISSUES[1:].
@@ -33,6 +34,23 @@ CONTRAST = np.array(
     dtype=np.float32,
 )
 assert CONTRAST.shape[0] == len(TISSUES) - 1
+# Bright healthy tissue that is not tumour (synth/distractors.py), rows DISTRACTORS[1:], same columns. Enhancing ones
+# sit at the enhancing tumour's 1.7 on T1ce, the FLAIR-bright ones a little below oedema's 2.1.
+DISTRACTOR_CONTRAST = np.array(
+    [
+        [0.95, 1.70, 1.40, 1.05],  # choroid plexus: avid enhancement, ~1.6-1.8 x WM on T1ce
+        [0.90, 1.90, 0.70, 0.80],  # veins and dural sinuses: enhancing blood on T1ce, flow void (dark) on T2
+        [0.85, 0.88, 1.80, 1.60],  # periventricular caps: ~1.6 x WM on FLAIR, bright on T2, no enhancement
+        [0.82, 0.86, 1.90, 1.70],  # small-vessel white-matter hyperintensities: as the caps, in deep white matter
+    ],
+    dtype=np.float32,
+)
+assert DISTRACTOR_CONTRAST.shape[0] == len(DISTRACTORS) - 1
+
+
+def draw_distractor_contrast(rng: np.random.Generator) -> np.ndarray:
+    """One case's distractor contrasts: the table with each entry varied by +-10 %."""
+    return DISTRACTOR_CONTRAST * rng.uniform(0.9, 1.1, DISTRACTOR_CONTRAST.shape).astype(np.float32)
 
 
 @dataclass
@@ -61,9 +79,11 @@ class Scanner:
 
 
 def render(rng: np.random.Generator, probs: np.ndarray, lesions: np.ndarray, axes: Sequence[np.ndarray],
-           spacing: Sequence[float], scanner: Scanner | None = None) -> dict[str, np.ndarray]:
+           spacing: Sequence[float], scanner: Scanner | None = None, distractors: np.ndarray | None = None,
+           distractor_contrast: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """int16 images per canonical modality on the grid `axes` from healthy tissue probabilities (3, ...) and a lesion
-    tissue map (0 where healthy); zero outside the brain (skull-stripped, like BraTS)."""
+    tissue map (0 where healthy); zero outside the brain (skull-stripped, like BraTS). `distractors` (DISTRACTORS
+    codes, 0 elsewhere) replace healthy tissue with `distractor_contrast`'s rows; they draw nothing from `rng`."""
     scanner = scanner or Scanner.draw(rng)
     total = probs.sum(0)
     brain = (total > 0.5) | (lesions > 0)
@@ -80,6 +100,8 @@ def render(rng: np.random.Generator, probs: np.ndarray, lesions: np.ndarray, axe
     # How completely oedema replaces the tissue it invades (its borders fade into white matter).
     ed_weight = np.clip(0.8 + 0.25 * SmoothField(rng, 6.0, laxes)(laxes), 0.35, 1.0)[in_lesion[lbox]]
     codes = lesions[in_lesion].astype(np.intp) - 1
+    in_distractor = distractors > 0 if distractors is not None else None
+    dcodes = distractors[in_distractor].astype(np.intp) - 1 if distractors is not None else None
     images = {}
     for m, name in enumerate(MODALITIES):
         c = scanner.contrast[:, m]
@@ -90,6 +112,8 @@ def render(rng: np.random.Generator, probs: np.ndarray, lesions: np.ndarray, axe
         w = ed_weight[is_ed]
         values[is_ed] = healthy[is_ed] * (1 - w) + values[is_ed] * w
         img[in_lesion] = values
+        if in_distractor is not None:
+            img[in_distractor] = distractor_contrast[dcodes, m] * (1 + 0.03 * texture[in_distractor])
         np.power(np.maximum(img, 0), np.float32(scanner.gamma[m]), out=img)
         img[~brain] = 0
         sigma = scanner.blur_mm[m] / np.asarray(spacing, np.float64)

@@ -24,6 +24,11 @@ TISSUE_CLASS = np.array([0, 0, 0, 0, 2, 3, 1, 1, 0], np.uint8)
 KINDS = {"necrotic": 0.77, "solid": 0.15, "nonenhancing": 0.08}  # share of primary tumours (BraTS: few without ET)
 MULTIFOCAL = 0.12  # share of cases with a second, smaller lesion
 CORTICAL = 0.3  # share of lesions placed so that the core reaches the cortex
+# Brain metastases (brats-synth --layout met): several lesions, most of them small (a few mm: the lesion-wise score's
+# hard cases), at the grey-white junction, above and below the tentorium; the small ones solid, the large ones
+# necrotic with a rim, each with its own (often large) vasogenic oedema.
+MET_EXTRA = 1.5  # mean number of lesions beyond the first (Poisson), at most MET_MAX in all
+MET_MAX = 6
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class Lesion:
     kind: str  # a key of KINDS
     push_mm: float  # radius of the ball of tissue the lesion displaces (mass effect)
     cavity_mm: float = 0.0  # radius of a resection cavity at the centre (0: none)
+    lobulation: float = 0.25  # depth of the core's lobes, relative to its radius
 
     @property
     def push(self) -> Push:
@@ -53,6 +59,45 @@ def _pick_site(rng: np.random.Generator, axes: Sequence[np.ndarray], ok: np.ndar
     i = idx[rng.integers(len(idx))]
     step = np.array([a[1] - a[0] for a in axes])
     return np.array([a[k] for a, k in zip(axes, i, strict=True)]) + rng.uniform(-0.5, 0.5, 3) * step
+
+
+def _away_from(lesions: Sequence[Lesion], axes: Sequence[np.ndarray], core: float) -> np.ndarray | bool:
+    """Where a new lesion of core radius `core` may go: clear of every earlier lesion's oedema."""
+    ok: np.ndarray | bool = True
+    for prev in lesions:
+        grid = np.meshgrid(*axes, indexing="ij", sparse=True)
+        dist = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, prev.centre, strict=True)))
+        ok = ok & (dist > prev.core_mm + prev.oedema_mm + core + 10)
+    return ok
+
+
+def draw_metastases(rng: np.random.Generator, axes: Sequence[np.ndarray], probs: np.ndarray, cavity: bool = False
+                    ) -> list[Lesion]:
+    """Brain metastases on the coarse grid: 1 + Poisson(MET_EXTRA) lesions (at most MET_MAX), the first of median
+    3 cm3, the others of median 0.3 cm3 (0.02-60 cm3: down to 3-4 mm across), near the cortex. `cavity`: the first
+    lesion, when larger than 1 cm3, has a resection cavity."""
+    step = np.array([a[1] - a[0] for a in axes])
+    brain = probs.sum(0) > 0.5
+    depth = ndi.distance_transform_edt(brain, sampling=step)
+    white = brain & (probs[0] > 0.4)
+    lesions: list[Lesion] = []
+    for n in range(min(1 + int(rng.poisson(MET_EXTRA)), MET_MAX)):
+        volume = float(np.clip(np.exp(rng.normal(np.log(3.0 if n == 0 else 0.3), 0.9)), 0.02, 60.0))
+        core = (3 * volume * 1000 / (4 * np.pi)) ** (1 / 3)
+        ok = white & (depth > 0.5 * core + 2) & (depth < core + 12) & _away_from(lesions, axes, core)
+        centre = _pick_site(rng, axes, ok)
+        if centre is None:
+            centre = _pick_site(rng, axes, white & (depth > core + 2) & _away_from(lesions, axes, core))
+        if centre is None:
+            continue
+        lesions.append(Lesion(
+            centre=centre, core_mm=core, stretch=rng.uniform(0.85, 1.15, 3), rim_mm=float(rng.uniform(1.5, 4.0)),
+            oedema_mm=float(core * rng.uniform(0.5, 2.0) + rng.uniform(0, 6)),
+            kind="necrotic" if volume > 1.0 else "solid", push_mm=float(core * rng.uniform(0.3, 0.6)),
+            cavity_mm=float(core * rng.uniform(0.6, 0.9)) if cavity and n == 0 and volume > 1.0 else 0.0,
+            lobulation=0.25 * min(1.0, core / 10.0),  # small ones round: deep lobes would cut them to nothing
+        ))
+    return lesions
 
 
 def draw_lesions(rng: np.random.Generator, axes: Sequence[np.ndarray], probs: np.ndarray, supratentorial: np.ndarray,
@@ -74,10 +119,7 @@ def draw_lesions(rng: np.random.Generator, axes: Sequence[np.ndarray], probs: np
             ok = white & (depth > 0.5 * core) & (depth < 1.0 * core + 4)
         else:
             ok = white & (depth > max(core + 4, 12))
-        for prev in lesions:  # a second focus is a separate lesion: away from the first one's oedema
-            grid = np.meshgrid(*axes, indexing="ij", sparse=True)
-            dist = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, prev.centre, strict=True)))
-            ok &= dist > prev.core_mm + prev.oedema_mm + core + 10
+        ok = ok & _away_from(lesions, axes, core)  # a second focus is a separate lesion, away from the first
         centre = _pick_site(rng, axes, ok)
         if centre is None:  # small or odd head: any white matter away from the surface
             centre = _pick_site(rng, axes, brain & (probs[0] > 0.3) & (depth > 8))
@@ -120,7 +162,7 @@ def paint_lesions(rng: np.random.Generator, lesions: Sequence[Lesion], axes: Seq
             continue
         b_brain, b_csf, b_white = brain[box], csf_only[box], white[box]
         lobes = np.clip(SmoothField(rng, max(0.45 * les.core_mm, 5.0), sub)(sub), -2.5, 2.5)
-        level = _ellipsoid_level(sub, les.centre, les.core_mm * les.stretch) - 1 + 0.25 * lobes
+        level = _ellipsoid_level(sub, les.centre, les.core_mm * les.stretch) - 1 + les.lobulation * lobes
         core = (level < 0) & b_brain & ~b_csf
         depth = -level * les.core_mm  # approximate mm below the core's surface
         rim = np.maximum(les.rim_mm * (1 + 0.35 * SmoothField(rng, 8.0, sub)(sub)), 1.2 * voxel)

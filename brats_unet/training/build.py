@@ -4,6 +4,7 @@ callbacks, loggers and the Trainer. A bad config value becomes a BratsError nami
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -92,8 +93,23 @@ def instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in (group or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
+# Loggers whose package is an optional extra: (the target's class name, the module it needs, the extra).
+OPTIONAL_LOGGERS = {"MLFlowLogger": ("mlflow", "mlflow")}
+
+
+def check_logger_packages(group: DictConfig | None) -> None:
+    """BratsError naming the extra to install for a logger whose package is missing (before any training starts)."""
+    for name, node in (group or {}).items():
+        target = str(node.get("_target_", "")) if isinstance(node, DictConfig) else ""
+        needs = OPTIONAL_LOGGERS.get(target.rpartition(".")[2])
+        if needs and importlib.util.find_spec(needs[0]) is None:
+            raise BratsError(f"logger {name} ({target}) needs the `{needs[0]}` package, which is not installed: "
+                             f"pip install -e '.[{needs[1]}]' (or choose logger=tensorboard)")
+
+
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     """Callbacks, loggers and the Trainer; checkpoints are written atomically and read back with the safe unpickler."""
+    check_logger_packages(cfg.get("logger"))
     callbacks = user_instantiate("callbacks", lambda: instantiate_all(cfg.get("callbacks")))
     loggers = user_instantiate("logger", lambda: instantiate_all(cfg.get("logger")))
     if not loggers:  # logger=none: the LR monitor has nowhere to write and Lightning refuses it

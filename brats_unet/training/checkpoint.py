@@ -23,7 +23,7 @@ from brats_unet.utils import BratsError, atomic_path
 log = logging.getLogger("brats_unet.training")
 
 # Keys that legitimately differ between an interrupted run and its resumption.
-RESUME_IGNORED_KEYS = ("ckpt_path", "paths.output_dir", "hydra")
+RESUME_IGNORED_KEYS = ("ckpt_path", "overwrite", "paths.output_dir", "hydra")
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -46,7 +46,7 @@ RENAMED_MODULES = {
 
 
 def renamed_target(target: str) -> str:
-    """A `_target_` written before the regrouping, in today's module path (others unchanged)."""
+    """A `_target_` written before the regrouping, in its current module path (others unchanged)."""
     module, _, name = target.rpartition(".")
     return f"{RENAMED_MODULES[module]}.{name}" if module in RENAMED_MODULES else target
 
@@ -61,7 +61,7 @@ def _rename_targets(node: Any) -> Any:
 
 
 def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A stored run config in today's keys: speed knobs once under model/module now live in `runtime`; `_target_`s
+    """A stored run config in the current keys: speed knobs once under model/module now live in `runtime`; `_target_`s
     of modules that moved name their new place."""
     config = {k: dict(v) if isinstance(v, dict) else v for k, v in _rename_targets(config).items()}
     runtime = config.setdefault("runtime", {})
@@ -106,7 +106,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
                         ) -> dict[str, Any]:
-        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        # Lightning passes no map_location: torch.load would then put every tensor on the device it was saved from
+        # (rank 0's cuda:0 for every DDP rank). The CPU is always there; Lightning moves weights and optimiser
+        # state to each rank's own device as it loads them.
+        return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=True)
 
 
 def resume_candidates(output_dir: Path) -> list[Path]:
@@ -213,6 +216,8 @@ def rng_states() -> dict[str, Any]:
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:
+    """Put back the states rank 0 saved, on every rank. Under DDP that is each rank's own state too: seed_everything
+    gives every rank the same seed and every rank draws the same sequence (same ops, same shapes)."""
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])

@@ -9,10 +9,11 @@ from typing import Any
 
 import lightning.pytorch as L
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from brats_unet.data.preprocess import Recipe
-from brats_unet.runs import NEVER_VALIDATED, read_metrics, validated
+from brats_unet.runs import NEVER_VALIDATED, read_metrics, run_checkpoints, validated
 from brats_unet.runtime import ProbeModel, configure_runtime, resolve_training, run_device
 from brats_unet.training.build import (
     build_datamodule,
@@ -24,7 +25,7 @@ from brats_unet.training.build import (
 )
 from brats_unet.training.checkpoint import check_weights_fit, flatten, resolve_ckpt_path, warn_config_changes
 from brats_unet.training.preflight import check_values, preflight
-from brats_unet.utils import BratsError, atomic_write_json
+from brats_unet.utils import BratsError, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("brats_unet.training")
 
@@ -74,6 +75,31 @@ def resolve_auto(cfg: DictConfig) -> None:
         log.info(line)
 
 
+def check_fresh_run_dir(output_dir: Path, ckpt_path: str | None, overwrite: bool, dir_key: str = "hydra.run.dir"
+                        ) -> None:
+    """BratsError when a fit that starts afresh would write over the checkpoints a run dir already holds."""
+    found = run_checkpoints(output_dir)
+    if not found:
+        return
+    if overwrite:
+        log.warning("overwrite=true: a fresh run in %s replaces its checkpoints (%s)", output_dir,
+                    ", ".join(p.name for p in found))
+        return
+    how = "ckpt_path=last found none it could resume" if ckpt_path else "no ckpt_path was given"
+    raise BratsError(f"{output_dir} already holds checkpoints ({', '.join(str(p) for p in found[:3])}) and this run "
+                     f"would start afresh ({how}): resume it with ckpt_path=last, start a new run dir (omit "
+                     f"{dir_key}, or name a new one), or pass overwrite=true to replace them")
+
+
+def record_config(output_dir: Path, config: dict[str, Any]) -> None:
+    """A run started from Python (not brats-train) gets the `.hydra/config.yaml` that Hydra writes for a command, so
+    brats-report and the sweep tools read both alike (Figure 1 rebuilds the network from it)."""
+    path = output_dir / ".hydra" / "config.yaml"
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(config)))
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (and optionally test) as the config says; write metrics.json; return the final metrics."""
     check_values(cfg)  # seconds, not minutes: before the cache, the model or a worker exists
@@ -89,7 +115,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                  checkpoint.get("global_step"))
         changed = warn_config_changes(checkpoint, config, ckpt_path)
 
+    if checkpoint is None:
+        check_fresh_run_dir(output_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite")))
+    elif (cfg.get("scheduler") and cfg.scheduler.get("total_steps") is None
+          and {"trainer.max_epochs", "trainer.max_steps"} & set(changed)):
+        log.warning("the fit's length changed and scheduler.total_steps is not set: the LR schedule spans the whole "
+                    "fit, so from here it follows a different curve than the run started with (set "
+                    "scheduler.total_steps to plan a run in legs)")
+
     datamodule = build_datamodule(cfg, str(output_dir))
+    datamodule.fresh_run = checkpoint is None
     module = user_instantiate("model/loss/optimizer/scheduler",
                               lambda: build_module(cfg, datamodule.num_channels, config))
     preflight(cfg, module.net)
@@ -100,6 +135,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BratsError(f"cannot create the run dir {output_dir} (paths.output_dir): {e.strerror}") from e
+    record_config(output_dir, config)
     trainer = build_trainer(cfg)
 
     log.info("run dir: %s", output_dir)
@@ -134,6 +170,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero and not trainer.fast_dev_run:
         atomic_write_json(output_dir / "metrics.json", summary)
         log_hparams(trainer, config, metrics)
+        log_best_checkpoint(trainer, best_path)
         if not validated(summary):
             log.warning("%s: this run %s", output_dir, NEVER_VALIDATED)
     return metrics
+
+
+def log_best_checkpoint(trainer: L.Trainer, best_path: str | None) -> None:
+    """MLflow: the best checkpoint as an artefact (checkpoints/best.ckpt). Lightning's own log_model uploads only the
+    files of the checkpoint callback that saved last, which with our two callbacks is last.ckpt."""
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger) and best_path:
+            logger.experiment.log_artifact(logger.run_id, best_path, artifact_path="checkpoints")

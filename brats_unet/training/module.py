@@ -10,6 +10,7 @@ import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from brats_unet.data.labels import LabelSchema
 from brats_unet.evaluation.metrics import BratsMetrics, paper_dice
@@ -32,7 +33,8 @@ def batch_region_dice(pred: Tensor, target: Tensor, schema: LabelSchema) -> Tens
         classes = torch.tensor(schema.region_classes[name], device=pred.device)
         p, t = torch.isin(pred, classes), torch.isin(target, classes)
         denominator = p.sum() + t.sum()
-        scores.append(2 * (p & t).sum() / denominator if denominator > 0 else torch.ones((), device=pred.device))
+        # torch.where, not `if denominator > 0`: no host sync per region per training step (it stalls a GPU)
+        scores.append(torch.where(denominator > 0, 2 * (p & t).sum() / denominator.clamp_min(1), 1.0))
     return torch.stack(scores).float().mean()
 
 
@@ -88,6 +90,9 @@ class BratsModule(L.LightningModule):
         self.test_metrics = BratsMetrics(hd95=val_hd95, schema=loss.schema)
         self.register_buffer("best_val_dice", torch.tensor(float("-inf")))
         self.register_buffer("skipped_batches", torch.tensor(0))
+        # The epoch's mean training loss, reduced over DDP ranks once at epoch end (compute), not all-reduced every
+        # step as `self.log(tensor, sync_dist=True, on_step=True)` would; the step value is this rank's.
+        self.train_loss = MeanMetric(nan_strategy="disable")  # the loss is finite here: no NaN check (a sync)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         return self._forward_net(x)
@@ -113,6 +118,8 @@ class BratsModule(L.LightningModule):
         saved = [b.detach().clone() for b in self.net.buffers()] if skip else []
         outputs = self(image)
         loss = self.supervised_loss(outputs, target)
+        # The one host sync per step left: a non-finite loss must stop or skip the step before the optimiser applies
+        # its gradients (and before a periodic checkpoint could save poisoned weights).
         if not torch.isfinite(loss):
             cases = ", ".join(batch.get("case", []))
             if skip:
@@ -131,7 +138,8 @@ class BratsModule(L.LightningModule):
             )
         logits = outputs if isinstance(outputs, Tensor) else outputs[0]
         n = image.shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
+        self.train_loss(loss.detach(), n)
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
         with torch.no_grad():
             dice = batch_region_dice(self.loss.to_classes(logits), target, self.loss.schema)
             self.log("train/dice", dice, prog_bar=True, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
@@ -181,7 +189,9 @@ class BratsModule(L.LightningModule):
         for name, value in results.items():
             self.log(f"val/{name}", value, prog_bar=name == "dice_mean", sync_dist=True)  # already synced: no warning
         if not self.trainer.sanity_checking:
-            self.best_val_dice = torch.maximum(self.best_val_dice, results["dice_mean"].to(self.best_val_dice))
+            # In place: a new tensor made here under Lightning's inference_mode (CUDA validation) would be an
+            # inference tensor, and DDP's buffer broadcast at the next training step refuses those.
+            self.best_val_dice.copy_(torch.maximum(self.best_val_dice, results["dice_mean"].to(self.best_val_dice)))
             self.log("val/dice_mean_best", self.best_val_dice, sync_dist=True)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -9,79 +9,36 @@ fit's length."""
 from __future__ import annotations
 
 import logging
-import numbers
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
-import numpy as np
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 
 from brats_unet.data import cache
+from brats_unet.data.checks import check_data_settings, check_positive_ints, check_unit_interval, is_number
 from brats_unet.data.discovery import case_files, list_case_dirs, resolve_layout
-from brats_unet.data.split import check_folds
 from brats_unet.training.losses import SMOOTH_RULE
 from brats_unet.utils import BratsError
 
 log = logging.getLogger(__name__)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-def _as_list(v: Any) -> list | None:
-    return list(v) if isinstance(v, Sequence | ListConfig) and not isinstance(v, str) else None
-
-
-def check_positive_ints(key: str, value: Any, length: int | None = None, min_length: int = 1) -> list[int]:
-    """A list of positive integers (of `length` items, or at least `min_length`); BratsError naming `key`."""
-    items = _as_list(value)
-    if items is None or not all(_is_int(v) for v in items):
-        raise BratsError(f"{key} must be a list of positive integers, got {value!r}")
-    if (length is not None and len(items) != length) or len(items) < min_length:
-        want = f"{length}" if length is not None else f"at least {min_length}"
-        raise BratsError(f"{key} must hold {want} positive integers, got {len(items)}: {list(items)}")
-    bad = [v for v in items if v <= 0]
-    if bad:
-        raise BratsError(f"{key} must be positive (sizes in voxels/channels), got {list(items)}: {bad} <= 0")
-    return [int(v) for v in items]
-
-
-def check_positive_int(key: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not _is_int(value) or value <= 0:
-        raise BratsError(f"{key} must be a positive integer{' or null' if allow_none else ''}, got {value!r}")
-
-
-def check_unit_interval(key: str, value: Any) -> None:
-    if not _is_number(value) or not 0.0 <= float(value) <= 1.0:
-        raise BratsError(f"{key} must be a number in [0, 1], got {value!r}")
-
-
 def check_values(cfg: DictConfig) -> None:
     """Sizes, weights and rates of a brats-train config, each named by its key; no file access."""
     data, model, loss = cfg.data, cfg.model, cfg.get("loss") or {}
-    check_positive_ints("data.patch_size", data.get("patch_size"), length=3)
-    check_positive_int("data.batch_size", data.get("batch_size"))
-    check_positive_int("data.steps_per_epoch", data.get("steps_per_epoch"), allow_none=True)
-    if not _is_int(data.get("num_workers", 0)) or data.get("num_workers", 0) < 0:
-        raise BratsError(f"data.num_workers must be an integer >= 0, got {data.get('num_workers')!r}")
-    check_folds(data.get("num_folds", 1), data.get("fold", 0))
+    check_data_settings(data.get("patch_size"), data.get("batch_size"), data.get("num_workers", 0),
+                        data.get("steps_per_epoch"), data.get("foreground_fraction", 0.33), data.get("num_folds", 1),
+                        data.get("fold", 0))
     check_positive_ints("model.filters", model.get("filters"), min_length=2)
     if "alpha" in loss:
         check_unit_interval("loss.alpha", loss.alpha)
     smooth = loss.get("smooth")
-    if smooth is not None and (not _is_number(smooth) or smooth <= 0):
+    if smooth is not None and (not is_number(smooth) or smooth <= 0):
         raise BratsError(f"loss.smooth must be > 0 ({SMOOTH_RULE}), got {smooth!r}")
     lr = (cfg.get("optimizer") or {}).get("lr")
-    if lr is not None and (not _is_number(lr) or lr <= 0):
+    if lr is not None and (not is_number(lr) or lr <= 0):
         raise BratsError(f"optimizer.lr must be a positive number, got {lr!r}")
 
 
@@ -95,7 +52,7 @@ def _volume_shapes(cfg: DictConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
     folder = cache.cache_path(data.cache_dir, data.layout, data.root, pre, data.get("schema"))
     cases = cache.cached_cases(folder)
     for case in cases:
-        x = np.load(folder / f"{case}_x.npy", mmap_mode="r")  # reads the header only
+        x, _, _ = cache.load_cached(folder, case, mmap=True)  # memory-mapped: reads the headers only
         yield case, tuple(int(s) for s in x.shape[1:])
     if cases:
         return

@@ -22,6 +22,7 @@ from brats_unet.utils import BratsError
 # Every `_target_` in conf/ (outside the `hydra` node, which is never stored), by its full dotted name.
 PROJECT_TARGETS = frozenset({
     "brats_unet.data.datamodule.BratsDataModule",
+    "brats_unet.models.resenc.ResEncUNet",
     "brats_unet.models.unet2d.UNet2D",
     "brats_unet.models.unet3d.UNet3D",
     "brats_unet.training.losses.CombinedLoss",
@@ -37,6 +38,7 @@ PROJECT_TARGETS = frozenset({
     "lightning.pytorch.callbacks.RichModelSummary",
     "lightning.pytorch.callbacks.RichProgressBar",
     "lightning.pytorch.loggers.CSVLogger",
+    "lightning.pytorch.loggers.MLFlowLogger",
     "lightning.pytorch.loggers.TensorBoardLogger",
 })
 # torch's own optimisers (optimizer._target_=torch.optim.SGD is a plain command-line choice): constructors that take

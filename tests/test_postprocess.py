@@ -1,0 +1,174 @@
+"""Post-processing rules (inference/postprocess.py), their choice on out-of-fold predictions (brats-postprocess) and
+brats-predict applying the choice of a sweep."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from helpers import FIXTURES, compose_cli
+
+from brats_unet.cli.postprocess import postprocess as postprocess_command
+from brats_unet.cli.predict import predict as predict_command
+from brats_unet.evaluation.challenges import CHALLENGES
+from brats_unet.inference.postprocess import (
+    apply_rules,
+    case_score,
+    choose_rules,
+    fill_label,
+    keep_largest_component,
+    lesion_score,
+    remove_small_components,
+)
+from brats_unet.utils import BratsError
+
+B21 = CHALLENGES["brats2021"]  # labels 1 ncr, 2 ed, 4 et
+
+
+def hand_made_cases() -> list[tuple[np.ndarray, np.ndarray]]:
+    """Case 1: the prediction is the truth plus a 2-voxel false oedema blob (WT false positive) and 1 voxel of ET in
+    the necrosis of a tumour without ET. Its TC has two true components, the second only 2 voxels. Case 2: perfect.
+    So removing WT components < 5 voxels and ET components < 5 helps; any TC rule (< 5, largest only) hurts."""
+    truth = np.zeros((16, 16, 16), dtype=np.uint8)
+    truth[2:8, 2:8, 2:8] = 2
+    truth[3:5, 3:5, 3:5] = 1  # 8 voxels of necrosis
+    truth[6, 6, 6:8] = 1  # a second necrotic component of 2 voxels, not 26-connected to the first
+    pred = truth.copy()
+    pred[12:14, 12, 12] = 2  # a 2-voxel false positive far from the tumour
+    pred[3, 3, 3] = 4  # 1 voxel of ET on an ET-free case
+    perfect = np.zeros((16, 16, 16), dtype=np.uint8)
+    perfect[4:10, 4:10, 4:10] = 2
+    perfect[5:8, 5:8, 5:8] = 4
+    return [(pred, truth), (perfect.copy(), perfect)]
+
+
+def test_component_rules_by_hand() -> None:
+    labels = np.zeros((8, 8, 8), dtype=np.uint8)
+    labels[0:3, 0:3, 0:3] = 4  # 27 voxels
+    labels[5, 5, 5] = 4  # 1 voxel
+    labels[6, 6, 6] = 4  # touches (5,5,5) only by a corner: one 26-connected component of 2
+    small = remove_small_components(labels, (4,), min_size=3, fill=1)
+    assert (small == 4).sum() == 27 and (small == 1).sum() == 2
+    assert (remove_small_components(labels, (4,), min_size=2, fill=1) == labels).all()
+    largest = keep_largest_component(labels, (4,), fill=0)
+    assert (largest == 4).sum() == 27 and largest[5, 5, 5] == 0 and largest[6, 6, 6] == 0
+    assert fill_label(B21, "et") == 1 and fill_label(B21, "tc") == 2 and fill_label(B21, "wt") == 0
+    assert fill_label(CHALLENGES["brats2024_gli"], "et") == 1  # netc
+
+
+def test_lesion_score_counts_missed_and_false_lesions_as_zero() -> None:
+    assert lesion_score(tp=2, fp=1, fn=1, mean_dice=0.8) == pytest.approx(1.6 / 4)
+    assert lesion_score(tp=0, fp=3, fn=0, mean_dice=float("nan")) == 0.0
+    assert lesion_score(tp=0, fp=0, fn=0, mean_dice=float("nan")) == 1.0
+
+
+def test_choice_keeps_the_rule_that_helps_and_not_the_ones_that_hurt() -> None:
+    cases = hand_made_cases()
+    (pred, truth), _ = cases
+    # By hand, case 1: WT Dice 2*216 / (218 + 216); TC 1 (ET voxel is inside TC either way); ET 0 (1 vs 0 voxels).
+    assert case_score(pred, truth, B21, lesionwise=False) == pytest.approx((432 / 434 + 1 + 0) / 3)
+    before = ((432 / 434 + 1 + 0) / 3 + 1) / 2
+    result = choose_rules(cases, B21, sizes=(5,), et_totals=(50,))
+    assert result["score_before"] == pytest.approx(before)
+    kept = [{k: v for k, v in r.items() if not k.startswith("score")} for r in result["rules"]]
+    assert kept == [{"rule": "min_size", "region": "wt", "min_size": 5},
+                    {"rule": "min_size", "region": "et", "min_size": 5}]
+    assert result["score_after"] == pytest.approx(1.0)
+    tried = {(t["rule"], t.get("region")): t["score"] for t in result["tried"]}
+    assert tried[("min_size", "tc")] < tried[("min_size", "wt")]  # the TC rules were tried and lost
+    assert tried[("largest", "tc")] < result["rules"][0]["score_after"]
+    fixed = apply_rules(pred, result["rules"], B21)
+    assert (fixed == truth).all()
+
+
+def test_choice_keeps_nothing_when_nothing_helps() -> None:
+    perfect = hand_made_cases()[1]
+    result = choose_rules([perfect], B21, sizes=(5,), et_totals=(50,))
+    assert result["rules"] == [] and result["score_before"] == result["score_after"] == 1.0
+
+
+# ---- brats-postprocess on a (hand-made) sweep, and brats-predict applying its choice ------------------------------
+def write_nifti(path: Path, labels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(labels.astype(np.uint8), np.eye(4)), path)
+
+
+def make_sweep(tmp_path: Path, ckpt: Path | None, cases: list[str], root: Path) -> Path:
+    """Two fold jobs as brats-train -m data.num_folds=2 data.fold=0,1 leaves them (only what is read here)."""
+    sweep = tmp_path / "cv"
+    for fold in (0, 1):
+        job = sweep / str(fold)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- data.num_folds=2\n- data.fold={fold}\n")
+        (job / ".hydra" / "config.yaml").write_text(f"data:\n  root: {root}\n  layout: brats2021\n")
+        val = cases[fold::2]
+        split = {"train": [c for c in cases if c not in val], "val": val, "test": [], "seed": 0, "fold": fold,
+                 "num_folds": 2}
+        (job / "split.json").write_text(json.dumps(split))
+        (job / "checkpoints").mkdir()
+        if ckpt is None:  # only its config is read (the split check): the predictions are given
+            torch.save({"brats_config": {"data": {"fold": fold, "num_folds": 2, "split_seed": 0}}},
+                       job / "checkpoints" / "best.ckpt")
+        else:
+            shutil.copy(ckpt, job / "checkpoints" / "best.ckpt")
+    return sweep
+
+
+def test_brats_postprocess_writes_the_choice_into_the_sweep(tmp_path: Path) -> None:
+    names = ["BraTS2021_00000", "BraTS2021_00001"]
+    root, preds = tmp_path / "data", tmp_path / "oof"
+    for name, (pred, truth) in zip(names, hand_made_cases(), strict=True):
+        write_nifti(root / name / f"{name}_seg.nii.gz", truth)
+        write_nifti(preds / f"{name}.nii.gz", pred)
+    sweep = make_sweep(tmp_path, None, names, root)
+    args = [f"run={sweep}", f"predictions={preds}", "sizes=[5]", "et_totals=[50]"]
+    record = postprocess_command(compose_cli("postprocess", args))
+    stored = json.loads((sweep / "postprocessing.json").read_text())
+    assert stored == json.loads(json.dumps(record))
+    assert stored["metric"] == "dice_mean" and stored["cases"] == 2 and stored["challenge"] == "brats2021"
+    assert [(r["rule"], r["region"]) for r in stored["rules"]] == [("min_size", "wt"), ("min_size", "et")]
+    assert stored["score_after"] == pytest.approx(1.0) and stored["score_before"] < 1.0
+    with pytest.raises(BratsError, match=r"postprocessing\.json already exists; pass overwrite=true"):
+        postprocess_command(compose_cli("postprocess", args))
+    lesionwise = postprocess_command(compose_cli("postprocess", [*args, "overwrite=true", "lesionwise=true"]))
+    assert lesionwise["metric"] == "lesionwise_dice_mean"
+    (preds / "prediction.json").write_text(json.dumps({"format": 1, "model": {"cv_postprocessing": []},
+                                                       "cases": names}))
+    with pytest.raises(BratsError, match=r"were written with post-processing already applied"):
+        postprocess_command(compose_cli("postprocess", [*args, "overwrite=true"]))
+    (preds / "prediction.json").unlink()
+    (preds / f"{names[1]}.nii.gz").unlink()
+    with pytest.raises(BratsError, match=r"lack 1 of the 2 out-of-fold cases \(e\.g\. BraTS2021_00001\)"):
+        postprocess_command(compose_cli("postprocess", [*args, "overwrite=true"]))
+
+
+def test_brats_predict_applies_the_sweeps_choice_unless_turned_off(tmp_path: Path) -> None:
+    old = FIXTURES / "v0_1"
+    case = old / "BraTS2021_00000"
+    sweep = make_sweep(tmp_path, old / "tiny_region.ckpt", [case.name, "BraTS2021_00001"], old)
+    rule = {"rule": "min_size", "region": "wt", "min_size": 10**9}  # drops every tumour voxel
+    (sweep / "postprocessing.json").write_text(json.dumps({"version": 1, "challenge": "brats2021", "rules": [rule],
+                                                           "metric": "dice_mean", "score_before": 0.5,
+                                                           "score_after": 0.6}))
+
+    def run(name: str, *extra: str) -> np.ndarray:
+        out = tmp_path / name
+        predict_command(compose_cli("predict", [f"ckpt_path={sweep}", f"input={case}", f"output={out}", "device=cpu",
+                                                "precision=fp32", *extra]))
+        return np.asarray(nib.load(out / f"{case.name}.nii.gz").dataobj)
+
+    plain = np.asarray(nib.load(old / "expected" / "plain.nii.gz").dataobj)
+    assert plain.any()
+    assert not run("applied").any()
+    assert np.array_equal(run("off", "cv_postprocess=false"), plain)  # two copies of one model = the model
+    # The rules are part of what wrote the folder: a resume without them would mix two kinds of predictions.
+    manifests = {name: json.loads((tmp_path / name / "prediction.json").read_text())["model"]
+                 for name in ("applied", "off")}
+    assert manifests["applied"]["cv_postprocessing"] == [rule] and "cv_postprocessing" not in manifests["off"]
+    with pytest.raises(BratsError, match=r"holds predictions by another model.*cv_postprocessing"):
+        run("applied", "cv_postprocess=false", "resume=true")
