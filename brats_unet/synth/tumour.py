@@ -21,9 +21,7 @@ TISSUES = ("background", "wm", "gm", "csf", "ed", "et", "ncr", "net", "cavity")
 BG, WM, GM, CSF, ED, ET, NCR, NET, CAVITY = range(len(TISSUES))
 # Internal classes (data/labels.py): 0 background, 1 NCR (necrosis and non-enhancing tumour), 2 ED, 3 ET.
 TISSUE_CLASS = np.array([0, 0, 0, 0, 2, 3, 1, 1, 0], np.uint8)
-# Share of primary tumours. BraTS has few without ET (about 8 %); the demo holds 20 % so that its 12 training cases
-# hold two non-enhancing tumours to learn "no enhancement" from (docs/demo.md measures it).
-KINDS = {"necrotic": 0.65, "solid": 0.15, "nonenhancing": 0.20}
+KINDS = {"necrotic": 0.77, "solid": 0.15, "nonenhancing": 0.08}  # share of primary tumours (BraTS: few without ET)
 MULTIFOCAL = 0.12  # share of cases with a second, smaller lesion
 CORTICAL = 0.3  # share of lesions placed so that the core reaches the cortex
 # Brain metastases (brats-synth --layout met): several lesions, most of them small (a few mm: the lesion-wise score's
