@@ -393,6 +393,23 @@ def test_prepare_data_builds_the_cache_from_raw_nifti(tmp_path):
     assert v["image"].shape == (1, 3, 14, 14, 10)  # cropped to the non-zero brain box
 
 
+def test_case_balance_weights_training_cases_by_tumour_type_from_the_cache_meta(tiny_cache):
+    assert _dm(tiny_cache).case_weights() is None  # default: uniform permutations, as before
+    dm = _dm(tiny_cache, case_balance=1.0)
+    rare = dm.split["train"][0]
+    for case in dm.split["train"]:
+        path = tiny_cache["folder"] / f"{case}.json"
+        meta = json.loads(path.read_text())
+        meta["class_voxels"] = {"background": 900, "ncr": 5, "ed": 20, "et": 0 if case == rare else 7}
+        path.write_text(json.dumps(meta))
+    weights = dm.case_weights()  # 1 case without ET, 3 with: each type half of the draws
+    assert weights.tolist() == pytest.approx([0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3])
+    drawn = [c for c, _ in dm.train_dataloader().sampler]
+    assert drawn.count(0) > len(drawn) / 4
+    with pytest.raises(BratsError, match="data.case_balance must be a number in \\[0, 1\\], got 2"):
+        _dm(tiny_cache, case_balance=2)
+
+
 def test_nnunet_augment_in_the_loader_is_seeded_and_keeps_labels(tiny_cache):
     # Every spatial sample rotated and zoomed (cut from a larger region), all intensity steps on.
     steps = {"spatial": {"p": 1.0, "p_rotation": 1.0, "p_scaling": 1.0}, "flip": {"p": 0.5},

@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 
-from brats_unet.data.sampling import PatchSampler, choose_patch_start, crop_or_pad, random_patch_start
+from brats_unet.data.sampling import (
+    PatchSampler,
+    case_weights,
+    choose_patch_start,
+    crop_or_pad,
+    random_patch_start,
+    tumour_type,
+)
 
 
 def test_random_patch_start_covers_exactly_the_valid_range():
@@ -150,3 +157,31 @@ def test_patch_sampler_rejects_empty_inputs():
         PatchSampler(0, 4)
     with pytest.raises(ValueError, match="samples_per_epoch must be positive, got 0"):
         PatchSampler(4, 0)
+
+
+def test_tumour_type_names_the_tumour_classes_present():
+    assert tumour_type({"background": 900, "ncr": 3, "ed": 10, "et": 0}) == ("ed", "ncr")  # non-enhancing
+    assert tumour_type({"background": 900, "ncr": 0, "ed": 10, "et": 4}) == ("ed", "et")
+    assert tumour_type({"background": 900, "ncr": 0, "ed": 0, "et": 0}) == ()
+
+
+def test_case_weights_oversample_rare_tumour_types_by_the_balance_power():
+    types = ["ring"] * 9 + ["net"]
+    assert case_weights(types, 0.0).tolist() == [0.1] * 10
+    full = case_weights(types, 1.0)  # each type half of the draws
+    assert full[9] == pytest.approx(0.5) and full[:9] == pytest.approx([0.5 / 9] * 9)
+    half = case_weights(types, 0.5)  # weights 9 ** -0.5 = 1/3 each and 1: the rare case gets 1 / (9/3 + 1)
+    assert half[9] == pytest.approx(0.25) and half[:9] == pytest.approx([0.75 / 9] * 9)
+    with pytest.raises(ValueError, match="case balance must be in \\[0, 1\\], got 1.5"):
+        case_weights(types, 1.5)
+
+
+def test_patch_sampler_with_weights_draws_cases_by_them_reproducibly():
+    sampler = PatchSampler(3, 4000, seed=1, weights=[0.5, 0.25, 0.25])
+    counts = np.bincount([c for c, _ in sampler], minlength=3) / 4000
+    assert counts == pytest.approx([0.5, 0.25, 0.25], abs=0.03)
+    assert list(sampler) == list(PatchSampler(3, 4000, seed=1, weights=[2, 1, 1]))  # normalised
+    never = PatchSampler(3, 50, seed=1, weights=[1, 0, 1])
+    assert 1 not in {c for c, _ in never}
+    with pytest.raises(ValueError, match="weights must be 3 non-negative numbers with a positive sum, got \\[1.0, 1.0"):
+        PatchSampler(3, 5, weights=[1, 1])

@@ -25,7 +25,7 @@ from brats_unet.data import cache
 from brats_unet.data.cases import schema_of
 from brats_unet.data.checks import check_data_settings
 from brats_unet.data.preprocess import Recipe
-from brats_unet.data.sampling import PatchSampler, choose_patch_start, crop_or_pad
+from brats_unet.data.sampling import PatchSampler, case_weights, choose_patch_start, crop_or_pad, tumour_type
 from brats_unet.data.split import SUBSETS, SplitSpec, load_split
 from brats_unet.data.transforms import Augment, build_augment
 from brats_unet.runs import run_checkpoints
@@ -178,6 +178,7 @@ class BratsDataModule(L.LightningDataModule):
         patch_size: Sequence[int] = (128, 128, 128),
         foreground_fraction: float = 0.33,
         steps_per_epoch: int | None = None,
+        case_balance: float = 0.0,
         skip_bad_cases: bool = False,
         split: SplitSpec | None = None,
         split_file: str | Path | None = None,
@@ -190,6 +191,8 @@ class BratsDataModule(L.LightningDataModule):
         self.split_spec, self.loader = group_keys(keys, split, loader)
         check_data_settings(patch_size, self.loader.batch_size, self.loader.num_workers, steps_per_epoch,
                             foreground_fraction, self.split_spec.num_folds, self.split_spec.fold)
+        if isinstance(case_balance, bool) or not isinstance(case_balance, int | float) or not 0 <= case_balance <= 1:
+            raise BratsError(f"data.case_balance must be a number in [0, 1], got {case_balance!r}")
         self.root, self.layout, self.cache_dir = Path(root), layout, Path(cache_dir)
         self.preprocess, self.augment_cfg = cache.to_plain(preprocess), cache.to_plain(augment or {})
         self.recipe = Recipe.from_config(self.preprocess)
@@ -205,6 +208,7 @@ class BratsDataModule(L.LightningDataModule):
         self.fresh_run = False
         self.split_file = Path(split_file) if split_file else None
         self.foreground_fraction, self.steps_per_epoch = foreground_fraction, steps_per_epoch
+        self.case_balance = float(case_balance)
         self.skip_bad_cases = skip_bad_cases
         self.output_dir = Path(output_dir) if output_dir else None
         self.seed = int(seed)
@@ -297,6 +301,19 @@ class BratsDataModule(L.LightningDataModule):
             self._spacing = (train, None if median is None else [float(v) for v in median])
         return self._spacing[1]
 
+    def case_weights(self) -> np.ndarray | None:
+        """Per training case, the probability of drawing it (data.case_balance > 0: rare tumour types, e.g. those
+        without enhancing tumour, oversampled; types from the cache meta's class counts); None: uniform."""
+        if self.case_balance == 0 or self.split is None:
+            return None
+        types = [tumour_type(cache.load_cached(self.cache_path, case, mmap=True)[2].get("class_voxels", {}))
+                 for case in self.split["train"]]
+        weights = case_weights(types, self.case_balance)
+        log.info("case sampling (data.case_balance=%g): %s", self.case_balance,
+                 ", ".join(f"{'+'.join(t) or 'none'} {weights[[u == t for u in types]].sum():.0%}"
+                           for t in sorted(set(types))))
+        return weights
+
     @property
     def samples_per_epoch(self) -> int:
         return samples_per_epoch(len(self.train_set), self.batch_size, self.steps_per_epoch)
@@ -321,7 +338,8 @@ class BratsDataModule(L.LightningDataModule):
         rule = (f"data.steps_per_epoch={self.steps_per_epoch}" if self.steps_per_epoch else
                 f"data.steps_per_epoch=null: {len(self.train_set)} training cases / batch size {self.batch_size}")
         log.info("steps per epoch: %d (%s%s)", steps, rule, f", per device of {world}" if world > 1 else "")
-        sampler = PatchSampler(len(self.train_set), self.samples_per_epoch, seed=self.seed)
+        sampler = PatchSampler(len(self.train_set), self.samples_per_epoch, seed=self.seed,
+                               weights=self.case_weights())
         # Lightning 2.6 may build a resumed run's training iterator before it restores the loops and calls
         # set_epoch (the scheduler's trainer.estimated_stepping_batches does), and worker processes draw their
         # first indices as soon as the iterator exists: start at the epoch the fit continues from, or a run resumed

@@ -6,7 +6,7 @@ training sample comes from `np.random.default_rng(sample_seed)`, so a sample is 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -91,15 +91,41 @@ def crop_or_pad(
     return x_patch, y_patch
 
 
+def tumour_type(class_voxels: Mapping[str, int]) -> tuple[str, ...]:
+    """A case's tumour type: the tumour classes its label map holds (the cache meta's `class_voxels`), background
+    left out. ("ed", "ncr") is a non-enhancing tumour (no ET), ("ed", "et") a solid one, () a head without tumour."""
+    return tuple(sorted(name for name, n in class_voxels.items() if name != "background" and int(n) > 0))
+
+
+def case_weights(types: Sequence[Hashable], balance: float) -> np.ndarray:
+    """Sampling probability per case: proportional to (number of cases of its type) ** -balance, summing to 1.
+
+    balance 0: every case equally often (the default); 1: every tumour type equally often, however few its cases;
+    in between, rare types are oversampled less than fully (0.5: a type of 1 case among 12 gets 1/(1 + sqrt(11)),
+    23 % of the patches, instead of 8 %).
+    """
+    if not 0.0 <= balance <= 1.0:
+        raise ValueError(f"case balance must be in [0, 1], got {balance}")
+    if len(types) == 0:
+        raise ValueError("no cases to weight")
+    counts: dict[Hashable, int] = {}
+    for t in types:
+        counts[t] = counts.get(t, 0) + 1
+    w = np.array([counts[t] ** -float(balance) for t in types], dtype=np.float64)
+    return w / w.sum()
+
+
 class PatchSampler(torch.utils.data.Sampler):
     """Yields `samples_per_epoch` pairs (case_index, sample_seed), a pure function of (seed, epoch).
 
     Cases come in a seeded permutation, repeated (each repeat freshly permuted) when there are more samples than
     cases, so every case is seen equally often. Lightning calls `set_epoch` at each epoch start (also through its
     DDP `DistributedSamplerWrapper`, which then shards this sequence), so a resumed run sees the same data.
+    With `weights` (one probability per case, `case_weights`) cases are drawn with those probabilities instead.
     """
 
-    def __init__(self, num_cases: int, samples_per_epoch: int, seed: int = 0) -> None:
+    def __init__(self, num_cases: int, samples_per_epoch: int, seed: int = 0,
+                 weights: Sequence[float] | np.ndarray | None = None) -> None:
         if num_cases <= 0:
             raise ValueError(f"num_cases must be positive, got {num_cases}")
         if samples_per_epoch <= 0:
@@ -108,14 +134,24 @@ class PatchSampler(torch.utils.data.Sampler):
         self.samples_per_epoch = int(samples_per_epoch)
         self.seed = int(seed)
         self.epoch = 0
+        self.weights = None
+        if weights is not None:
+            w = np.asarray(weights, dtype=np.float64)
+            if w.shape != (self.num_cases,) or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+                raise ValueError(f"weights must be {self.num_cases} non-negative numbers with a positive sum, got "
+                                 f"{np.atleast_1d(w).tolist()}")
+            self.weights = w / w.sum()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def indices(self) -> list[tuple[int, int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        repeats = -(-self.samples_per_epoch // self.num_cases)
-        order = np.concatenate([rng.permutation(self.num_cases) for _ in range(repeats)])[: self.samples_per_epoch]
+        if self.weights is None:
+            repeats = -(-self.samples_per_epoch // self.num_cases)
+            order = np.concatenate([rng.permutation(self.num_cases) for _ in range(repeats)])[: self.samples_per_epoch]
+        else:
+            order = rng.choice(self.num_cases, size=self.samples_per_epoch, p=self.weights)
         seeds = rng.integers(0, 2**63 - 1, size=self.samples_per_epoch, dtype=np.int64)
         return [(int(c), int(s)) for c, s in zip(order, seeds, strict=True)]
 
