@@ -111,6 +111,17 @@ def save_checkpoint(path: Path, *extra: str, preprocess: str = "modern", et_ever
     return path
 
 
+def nudged_checkpoint(path: Path, seed: int = 1) -> Path:
+    """A second, genuinely different model of the v0_1 fixture's architecture: its weights plus seeded noise."""
+    checkpoint = torch.load(FIXTURES / "v0_1" / "tiny_region.ckpt", map_location="cpu", weights_only=True)
+    generator = torch.Generator().manual_seed(seed)
+    for key, value in checkpoint["state_dict"].items():
+        if key.startswith("net.") and value.is_floating_point():
+            checkpoint["state_dict"][key] = value + 0.05 * torch.randn(value.shape, generator=generator)
+    torch.save(checkpoint, path)
+    return path
+
+
 def read_metrics_csv(path: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
     """(columns, {case: row}) of a metrics.csv, as text."""
     with open(path, newline="") as f:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import FIXTURES, compose_cli, run_script
+from helpers import FIXTURES, compose_cli, nudged_checkpoint, run_script
 
 from brats_unet.cli.export import export as export_command
 from brats_unet.cli.predict import command_line
@@ -30,17 +30,6 @@ CKPT = OLD / "tiny_region.ckpt"
 CASE = OLD / "BraTS2021_00000"
 HAS_ONNX = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
 NEEDS_ONNX = pytest.mark.skipif(not HAS_ONNX, reason="onnx/onnxruntime not installed (pip install -e '.[export]')")
-
-
-def variant(path: Path, seed: int = 1) -> Path:
-    """The fixture checkpoint with its weights nudged: a second, different model of the same architecture."""
-    checkpoint = torch.load(CKPT, map_location="cpu", weights_only=True)
-    generator = torch.Generator().manual_seed(seed)
-    for key, value in checkpoint["state_dict"].items():
-        if key.startswith("net.") and value.is_floating_point():
-            checkpoint["state_dict"][key] = value + 0.05 * torch.randn(value.shape, generator=generator)
-    torch.save(checkpoint, path)
-    return path
 
 
 def labels_of(path: Path) -> np.ndarray:
@@ -68,7 +57,7 @@ def test_package_predicts_bit_identical_to_its_checkpoint(package: Path) -> None
 
 
 def test_an_ensemble_package_equals_the_ensemble_of_its_checkpoints(tmp_path: Path) -> None:
-    b = variant(tmp_path / "b.ckpt")
+    b = nudged_checkpoint(tmp_path / "b.ckpt")
     package = export_package([CKPT, b], tmp_path / "ens", measure=False, tta=True)
     ckpt = Segmenter.from_checkpoint([CKPT, b], device="cpu", precision="fp32", tta=True)
     pkg = Segmenter.from_package(package, device="cpu", precision="fp32")  # tta=true: the package's default
@@ -206,7 +195,7 @@ def test_onnx_missing_is_a_clear_error(package: Path, monkeypatch: pytest.Monkey
 
 
 def test_a_predictions_folder_records_the_package_and_refuses_another(package: Path, tmp_path: Path) -> None:
-    other = export_package(variant(tmp_path / "b.ckpt"), tmp_path / "other", measure=False)
+    other = export_package(nudged_checkpoint(tmp_path / "b.ckpt"), tmp_path / "other", measure=False)
     out = tmp_path / "pred"
     common = [f"input={CASE}", f"output={out}", "device=cpu", "precision=fp32"]
     predict_command(compose_cli("predict", [f"package={package}", *common]))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import FIXTURES, compose_cli, compose_train, run_evaluate, tiny_overrides
+from helpers import FIXTURES, compose_cli, compose_train, nudged_checkpoint, run_evaluate, tiny_overrides
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -186,17 +186,6 @@ def test_a_users_own_target_loads_only_when_trusted(tmp_path: Path) -> None:
 
 
 # ---- one predictions folder, one model ----------------------------------------------------------------------------
-def nudged(path: Path, seed: int = 1) -> Path:
-    """A second, genuinely different model: the fixture's weights plus seeded noise."""
-    checkpoint = torch.load(CKPT, map_location="cpu", weights_only=True)
-    generator = torch.Generator().manual_seed(seed)
-    for key, value in checkpoint["state_dict"].items():
-        if key.startswith("net.") and value.is_floating_point():
-            checkpoint["state_dict"][key] = value + 0.05 * torch.randn(value.shape, generator=generator)
-    torch.save(checkpoint, path)
-    return path
-
-
 def split_of(tmp_path: Path, cases: list[str]) -> str:
     path = tmp_path / f"split{len(cases)}.json"
     path.write_text(json.dumps({"train": [], "val": [], "test": cases}))
@@ -215,7 +204,7 @@ def labels(path: Path) -> np.ndarray:
 @pytest.mark.slow
 def test_one_predictions_folder_holds_one_models_predictions(synthetic_root: Path, tmp_path: Path) -> None:
     cases = sorted(p.name for p in synthetic_root.iterdir() if p.is_dir())[:4]
-    a, b = CKPT, nudged(tmp_path / "b.ckpt")
+    a, b = CKPT, nudged_checkpoint(tmp_path / "b.ckpt")
     out = tmp_path / "out"
     three, four = split_of(tmp_path, cases[:3]), split_of(tmp_path, cases)
     predict_cases(a, synthetic_root, out, three)
