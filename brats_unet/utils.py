@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -77,3 +78,12 @@ def check_writable_output(path: str | os.PathLike, overwrite: bool) -> Path:
     if not os.access(path, os.W_OK):
         raise BratsError(f"output folder {path} is not writable")
     return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks (checkpoints and weights run to hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -36,14 +36,13 @@ from brats_unet.inference.package import (
     architecture_of,
     check_plain,
     content_hash,
-    file_sha256,
     schema_json,
 )
 from brats_unet.inference.segmenter import Segmenter
 from brats_unet.runs import read_metrics, read_overrides
 from brats_unet.training.checkpoint import load_checkpoint
 from brats_unet.training.module import BratsModule
-from brats_unet.utils import BratsError, atomic_write_json, atomic_write_text
+from brats_unet.utils import BratsError, atomic_write_json, atomic_write_text, file_sha256
 
 log = logging.getLogger("brats_unet.export")
 FORMATS = ("safetensors", "onnx")

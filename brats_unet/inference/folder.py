@@ -26,7 +26,7 @@ from brats_unet.inference.inputs import is_case_folder
 from brats_unet.inference.postprocess import apply_record
 from brats_unet.inference.segmenter import Segmenter
 from brats_unet.inference.uncertainty import qc_row, read_qc, save_uncertainty, segment_with_uncertainty, write_qc
-from brats_unet.utils import BratsError, atomic_path, check_writable_output
+from brats_unet.utils import BratsError, atomic_path, check_writable_output, file_sha256
 
 log = logging.getLogger("brats_unet.predict")
 QC_FILE = "qc.csv"
@@ -61,14 +61,6 @@ def save_probabilities(path: Path, probs: np.ndarray, case: Case) -> None:
     img.set_data_dtype(np.uint8)
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weights_sha256(module: Any) -> str:

@@ -33,7 +33,7 @@ from brats_unet.models.unet3d import UNet3D
 from brats_unet.training.losses import CrossEntropyLoss, RegionDiceBCELoss
 from brats_unet.training.module import BratsModule
 from brats_unet.training.targets import is_trusted
-from brats_unet.utils import BratsError
+from brats_unet.utils import BratsError, file_sha256
 
 FORMAT = 1
 MODEL_JSON = "model.json"
@@ -75,14 +75,6 @@ def check_plain(node: Any, where: str, path: str = "") -> None:
         raise BratsError(f"{where}: {path} holds an interpolation ({node[:80]!r}); a model package holds plain values")
     elif not (node is None or isinstance(node, bool | int | float | str)):
         raise BratsError(f"{where}: {path} holds a {type(node).__name__}; a model package holds JSON data only")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def content_hash(meta: Mapping[str, Any]) -> str:
