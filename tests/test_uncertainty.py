@@ -13,8 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import FIXTURES, compose_cli, compose_train, tiny_overrides
-from test_export import variant
+from helpers import FIXTURES, compose_cli, compose_train, nudged_checkpoint, tiny_overrides
 
 from brats_unet.cli.predict import predict as predict_command
 from brats_unet.data.cases import Case, load_nifti
@@ -82,8 +81,8 @@ def test_calibration_error_by_hand_and_temperature_undoes_overconfidence() -> No
 
 
 def test_uncertainty_leaves_the_prediction_bit_identical(tmp_path: Path) -> None:
-    segmenter = Segmenter.from_checkpoint([CKPT, variant(tmp_path / "b.ckpt")], device="cpu", precision="fp32",
-                                          tta=True)
+    members = [CKPT, nudged_checkpoint(tmp_path / "b.ckpt")]
+    segmenter = Segmenter.from_checkpoint(members, device="cpu", precision="fp32", tta=True)
     _, labels, probs = segmenter.segment(CASE, probabilities=True)
     _, labels_u, probs_u, unc = segment_with_uncertainty(segmenter, CASE, probabilities=True)
     assert np.array_equal(labels, labels_u) and torch.equal(torch.from_numpy(probs), torch.from_numpy(probs_u))
