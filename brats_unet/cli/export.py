@@ -2,6 +2,8 @@
 
     brats-export ckpt_path=<run>/checkpoints/best.ckpt output=<dir> [format=onnx] [zip=true] [tta=true]
     brats-predict model=<dir> input=<cases> output=<predictions> [runtime=onnx]
+A sweep dir's postprocessing.json (brats-postprocess) is carried into the package and applied by brats-predict
+model=<dir> (cv_postprocess=false, here or there, leaves it out / off).
 """
 
 from __future__ import annotations

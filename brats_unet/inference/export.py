@@ -211,10 +211,10 @@ def export_package(spec: CheckpointSpec, output: str | Path, *, formats: Sequenc
     config = loaded[0][1]
     spacing = training_spacing(config, paths[0])
     resample_to = spacing["spacing"] if spacing and spacing["source"].startswith("checkpoint") else None
+    # refuses members that cannot be averaged; predicts as the package will (timing for the card)
     segmenter = Segmenter([m for m, _ in loaded], [c for _, c in loaded], device="cpu", precision="fp32", tta=tta,
                           postprocess=postprocess, overlap=overlap, window_batch=window_batch,
-                          names=[str(p) for p in paths], spacing=resample_to,  # refuses members that cannot be averaged
-                          cv_postprocessing=carried)
+                          names=[str(p) for p in paths], spacing=resample_to, cv_postprocessing=carried)
     recipe = dict(config["preprocess"])
     check_plain(recipe, f"{paths[0]} (preprocess config)")
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as tmp:

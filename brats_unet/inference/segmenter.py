@@ -32,7 +32,7 @@ from brats_unet.inference.ensemble import CheckpointSpec, check_compatible, reso
 from brats_unet.inference.inputs import CaseInput, load_input
 from brats_unet.inference.loading import StoredModel, build_model, inference_probe, read_checkpoint
 from brats_unet.inference.package import load_members, package_options
-from brats_unet.inference.postprocess import apply_record
+from brats_unet.inference.postprocess import apply_record, check_record
 from brats_unet.inference.probabilities import mean_probabilities
 from brats_unet.inference.resampling import resample, resampled_shape
 from brats_unet.runtime import (
@@ -126,7 +126,8 @@ class Segmenter:
         self.tta, self.postprocess = bool(opts["tta"]), bool(opts["postprocess"])
         self.overlap, self.window_batch = float(opts["overlap"]), int(opts["window_batch"])
         self.spacing = None if spacing is None else tuple(float(v) for v in spacing)
-        self.cv_postprocessing = None if cv_postprocessing is None else dict(cv_postprocessing)
+        self.cv_postprocessing = None if cv_postprocessing is None else check_record(cv_postprocessing,
+                                                                                     "cv_postprocessing")
         self.channels_last: bool | None = None  # the memory format from_checkpoint chose (None: as the modules are)
         self.package: dict[str, Any] | None = None  # model.json, for a Segmenter.from_package
         self.package_files: list[tuple[str, str]] = []  # (file, SHA-256) of each member, for a package
