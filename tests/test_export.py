@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import FIXTURES, compose_cli, make_sweep, nudged_checkpoint, run_script
+from helpers import FIXTURES, compose_cli, make_sweep, nudged_checkpoint, run_script, save_checkpoint
 
 from brats_unet.cli.export import export as export_command
 from brats_unet.cli.predict import command_line
@@ -65,6 +65,17 @@ def test_an_ensemble_package_equals_the_ensemble_of_its_checkpoints(tmp_path: Pa
     pkg = Segmenter.from_package(package, device="cpu", precision="fp32")  # tta=true: the package's default
     assert pkg.tta and len(pkg.modules) == 2
     assert torch.equal(torch.from_numpy(ckpt.predict_proba(CASE)), torch.from_numpy(pkg.predict_proba(CASE)))
+
+
+def test_a_resenc_run_exports_and_predicts_bit_identical(tmp_path: Path) -> None:
+    # model=resenc (experiment=resenc's network) was missing from the architectures a package can carry
+    ckpt = save_checkpoint(tmp_path / "resenc.ckpt", "model=resenc", "model.filters=[4,8,16]")
+    pkg = export_package(ckpt, tmp_path / "pkg", measure=False)
+    meta = json.loads((pkg / "model.json").read_text())
+    assert meta["members"][0]["network"]["architecture"] == "resenc"
+    a = Segmenter.from_checkpoint(ckpt, device="cpu", precision="fp32").segment(CASE, probabilities=True)
+    b = Segmenter.from_package(pkg, device="cpu", precision="fp32").segment(CASE, probabilities=True)
+    assert np.array_equal(a[2], b[2]) and np.array_equal(a[1], b[1])
 
 
 def test_brats_predict_model_dir_writes_what_the_checkpoint_writes(package: Path, tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from brats_unet.data.labels import LabelSchema, resolve_schema
 from brats_unet.data.preprocess import Recipe
 from brats_unet.inference.onnx import OnnxNetwork
 from brats_unet.inference.postprocess import check_record
+from brats_unet.models.resenc import ResEncUNet
 from brats_unet.models.unet2d import UNet2D
 from brats_unet.models.unet3d import UNet3D
 from brats_unet.training.losses import CrossEntropyLoss, RegionDiceBCELoss
@@ -41,7 +42,7 @@ from brats_unet.utils import BratsError, file_sha256
 FORMAT = 1
 MODEL_JSON = "model.json"
 # The networks a package may name; a new architecture is added here (by name, never as an import path in the file).
-ARCHITECTURES: dict[str, type[nn.Module]] = {"unet3d": UNet3D, "unet2d": UNet2D}
+ARCHITECTURES: dict[str, type[nn.Module]] = {"unet3d": UNet3D, "unet2d": UNet2D, "resenc": ResEncUNet}
 # Only the head's activation matters at prediction (probabilities and decoding), not the loss that trained it.
 HEADS: dict[str, type[nn.Module]] = {"softmax": CrossEntropyLoss, "sigmoid": RegionDiceBCELoss}
 RUNTIMES = ("torch", "onnx")
