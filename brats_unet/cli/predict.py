@@ -1,11 +1,12 @@
 """brats-predict: segment BraTS cases with a trained checkpoint; one uint8 label map per case in the input's geometry.
 
     brats-predict ckpt_path=<run>/checkpoints/best.ckpt input=<BraTS root or one case folder> output=<dir> [tta=true]
+    brats-predict ckpt_path=<run dir> ...                  the run's best.ckpt (with its postprocessing.json, if any)
     brats-predict ckpt_path='[a.ckpt,b.ckpt]' ...          an ensemble (also ckpt_path=<sweep dir>: every job's best)
     brats-predict ckpt_path=<cv sweep dir> oof=true ...    each fold's validation cases with that fold's model
     brats-predict model=<brats-export package> ... [runtime=onnx] [save_uncertainty=true]     (docs/export.md)
-A sweep dir holding a postprocessing.json (brats-postprocess), or a package exported from one, has its rules applied;
-cv_postprocess=false skips them.
+A sweep or run dir holding a postprocessing.json (brats-postprocess), or a package exported from one, has its rules
+applied; cv_postprocess=false skips them. A checkpoint file never has.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from brats_unet.cli.common import require, trust_targets, user_errors
 from brats_unet.config import CONFIG_PATH, PREDICT_OPTIONS
 from brats_unet.data.split import read_split
-from brats_unet.inference.cv_postprocess import sweep_postprocessing
+from brats_unet.inference.cv_postprocess import chosen_on, sweep_postprocessing
 from brats_unet.inference.folder import predict_folder, predict_out_of_fold
 from brats_unet.inference.segmenter import Segmenter
 from brats_unet.runtime import configure_runtime, resolve_device
@@ -46,7 +47,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     require(cfg, "ckpt_path", "input", "output", usage="brats-predict ckpt_path=<ckpt> input=<root|case> output=<dir> "
             "(or model=<brats-export package>)")
     log.info("runtime: %s", configure_runtime(**(cfg.get("runtime") or {})))
-    # A list (an ensemble) arrives as a ListConfig; a file or sweep dir as a string.
+    # A list (an ensemble) arrives as a ListConfig; a file, run or sweep dir as a string.
     ckpt: Any = [str(p) for p in cfg.ckpt_path] if isinstance(cfg.ckpt_path, ListConfig) else str(cfg.ckpt_path)
     # The API's own option names (config.PREDICT_OPTIONS): Segmenter.from_checkpoint resolves `auto` once.
     options = {k: cfg[k] for k in PREDICT_OPTIONS} | {"channels_last": cfg.runtime.channels_last}
@@ -56,8 +57,8 @@ def predict(cfg: DictConfig) -> list[Path]:
     post = None
     if chosen is not None:
         path, post = chosen
-        log.info("post-processing chosen on the sweep's out-of-fold predictions (%s): %d rules, %s %.4f -> %.4f "
-                 "(cv_postprocess=false to skip)", path, len(post["rules"]), post["metric"],
+        log.info("post-processing chosen on %s (%s, %s cases): %d rules, %s %.4f -> %.4f (cv_postprocess=false to "
+                 "skip)", chosen_on(post), path, post.get("cases"), len(post["rules"]), post["metric"],
                  post["score_before"], post["score_after"])
     if cfg.get("oof"):
         if cfg.get("save_uncertainty"):

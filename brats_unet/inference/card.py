@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from brats_unet.inference.postprocess import ONE_RUN
+
 REGIONS = ("wt", "tc", "et")
 LIMITS = (
     "Research use only: not a medical device, not validated for clinical decisions.",
@@ -63,19 +65,22 @@ def _rule(rule: Mapping[str, Any]) -> str:
 
 
 def _postprocessing(record: Mapping[str, Any] | None) -> list[str]:
-    lines = ["", "## Post-processing chosen on cross-validation"]
+    one_run = record is not None and record.get("chosen_on") == ONE_RUN
+    lines = ["", f"## Post-processing chosen on {'validation cases' if one_run else 'cross-validation'}"]
     if record is None:
-        return [*lines, "- None carried: exported from a checkpoint or a list of them, or from a sweep without "
-                "postprocessing.json (`brats-postprocess run=<sweep>` chooses rules; exporting that sweep dir carries "
-                "them)."]
-    lines.append(f"Chosen by brats-postprocess on {record.get('cases')} out-of-fold cases ({record.get('challenge')}, "
+        return [*lines, "- None carried: exported from a checkpoint or a list of them, or from a sweep or run dir "
+                "without postprocessing.json (`brats-postprocess run=<sweep or run dir>` chooses rules; exporting "
+                "that dir carries them)."]
+    cases = ("validation cases of one run (a weaker estimate than a cross-validation sweep's out-of-fold cases)"
+             if one_run else "out-of-fold cases")
+    lines.append(f"Chosen by brats-postprocess on {record.get('cases')} {cases} ({record.get('challenge')}, "
                  f"{record.get('metric')}): {_number(record.get('score_before'))} before, "
                  f"{_number(record.get('score_after'))} after. `brats-predict model=<this folder>` and "
                  "`Segmenter.from_package` apply these rules by default, in this order; `cv_postprocess=false` "
                  "turns them off.")
     rules = record.get("rules") or []
     return [*lines, "", *(_rule(r) for r in rules)] if rules else \
-        [*lines, "- No rule raised the out-of-fold score: nothing is applied."]
+        [*lines, f"- No rule raised the {'validation' if one_run else 'out-of-fold'} score: nothing is applied."]
 
 
 def model_card(meta: Mapping[str, Any], spec: Any = None) -> str:

@@ -2,6 +2,7 @@
 cross-validation sweep (each fold's best checkpoint and validation cases, for out-of-fold prediction).
 
     ckpt_path=a.ckpt                  one model
+    ckpt_path=<run dir>               one model: the run's checkpoints/best.ckpt
     ckpt_path='[a.ckpt,b.ckpt]'       an ensemble of the listed checkpoints
     ckpt_path=<sweep dir>             an ensemble of every job's checkpoints/best.ckpt
 """
@@ -25,13 +26,32 @@ PREPROCESS_IGNORED = ("dtype",)
 CheckpointSpec = str | Path | Sequence[str | Path]
 
 
+def is_run_dir(path: Path) -> bool:
+    """A single brats-train run folder (checkpoints/ or split.json, no job folders): not a sweep."""
+    marks = (path / "checkpoints").is_dir() or (path / "split.json").is_file()
+    return marks and path.is_dir() and not find_jobs(path)
+
+
+def run_checkpoint(run: Path) -> Path:
+    """A run dir's checkpoints/best.ckpt; BratsError naming it when the run has none."""
+    best = run / BEST
+    if best.is_file():
+        return best
+    metrics = read_metrics(run)
+    if metrics is not None and not validated(metrics):
+        raise BratsError(f"{best} not found: the run {run} {NEVER_VALIDATED}")
+    raise BratsError(f"{best} not found: the run {run} has no best checkpoint (still training, or failed?); finish it "
+                     "first (rerun brats-train with the same hydra.run.dir and ckpt_path=last)")
+
+
 def sweep_checkpoints(sweep: Path) -> list[Path]:
     """Each job's checkpoints/best.ckpt, in job order; BratsError naming the jobs that have none."""
     jobs = find_jobs(sweep)
     if not jobs:
-        hint = f" (a run dir? pass {sweep / BEST})" if (sweep / BEST).is_file() else ""
-        raise BratsError(f"ckpt_path {sweep} is a folder but not a sweep (job folders with .hydra/overrides.yaml)"
-                         f"{hint}")
+        what = ("a single run's folder, not a sweep (job folders with .hydra/overrides.yaml): out-of-fold "
+                "predictions need the sweep of fold jobs" if is_run_dir(sweep) else "a folder but neither a sweep "
+                f"(job folders with .hydra/overrides.yaml) nor a run ({BEST})")
+        raise BratsError(f"ckpt_path {sweep} is {what}")
     missing = [job.name for job in jobs if not (job / BEST).is_file()]
     unvalidated = [j for j in missing if (m := read_metrics(sweep / j)) is not None and not validated(m)]
     if unvalidated:
@@ -44,10 +64,13 @@ def sweep_checkpoints(sweep: Path) -> list[Path]:
 
 
 def resolve_checkpoints(spec: CheckpointSpec) -> list[Path]:
-    """ckpt_path as typed -> checkpoint files: a file, a sweep dir, or a list of either (flattened, in order)."""
+    """ckpt_path as typed -> checkpoint files: a file, a run dir (its best.ckpt), a sweep dir, or a list of these
+    (flattened, in order)."""
     if isinstance(spec, str | Path):
         path = Path(spec).expanduser()
-        return sweep_checkpoints(path) if path.is_dir() else [path]  # load_checkpoint names a missing file
+        if not path.is_dir():
+            return [path]  # load_checkpoint names a missing file
+        return [run_checkpoint(path)] if is_run_dir(path) else sweep_checkpoints(path)
     items = list(spec)
     if not items:
         raise BratsError("ckpt_path is an empty list: name at least one checkpoint")

@@ -1,7 +1,7 @@
-"""brats-export: a checkpoint, a list of them or a sweep dir -> one model package (inference/package.py) with a
-generated MODEL_CARD.md (inference/card.py), optionally ONNX graphs and a zip. A sweep dir's postprocessing.json
-(brats-postprocess) goes into model.json as `cv_postprocessing`, so the package predicts what brats-predict
-ckpt_path=<sweep> predicts.
+"""brats-export: a checkpoint, a run dir, a list of checkpoints or a sweep dir -> one model package
+(inference/package.py) with a generated MODEL_CARD.md (inference/card.py), optionally ONNX graphs and a zip. A sweep or
+run dir's postprocessing.json (brats-postprocess) goes into model.json as `cv_postprocessing`, so the package predicts
+what brats-predict ckpt_path=<that dir> predicts.
 
 Every member is loaded exactly as brats-predict loads it (inference.loading.load_model: the checked config, strict
 weights), and its network's state_dict is written as tensors only; predicting from the package is bit-identical to
@@ -31,7 +31,7 @@ from brats_unet.data.split import load_split
 from brats_unet.inference.card import model_card
 from brats_unet.inference.cv_postprocess import FILE as POSTPROCESSING_FILE
 from brats_unet.inference.cv_postprocess import sweep_postprocessing
-from brats_unet.inference.ensemble import CheckpointSpec, resolve_checkpoints
+from brats_unet.inference.ensemble import CheckpointSpec, is_run_dir, resolve_checkpoints
 from brats_unet.inference.loading import load_model
 from brats_unet.inference.onnx import export_onnx
 from brats_unet.inference.package import (
@@ -53,7 +53,7 @@ FORMATS = ("safetensors", "onnx")
 # Keys of a model config that describe the run, not the network's shape.
 NOT_NETWORK = ("_target_", "channels_last")
 # Fields of a postprocessing.json that name folders on the machine it was chosen on: not carried into a package.
-LOCAL_PATHS = ("sweep", "predictions", "truth")
+LOCAL_PATHS = ("sweep", "run", "predictions", "truth")
 
 
 def project_version() -> str:
@@ -125,13 +125,17 @@ def training_spacing(config: Mapping[str, Any], ckpt: Path, limit: int = 50) -> 
 
 def carried_postprocessing(spec: CheckpointSpec, carry: bool = True) -> dict[str, Any] | None:
     """What a package of `spec` carries as `cv_postprocessing`: the rules brats-predict ckpt_path=<spec> applies, i.e.
-    a sweep dir's postprocessing.json (checked; without its local paths, with the file's SHA-256). None for a sweep
-    without one, with carry=False, and for a checkpoint or a list: rules chosen for a sweep's ensemble are not
-    brats-predict's for one of its checkpoints either (a note says so when the checkpoint's sweep has them)."""
+    a sweep or run dir's postprocessing.json (checked; without its local paths, with the file's SHA-256). None for a
+    dir without one, with carry=False, and for a checkpoint or a list: brats-predict applies no rules to those (a note
+    says so when the checkpoint's run or sweep has them; a sweep's were chosen for its ensemble)."""
     chosen = sweep_postprocessing(spec)
     if chosen is None:
         for ckpt in [spec] if isinstance(spec, str | Path) else spec if isinstance(spec, Sequence) else []:
             run = run_dir_of(Path(ckpt).expanduser())
+            if run is not None and (run / POSTPROCESSING_FILE).is_file():
+                log.warning("%s is not carried: brats-predict applies a run's rules only with ckpt_path=<run dir>; "
+                            "export ckpt_path=%s to carry them", run / POSTPROCESSING_FILE, run)
+                break
             if run is not None and (run.parent / POSTPROCESSING_FILE).is_file():
                 log.warning("%s is not carried: its rules were chosen for the sweep's ensemble and brats-predict "
                             "applies them only with ckpt_path=<sweep dir>; export ckpt_path=%s to carry them",
@@ -192,8 +196,8 @@ def export_package(spec: CheckpointSpec, output: str | Path, *, formats: Sequenc
                    tta: bool = False, postprocess: bool = False, overlap: float = 0.5, window_batch: int = 2,
                    license: str = "unspecified", measure: bool = True, measure_input: str | None = None,
                    archive: bool = False, overwrite: bool = False, cv_postprocess: bool = True) -> Path:
-    """Write the package of `spec` (a checkpoint, a list, or a sweep dir) to `output`; return the folder.
-    `archive`: also `<output>.zip` (config key zip). `cv_postprocess`: carry a sweep dir's postprocessing.json
+    """Write the package of `spec` (a checkpoint, a run dir, a list, or a sweep dir) to `output`; return the folder.
+    `archive`: also `<output>.zip` (config key zip). `cv_postprocess`: carry a sweep or run dir's postprocessing.json
     (carried_postprocessing); the package's predictions then apply it unless turned off there."""
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
@@ -276,8 +280,9 @@ def export_package(spec: CheckpointSpec, output: str | Path, *, formats: Sequenc
 
 
 def _source(path: Path, spec: CheckpointSpec) -> str:
-    """The member's checkpoint relative to the sweep dir it came from (absolute paths say nothing on another disk)."""
-    if isinstance(spec, str | Path) and Path(spec).is_dir():
+    """The member's checkpoint relative to the sweep dir it came from, or to its run's parent (absolute paths say
+    nothing on another disk)."""
+    if isinstance(spec, str | Path) and Path(spec).is_dir() and not is_run_dir(Path(spec).expanduser()):
         return str(path.relative_to(Path(spec).expanduser()))
     run = run_dir_of(path)
     return str(path.relative_to(run.parent)) if run else path.name

@@ -25,10 +25,14 @@ from brats_unet.utils import BratsError
 
 RULES = ("min_size", "largest", "et_to_ncr")
 RECORD_VERSION = 1  # of a postprocessing.json (brats-postprocess), also carried in a model package's model.json
+# A record's `chosen_on` when chosen on one run's validation cases; a sweep's says "out-of-fold predictions of K folds"
+# (records written before `chosen_on` existed were all out-of-fold).
+ONE_RUN = "validation cases of one run"
 # Each rule's own keys, beside "rule" (and the scores postprocessing.json keeps with it).
 RULE_KEYS = {"min_size": ("region", "min_size"), "largest": ("region",), "et_to_ncr": ("min_total",)}
 DEFAULT_SIZES = (10, 25, 50, 100, 200, 500, 1000)
-DEFAULT_ET_TOTALS = (25, 50, 73, 100, 200, 500)
+# Voxels; 1000 and 2000 are 8 and 16 mL at 2 mm voxels (the demo's), 1 and 2 mL at BraTS's 1 mm.
+DEFAULT_ET_TOTALS = (25, 50, 73, 100, 200, 500, 1000, 2000)
 # What a voxel dropped from a region becomes: the next region out's own label, by name (first present wins).
 FILL_NAMES = {"et": ("ncr", "netc"), "tc": ("ed", "snfh")}
 
