@@ -124,29 +124,34 @@ def nudged_checkpoint(path: Path, seed: int = 1) -> Path:
     return path
 
 
+def make_run(run: Path, ckpt: Path | None, root: Path, split: dict, overrides: Sequence[str] = ()) -> Path:
+    """A brats-train run folder as it is left (only what is read here): .hydra/ (data.root = `root`), split.json and
+    checkpoints/best.ckpt, `ckpt`'s model with its config saying it trained on `root` and `split` (fold, num_folds,
+    seed); None: a stub holding only that config (when the predictions are given)."""
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides) or "[]\n")
+    (run / ".hydra" / "config.yaml").write_text(f"data:\n  root: {root}\n  layout: brats2021\n")
+    (run / "split.json").write_text(json.dumps(split))
+    (run / "checkpoints").mkdir()
+    data = {"root": str(root), "fold": split.get("fold"), "num_folds": split.get("num_folds", 1),
+            "split_seed": split.get("seed")}
+    checkpoint = ({"brats_config": {}} if ckpt is None
+                  else torch.load(ckpt, map_location="cpu", weights_only=True))
+    checkpoint["brats_config"]["data"] = {**checkpoint["brats_config"].get("data", {}), **data}
+    torch.save(checkpoint, run / "checkpoints" / "best.ckpt")
+    return run
+
+
 def make_sweep(tmp_path: Path, ckpt: Path | Sequence[Path] | None, cases: list[str], root: Path) -> Path:
-    """Two fold jobs as brats-train -m data.num_folds=2 data.fold=0,1 leaves them (only what is read here): `ckpt`'s
-    model as both folds' checkpoints/best.ckpt, or one checkpoint per fold; None: a stub naming only the fold."""
+    """Two fold jobs as brats-train -m data.num_folds=2 data.fold=0,1 leaves them (make_run): `ckpt`'s model as both
+    folds' checkpoints/best.ckpt, or one checkpoint per fold; None: a stub naming only the fold."""
     sweep = tmp_path / "cv"
     for fold in (0, 1):
-        job = sweep / str(fold)
-        (job / ".hydra").mkdir(parents=True)
-        (job / ".hydra" / "overrides.yaml").write_text(f"- data.num_folds=2\n- data.fold={fold}\n")
-        (job / ".hydra" / "config.yaml").write_text(f"data:\n  root: {root}\n  layout: brats2021\n")
         val = cases[fold::2]
         split = {"train": [c for c in cases if c not in val], "val": val, "test": [], "seed": 0, "fold": fold,
                  "num_folds": 2}
-        (job / "split.json").write_text(json.dumps(split))
-        (job / "checkpoints").mkdir()
-        if ckpt is None:  # only its config is read (the split check): the predictions are given
-            torch.save({"brats_config": {"data": {"fold": fold, "num_folds": 2, "split_seed": 0}}},
-                       job / "checkpoints" / "best.ckpt")
-        else:  # a real fold job: its checkpoint's own config trained this fold (out-of-fold prediction checks it)
-            checkpoint = torch.load(ckpt if isinstance(ckpt, str | Path) else ckpt[fold], map_location="cpu",
-                                    weights_only=True)
-            checkpoint["brats_config"]["data"] = {**checkpoint["brats_config"]["data"], "fold": fold,
-                                                  "num_folds": 2, "split_seed": 0}
-            torch.save(checkpoint, job / "checkpoints" / "best.ckpt")
+        one = ckpt if ckpt is None or isinstance(ckpt, str | Path) else ckpt[fold]
+        make_run(sweep / str(fold), one, root, split, overrides=["data.num_folds=2", f"data.fold={fold}"])
     return sweep
 
 

@@ -16,7 +16,7 @@ import brats_unet
 from brats_unet.cli.predict import predict as predict_command
 from brats_unet.data.labels import SCHEMAS
 from brats_unet.inference.decoding import decode
-from brats_unet.inference.ensemble import check_compatible, resolve_checkpoints
+from brats_unet.inference.ensemble import check_compatible, out_of_fold_jobs, resolve_checkpoints
 from brats_unet.utils import BratsError
 
 OLD = FIXTURES / "v0_1"
@@ -121,8 +121,11 @@ def test_a_sweep_dir_names_every_jobs_best_checkpoint(tmp_path: Path) -> None:
     shutil.copy(CKPT, sweep / "2" / "checkpoints" / "best.ckpt")
     best = [sweep / job / "checkpoints" / "best.ckpt" for job in ("0", "1", "2", "10")]  # numeric job order
     assert resolve_checkpoints(sweep) == best
-    with pytest.raises(BratsError, match=r"is a folder but not a sweep .*\(a run dir\? pass .*0/checkpoints/best"):
-        resolve_checkpoints(sweep / "0")
+    assert resolve_checkpoints(sweep / "0") == [best[0]]  # a run dir: its best.ckpt
+    with pytest.raises(BratsError, match=r"sweep/0 is a single run's folder, not a sweep .*: out-of-fold predictions"):
+        out_of_fold_jobs(sweep / "0")
+    with pytest.raises(BratsError, match=r"is a folder but neither a sweep \(job folders .*\) nor a run \(checkpoints"):
+        resolve_checkpoints(sweep / "0" / ".hydra")
     assert resolve_checkpoints([sweep, CKPT]) == [*best, CKPT]
     with pytest.raises(BratsError, match=r"ckpt_path is an empty list"):
         resolve_checkpoints([])

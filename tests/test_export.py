@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import FIXTURES, compose_cli, make_sweep, nudged_checkpoint, run_script, save_checkpoint
+from helpers import FIXTURES, compose_cli, make_run, make_sweep, nudged_checkpoint, run_script, save_checkpoint
 
 from brats_unet.cli.export import export as export_command
 from brats_unet.cli.predict import command_line
@@ -318,6 +318,39 @@ def test_only_a_sweep_dir_carries_its_rules(tmp_path: Path, caplog: pytest.LogCa
         assert "cv_postprocessing" not in read_package(package)
         assert Segmenter.from_package(package, device="cpu").cv_postprocessing is None
         assert "- None carried:" in (package / "MODEL_CARD.md").read_text()
+
+
+def test_a_run_dir_carries_the_rules_chosen_on_its_validation_cases(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """brats-postprocess run=<run dir> writes the same record (chosen_on: one run's validation cases): exporting the
+    run dir carries it, exporting its best.ckpt does not (as brats-predict ckpt_path=<best.ckpt> applies none)."""
+    split = {"train": ["BraTS2021_00001"], "val": [CASE.name], "test": [], "seed": 0, "fold": 0, "num_folds": 1}
+    run = make_run(tmp_path / "run", CKPT, OLD, split)
+    (run / "postprocessing.json").write_text(json.dumps({
+        "version": 1, "run": str(run), "chosen_on": "validation cases of one run",
+        "predictions": str(run / "postprocess" / "val"), "truth": str(OLD), "challenge": "brats2021",
+        "metric": "dice_mean", "cases": 1, "score_before": 0.5, "score_after": 0.6, "rules": RULES,
+        "tried": [{**r, "score": r["score_after"]} for r in RULES]}))
+    package = export_command(compose_cli("export", [f"ckpt_path={run}", f"output={tmp_path / 'pkg'}",
+                                                    "measure=false"]))
+    carried = read_package(package)["cv_postprocessing"]
+    assert carried["rules"] == RULES and carried["chosen_on"] == "validation cases of one run"
+    assert not {"run", "predictions", "truth"} & set(carried)
+    run_labels, _ = predicted(tmp_path, "from_run", f"ckpt_path={run}")
+    package_labels, package_model = predicted(tmp_path, "package", f"package={package}")
+    assert np.array_equal(package_labels, run_labels) and package_model["cv_postprocessing"] == RULES
+    plain = labels_of(OLD / "expected" / "plain.nii.gz")
+    assert np.array_equal(run_labels, np.where(plain == 4, 1, plain))  # one model: the fixture's own prediction
+    card = (package / "MODEL_CARD.md").read_text()
+    assert "## Post-processing chosen on validation cases" in card
+    assert "1 validation cases of one run (a weaker estimate than a cross-validation sweep's" in card
+    assert model_card(read_package(package), run) == card
+    one = export_package(run / "checkpoints" / "best.ckpt", tmp_path / "one", measure=False)
+    assert "run/postprocessing.json is not carried: brats-predict applies a run's rules only with ckpt_path=<run" \
+        in caplog.text
+    assert "cv_postprocessing" not in read_package(one)
+    assert read_package(one)["members"][0]["source"] == read_package(package)["members"][0]["source"] == \
+        "run/checkpoints/best.ckpt"
 
 
 def test_a_package_written_before_rules_were_carried_still_loads(tmp_path: Path) -> None:

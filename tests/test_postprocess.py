@@ -10,7 +10,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import FIXTURES, compose_cli, make_sweep
+import torch
+from helpers import FIXTURES, compose_cli, make_run, make_sweep
 
 from brats_unet.cli.postprocess import postprocess as postprocess_command
 from brats_unet.cli.predict import predict as predict_command
@@ -109,6 +110,7 @@ def test_brats_postprocess_writes_the_choice_into_the_sweep(tmp_path: Path) -> N
     stored = json.loads((sweep / "postprocessing.json").read_text())
     assert stored == json.loads(json.dumps(record))
     assert stored["metric"] == "dice_mean" and stored["cases"] == 2 and stored["challenge"] == "brats2021"
+    assert stored["chosen_on"] == "out-of-fold predictions of 2 folds" and stored["sweep"] == str(sweep)
     assert [(r["rule"], r["region"]) for r in stored["rules"]] == [("min_size", "wt"), ("min_size", "et")]
     assert stored["score_after"] == pytest.approx(1.0) and stored["score_before"] < 1.0
     with pytest.raises(BratsError, match=r"postprocessing\.json already exists; pass overwrite=true"):
@@ -174,3 +176,98 @@ def test_out_of_fold_predictions_apply_the_sweeps_choice(tmp_path: Path) -> None
         assert np.array_equal(np.asarray(nib.load(out / f"{name}.nii.gz").dataobj), np.where(plain == 4, 1, plain))
     model = json.loads((out / "prediction.json").read_text())["model"]
     assert model["oof"] and model["cv_postprocessing"] == [rule]
+
+
+# ---- brats-postprocess on one run (its validation cases), brats-predict ckpt_path=<run dir> -----------------------
+def one_run(tmp_path: Path, val: list[str] | None = None) -> tuple[Path, Path, np.ndarray]:
+    """A single run of the fixture model whose one validation case is a tumour without enhancing tumour: the truth is
+    the model's own prediction with its ET (one component of 11,585 voxels at the fixture's 5 mm) called necrosis, so
+    all of the model's ET is false. Its .hydra/config.yaml holds data.root unresolved, as Hydra stores it (the demo's
+    `${paths.data_dir}/synthetic`); the checkpoint's config holds it resolved. Returns (run, root, prediction)."""
+    case = FIXTURES / "v0_1" / "BraTS2021_00000"
+    plain = np.asarray(nib.load(FIXTURES / "v0_1" / "expected" / "plain.nii.gz").dataobj)
+    root = tmp_path / "data"
+    (root / case.name).mkdir(parents=True)
+    for file in case.glob("*.nii.gz"):
+        if not file.name.endswith("_seg.nii.gz"):
+            shutil.copy(file, root / case.name / file.name)
+    seg = nib.load(case / f"{case.name}_seg.nii.gz")
+    nib.save(nib.Nifti1Image(np.where(plain == 4, 1, plain).astype(np.uint8), seg.affine, seg.header),
+             root / case.name / f"{case.name}_seg.nii.gz")
+    split = {"train": ["BraTS2021_00001"], "val": [case.name] if val is None else val, "test": [], "seed": 0,
+             "fold": 0, "num_folds": 1}
+    run = make_run(tmp_path / "run", FIXTURES / "v0_1" / "tiny_region.ckpt", root, split)
+    (run / ".hydra" / "config.yaml").write_text("data:\n  root: ${paths.data_dir}/synthetic\npaths:\n  data_dir: "
+                                                "nowhere\n")
+    return run, root, plain
+
+
+def test_brats_postprocess_on_one_run_chooses_on_its_validation_cases(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    run, root, plain = one_run(tmp_path)
+    assert (plain == 4).sum() == 11585
+    args = [f"run={run}", "device=cpu", "precision=fp32", "sizes=[1]", "et_totals=[2000,20000]"]
+    record = postprocess_command(compose_cli("postprocess", args))
+    # By hand: WT and TC are the truth's (ET and necrosis are both core), ET is 11,585 voxels against none: Dice 0.
+    # The size rules (below 1 voxel) and `largest` (each region is one component) change nothing; ET under 2,000
+    # voxels in all is not this ET; under 20,000 is: all of it becomes necrosis, ET Dice 1 (both empty).
+    assert record["score_before"] == pytest.approx(2 / 3) and record["score_after"] == pytest.approx(1.0)
+    assert [{k: v for k, v in r.items() if not k.startswith("score")} for r in record["rules"]] == \
+        [{"rule": "et_to_ncr", "min_total": 20000}]
+    tried = {(t["rule"], t.get("region"), t.get("min_total")): t["score"] for t in record["tried"]}
+    assert tried[("et_to_ncr", None, 2000)] == pytest.approx(2 / 3)
+    stored = json.loads((run / "postprocessing.json").read_text())
+    assert stored == json.loads(json.dumps(record))
+    assert stored["chosen_on"] == "validation cases of one run" and stored["cases"] == 1
+    assert stored["run"] == str(run) and stored["truth"] == str(root) and "sweep" not in stored
+    assert "choosing post-processing on 1 validation cases only" in caplog.text  # few cases: a noisy choice
+    # The validation case was predicted by best.ckpt into <run>/postprocess/val (resumable, no rules applied).
+    val = run / "postprocess" / "val"
+    written = val / "BraTS2021_00000.nii.gz"
+    assert np.array_equal(np.asarray(nib.load(written).dataobj), plain)
+    manifest = json.loads((val / "prediction.json").read_text())["model"]
+    assert manifest["members"][0]["checkpoint"] == str(run / "checkpoints" / "best.ckpt")
+    assert "cv_postprocessing" not in manifest
+    stamp = written.stat().st_mtime_ns
+    with pytest.raises(BratsError, match=r"run/postprocessing\.json already exists; pass overwrite=true"):
+        postprocess_command(compose_cli("postprocess", args))
+    postprocess_command(compose_cli("postprocess", [*args, "overwrite=true"]))
+    assert written.stat().st_mtime_ns == stamp  # resumed: not predicted again
+    retrained = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    torch.save({**retrained, "global_step": 4}, run / "checkpoints" / "best.ckpt")  # another best.ckpt (its hash)
+    postprocess_command(compose_cli("postprocess", [*args, "overwrite=true"]))  # replaces the old model's predictions
+    assert written.stat().st_mtime_ns != stamp
+    assert json.loads((val / "prediction.json").read_text())["model"]["members"][0]["sha256"] != \
+        manifest["members"][0]["sha256"]
+
+    def run_predict(name: str, ckpt: Path, *extra: str) -> tuple[np.ndarray, dict]:
+        out = tmp_path / name
+        predict_command(compose_cli("predict", [f"ckpt_path={ckpt}", f"input={root / 'BraTS2021_00000'}",
+                                                f"output={out}", "device=cpu", "precision=fp32", *extra]))
+        return (np.asarray(nib.load(out / "BraTS2021_00000.nii.gz").dataobj),
+                json.loads((out / "prediction.json").read_text())["model"])
+
+    applied, applied_model = run_predict("applied", run)
+    raw, raw_model = run_predict("raw", run, "cv_postprocess=false")
+    file, file_model = run_predict("file", run / "checkpoints" / "best.ckpt")
+    assert np.array_equal(raw, plain) and np.array_equal(file, plain)  # a checkpoint file: no rules, as before
+    assert np.array_equal(applied, apply_rules(plain, record["rules"], B21))
+    assert np.array_equal(applied, np.where(plain == 4, 1, plain))
+    assert applied_model["cv_postprocessing"] == json.loads(json.dumps(record["rules"]))
+    assert "cv_postprocessing" not in raw_model and "cv_postprocessing" not in file_model
+    assert applied_model["members"] == raw_model["members"] == file_model["members"]
+
+
+def test_brats_postprocess_refuses_a_run_it_cannot_choose_on(tmp_path: Path) -> None:
+    run, _, _ = one_run(tmp_path, val=[])
+    with pytest.raises(BratsError, match=r"run/split\.json holds no validation cases: post-processing is chosen on "
+                                         r"cases held out from the model"):
+        postprocess_command(compose_cli("postprocess", [f"run={run}"]))
+    (run / "checkpoints" / "best.ckpt").unlink()
+    with pytest.raises(BratsError, match=r"run/checkpoints/best\.ckpt not found: the run .* has no best checkpoint"):
+        postprocess_command(compose_cli("postprocess", [f"run={run}"]))
+    with pytest.raises(BratsError, match=r"run/checkpoints/best\.ckpt not found"):
+        predict_command(compose_cli("predict", [f"ckpt_path={run}", f"input={tmp_path}", f"output={tmp_path / 'o'}",
+                                                "device=cpu"]))
+    with pytest.raises(BratsError, match=r"run=.*nowhere is not a folder: pass a brats-train run dir or a cross-"):
+        postprocess_command(compose_cli("postprocess", [f"run={tmp_path / 'nowhere'}"]))

@@ -46,6 +46,7 @@ from brats_unet.inference.postprocess import (
     choose_rules,
 )
 from brats_unet.inference.segmenter import Segmenter
+from brats_unet.training.checkpoint import load_checkpoint
 from brats_unet.utils import BratsError, atomic_write_json
 
 log = logging.getLogger("brats_unet.postprocess")
@@ -66,12 +67,23 @@ def chosen_on(record: Any) -> str:
     return str(record.get("chosen_on") or "out-of-fold predictions") if isinstance(record, dict) else "?"
 
 
-def job_data(job: Path) -> dict[str, Any]:
-    """The `data` group a job trained with (its .hydra/config.yaml): where its cases and truths live."""
+def trained_root(job: Path, ckpt: Path) -> Path:
+    """The data.root a job trained on: its checkpoint's config (resolved when it trained: `data/synthetic`), else
+    its .hydra/config.yaml, which Hydra stores unresolved (`${paths.data_dir}/synthetic`, resolved here as now)."""
+    data = (load_checkpoint(ckpt).get("brats_config") or {}).get("data") or {}
+    if data.get("root"):
+        return Path(str(data["root"])).expanduser()
     path = job / ".hydra" / "config.yaml"
     if not path.is_file():
-        raise BratsError(f"{path} not found: is {job} a brats-train job folder?")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)["data"]
+        raise BratsError(f"{path} not found and {ckpt} names no data.root: is {job} a brats-train job folder? Pass "
+                         "truth=<BraTS root>")
+    try:
+        root = OmegaConf.select(OmegaConf.load(path), "data.root", throw_on_resolution_failure=True)
+    except Exception as e:  # OmegaConf's resolution and YAML errors
+        raise BratsError(f"{path}: data.root cannot be resolved here ({e}); pass truth=<BraTS root>") from e
+    if not root:
+        raise BratsError(f"{path} names no data.root; pass truth=<BraTS root>")
+    return Path(str(root)).expanduser()
 
 
 def choose_postprocessing(run: str | Path, **options: Any) -> dict[str, Any]:
@@ -99,8 +111,7 @@ def choose_for_sweep(sweep: str | Path, *, predictions: str | Path | None = None
         raise BratsError(f"{out} already exists; pass overwrite=true to choose again")
     jobs = out_of_fold_jobs(sweep)  # refuses anything but the complete folds of one k-fold split
     cases = sorted(c for _, val in jobs for c in val)
-    data = job_data(jobs[0][0].parent.parent)
-    truth = Path(truth if truth is not None else data["root"]).expanduser()
+    truth = Path(truth).expanduser() if truth is not None else trained_root(jobs[0][0].parent.parent, jobs[0][0])
     if predictions is None:
         predictions = sweep / OOF_DIR
         log.info("out-of-fold predictions of %d cases -> %s", len(cases), predictions)
@@ -140,7 +151,7 @@ def choose_for_run(run: str | Path, *, predictions: str | Path | None = None, tr
                          "cross-validation sweep: brats-postprocess run=<sweep dir>)")
     check_split_is_the_checkpoints(split_path, split, ckpt)
     cases = sorted(split["val"])
-    truth = Path(truth if truth is not None else job_data(run)["root"]).expanduser()
+    truth = Path(truth).expanduser() if truth is not None else trained_root(run, ckpt)
     if predictions is None:
         predictions = run / VAL_DIR
         log.info("validation predictions of %d cases by %s -> %s", len(cases), ckpt, predictions)
