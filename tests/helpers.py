@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -120,6 +122,32 @@ def nudged_checkpoint(path: Path, seed: int = 1) -> Path:
             checkpoint["state_dict"][key] = value + 0.05 * torch.randn(value.shape, generator=generator)
     torch.save(checkpoint, path)
     return path
+
+
+def make_sweep(tmp_path: Path, ckpt: Path | Sequence[Path] | None, cases: list[str], root: Path) -> Path:
+    """Two fold jobs as brats-train -m data.num_folds=2 data.fold=0,1 leaves them (only what is read here): `ckpt`'s
+    model as both folds' checkpoints/best.ckpt, or one checkpoint per fold; None: a stub naming only the fold."""
+    sweep = tmp_path / "cv"
+    for fold in (0, 1):
+        job = sweep / str(fold)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- data.num_folds=2\n- data.fold={fold}\n")
+        (job / ".hydra" / "config.yaml").write_text(f"data:\n  root: {root}\n  layout: brats2021\n")
+        val = cases[fold::2]
+        split = {"train": [c for c in cases if c not in val], "val": val, "test": [], "seed": 0, "fold": fold,
+                 "num_folds": 2}
+        (job / "split.json").write_text(json.dumps(split))
+        (job / "checkpoints").mkdir()
+        if ckpt is None:  # only its config is read (the split check): the predictions are given
+            torch.save({"brats_config": {"data": {"fold": fold, "num_folds": 2, "split_seed": 0}}},
+                       job / "checkpoints" / "best.ckpt")
+        else:  # a real fold job: its checkpoint's own config trained this fold (out-of-fold prediction checks it)
+            checkpoint = torch.load(ckpt if isinstance(ckpt, str | Path) else ckpt[fold], map_location="cpu",
+                                    weights_only=True)
+            checkpoint["brats_config"]["data"] = {**checkpoint["brats_config"]["data"], "fold": fold,
+                                                  "num_folds": 2, "split_seed": 0}
+            torch.save(checkpoint, job / "checkpoints" / "best.ckpt")
+    return sweep
 
 
 def read_metrics_csv(path: Path) -> tuple[list[str], dict[str, dict[str, str]]]:

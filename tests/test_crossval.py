@@ -175,3 +175,8 @@ def test_postprocessing_chosen_on_the_folds_is_what_predict_applies(sweep: Path,
                                                 f"output={tmp_path / name}", "device=cpu", "precision=fp32", *extra]))
         outs[name] = labels(tmp_path / name / f"{test_case}.nii.gz")
     assert np.array_equal(outs["applied"], apply_rules(outs["raw"], record["rules"], CHALLENGES["brats2021"]))
+    # The sweep exported as one package carries the choice: brats-predict model=<package> writes the same labels.
+    package = export_package(cv, tmp_path / "package", measure=False)
+    predict_command(compose_cli("predict", [f"package={package}", f"input={synthetic_root / test_case}",
+                                            f"output={tmp_path / 'from_package'}", "device=cpu", "precision=fp32"]))
+    assert np.array_equal(labels(tmp_path / "from_package" / f"{test_case}.nii.gz"), outs["applied"])

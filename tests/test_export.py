@@ -1,5 +1,6 @@
 """Model packages (brats-export): prediction from a package equals prediction from the checkpoints bit for bit, a
-changed byte or a planted `_target_` is refused, the model card carries the run's facts, ONNX matches torch."""
+changed byte or a planted `_target_` is refused, the model card carries the run's facts, ONNX matches torch, a sweep's
+post-processing travels with its package, and a package written before that still loads."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import FIXTURES, compose_cli, nudged_checkpoint, run_script
+from helpers import FIXTURES, compose_cli, make_sweep, nudged_checkpoint, run_script, save_checkpoint
 
 from brats_unet.cli.export import export as export_command
 from brats_unet.cli.predict import command_line
 from brats_unet.cli.predict import predict as predict_command
 from brats_unet.inference import onnx as onnx_module
+from brats_unet.inference.card import model_card
 from brats_unet.inference.export import export_package
 from brats_unet.inference.package import content_hash, read_package
 from brats_unet.inference.segmenter import Segmenter
@@ -63,6 +65,17 @@ def test_an_ensemble_package_equals_the_ensemble_of_its_checkpoints(tmp_path: Pa
     pkg = Segmenter.from_package(package, device="cpu", precision="fp32")  # tta=true: the package's default
     assert pkg.tta and len(pkg.modules) == 2
     assert torch.equal(torch.from_numpy(ckpt.predict_proba(CASE)), torch.from_numpy(pkg.predict_proba(CASE)))
+
+
+def test_a_resenc_run_exports_and_predicts_bit_identical(tmp_path: Path) -> None:
+    # model=resenc (experiment=resenc's network) was missing from the architectures a package can carry
+    ckpt = save_checkpoint(tmp_path / "resenc.ckpt", "model=resenc", "model.filters=[4,8,16]")
+    pkg = export_package(ckpt, tmp_path / "pkg", measure=False)
+    meta = json.loads((pkg / "model.json").read_text())
+    assert meta["members"][0]["network"]["architecture"] == "resenc"
+    a = Segmenter.from_checkpoint(ckpt, device="cpu", precision="fp32").segment(CASE, probabilities=True)
+    b = Segmenter.from_package(pkg, device="cpu", precision="fp32").segment(CASE, probabilities=True)
+    assert np.array_equal(a[2], b[2]) and np.array_equal(a[1], b[1])
 
 
 def test_brats_predict_model_dir_writes_what_the_checkpoint_writes(package: Path, tmp_path: Path) -> None:
@@ -221,3 +234,96 @@ def test_the_training_spacing_a_checkpoint_records_goes_into_model_json(tmp_path
     assert torch.equal(torch.from_numpy(ckpt.predict_proba(CASE)), torch.from_numpy(pkg.predict_proba(CASE)))
     _, labels, _, unc = segment_with_uncertainty(pkg, CASE)  # maps come back to the input's grid too
     assert unc.entropy.shape == labels.shape == nib.load(next(CASE.glob("*_t1.nii.gz"))).shape
+
+
+# ---- a sweep's post-processing (brats-postprocess) carried by its package --------------------------------------------
+# Two rules as brats-postprocess writes them (with their scores). On the fixture case the sweep's ensemble predicts one
+# whole-tumour component of ~21,600 voxels (kept) and ~10,200 enhancing-tumour voxels (under 20,000: all to necrosis).
+RULES = [{"rule": "min_size", "region": "wt", "min_size": 10, "score_before": 0.5, "score_after": 0.55},
+         {"rule": "et_to_ncr", "min_total": 20000, "score_before": 0.55, "score_after": 0.6}]
+
+
+def sweep_with_rules(tmp_path: Path) -> Path:
+    """A real two-fold sweep (the fixture model and a nudged copy) with a postprocessing.json."""
+    sweep = make_sweep(tmp_path, [CKPT, nudged_checkpoint(tmp_path / "b.ckpt")], [CASE.name, "BraTS2021_00001"], OLD)
+    (sweep / "postprocessing.json").write_text(json.dumps({
+        "version": 1, "sweep": str(sweep), "predictions": str(sweep / "postprocess" / "oof"), "truth": str(OLD),
+        "challenge": "brats2021", "metric": "dice_mean", "cases": 2, "score_before": 0.5, "score_after": 0.6,
+        "rules": RULES, "tried": [{**r, "score": r["score_after"]} for r in RULES]}))
+    return sweep
+
+
+def predicted(tmp_path: Path, name: str, *source: str) -> tuple[np.ndarray, dict]:
+    """brats-predict on the fixture case: (labels, the model prediction.json records)."""
+    out = tmp_path / name
+    predict_command(compose_cli("predict", [*source, f"input={CASE}", f"output={out}", "device=cpu",
+                                            "precision=fp32"]))
+    return labels_of(out / f"{CASE.name}.nii.gz"), json.loads((out / "prediction.json").read_text())["model"]
+
+
+def test_a_sweep_package_carries_its_postprocessing_and_predicts_what_the_sweep_predicts(tmp_path: Path) -> None:
+    sweep = sweep_with_rules(tmp_path)
+    package = export_command(compose_cli("export", [f"ckpt_path={sweep}", f"output={tmp_path / 'pkg'}",
+                                                    "measure=false"]))
+    carried = read_package(package)["cv_postprocessing"]
+    assert carried["rules"] == RULES and carried["score_before"] == 0.5 and carried["score_after"] == 0.6
+    assert not {"sweep", "predictions", "truth"} & set(carried)  # folders of the exporting machine stay there
+    assert len(carried["source_sha256"]) == 64
+
+    sweep_labels, sweep_model = predicted(tmp_path, "sweep", f"ckpt_path={sweep}")
+    package_labels, package_model = predicted(tmp_path, "package", f"package={package}")
+    raw, raw_model = predicted(tmp_path, "raw", f"package={package}", "cv_postprocess=false")
+    assert np.array_equal(package_labels, sweep_labels)  # bit-identical to the sweep with its postprocessing.json
+    assert np.array_equal(raw, predicted(tmp_path, "sweep_raw", f"ckpt_path={sweep}", "cv_postprocess=false")[0])
+    assert (raw == 4).sum() > 1000 and not (package_labels == 4).any()  # the rules did something: ET -> necrosis
+    assert np.array_equal(package_labels, np.where(raw == 4, 1, raw))
+    # The manifest names the rules as it does for the sweep (a resume without them is another model) ...
+    assert package_model["cv_postprocessing"] == sweep_model["cv_postprocessing"] == RULES
+    assert "cv_postprocessing" not in raw_model
+    with pytest.raises(BratsError, match=r"holds predictions by another model.*cv_postprocessing"):
+        predicted(tmp_path, "package", f"package={package}", "cv_postprocess=false", "resume=true")
+    # ... the API applies them too, unless turned off
+    api = Segmenter.from_package(package, device="cpu", precision="fp32")
+    assert np.array_equal(api.segment(CASE)[1], sweep_labels)
+    assert Segmenter.from_package(package, device="cpu", cv_postprocess=False).cv_postprocessing is None
+    # The card states the rules and the scores, and regenerates from the checked model.json byte for byte.
+    card = (package / "MODEL_CARD.md").read_text()
+    assert "## Post-processing chosen on cross-validation" in card
+    assert "2 out-of-fold cases (brats2021, dice_mean): 0.5000 before, 0.6000 after" in card
+    assert "- `min_size` wt: remove connected components below 10 voxels (0.5000 -> 0.5500)." in card
+    assert "- `et_to_ncr` enhancing tumour totalling under 20000 voxels becomes necrosis" in card
+    assert model_card(read_package(package), sweep) == card
+
+
+def test_a_tampered_rule_set_is_refused(tmp_path: Path) -> None:
+    package = export_package(sweep_with_rules(tmp_path), tmp_path / "pkg", measure=False)
+    meta = json.loads((package / "model.json").read_text())
+    meta["cv_postprocessing"]["rules"][1]["min_total"] = 10  # would keep the enhancing tumour
+    (package / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(BratsError, match="content hash mismatch"):
+        Segmenter.from_package(package, device="cpu")
+    meta["cv_postprocessing"]["rules"][1] = {"rule": "erase_everything"}
+    meta["content_hash"] = content_hash(meta)  # a fresh hash does not make an unknown rule runnable
+    (package / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(BratsError, match=r"model.json: cv_postprocessing: rules\[1\] = .* is not a known rule"):
+        Segmenter.from_package(package, device="cpu")
+
+
+def test_only_a_sweep_dir_carries_its_rules(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sweep = sweep_with_rules(tmp_path)
+    one = export_package(sweep / "0" / "checkpoints" / "best.ckpt", tmp_path / "one", measure=False)
+    assert "postprocessing.json is not carried: its rules were chosen for the sweep's ensemble" in caplog.text
+    off = export_package(sweep, tmp_path / "off", measure=False, cv_postprocess=False)
+    for package in (one, off):
+        assert "cv_postprocessing" not in read_package(package)
+        assert Segmenter.from_package(package, device="cpu").cv_postprocessing is None
+        assert "- None carried:" in (package / "MODEL_CARD.md").read_text()
+
+
+def test_a_package_written_before_rules_were_carried_still_loads(tmp_path: Path) -> None:
+    """tests/fixtures/package_v1: exported by brats-unet at commit 341ecad, before packages carried post-processing."""
+    old = FIXTURES / "package_v1"
+    assert "cv_postprocessing" not in read_package(old)
+    labels, model = predicted(tmp_path, "old", f"package={old}")
+    assert np.array_equal(labels, labels_of(OLD / "expected" / "plain.nii.gz"))
+    assert "cv_postprocessing" not in model

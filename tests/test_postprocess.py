@@ -10,8 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-from helpers import FIXTURES, compose_cli
+from helpers import FIXTURES, compose_cli, make_sweep
 
 from brats_unet.cli.postprocess import postprocess as postprocess_command
 from brats_unet.cli.predict import predict as predict_command
@@ -98,27 +97,6 @@ def write_nifti(path: Path, labels: np.ndarray) -> None:
     nib.save(nib.Nifti1Image(labels.astype(np.uint8), np.eye(4)), path)
 
 
-def make_sweep(tmp_path: Path, ckpt: Path | None, cases: list[str], root: Path) -> Path:
-    """Two fold jobs as brats-train -m data.num_folds=2 data.fold=0,1 leaves them (only what is read here)."""
-    sweep = tmp_path / "cv"
-    for fold in (0, 1):
-        job = sweep / str(fold)
-        (job / ".hydra").mkdir(parents=True)
-        (job / ".hydra" / "overrides.yaml").write_text(f"- data.num_folds=2\n- data.fold={fold}\n")
-        (job / ".hydra" / "config.yaml").write_text(f"data:\n  root: {root}\n  layout: brats2021\n")
-        val = cases[fold::2]
-        split = {"train": [c for c in cases if c not in val], "val": val, "test": [], "seed": 0, "fold": fold,
-                 "num_folds": 2}
-        (job / "split.json").write_text(json.dumps(split))
-        (job / "checkpoints").mkdir()
-        if ckpt is None:  # only its config is read (the split check): the predictions are given
-            torch.save({"brats_config": {"data": {"fold": fold, "num_folds": 2, "split_seed": 0}}},
-                       job / "checkpoints" / "best.ckpt")
-        else:
-            shutil.copy(ckpt, job / "checkpoints" / "best.ckpt")
-    return sweep
-
-
 def test_brats_postprocess_writes_the_choice_into_the_sweep(tmp_path: Path) -> None:
     names = ["BraTS2021_00000", "BraTS2021_00001"]
     root, preds = tmp_path / "data", tmp_path / "oof"
@@ -172,3 +150,27 @@ def test_brats_predict_applies_the_sweeps_choice_unless_turned_off(tmp_path: Pat
     assert manifests["applied"]["cv_postprocessing"] == [rule] and "cv_postprocessing" not in manifests["off"]
     with pytest.raises(BratsError, match=r"holds predictions by another model.*cv_postprocessing"):
         run("applied", "cv_postprocess=false", "resume=true")
+
+
+def test_out_of_fold_predictions_apply_the_sweeps_choice(tmp_path: Path) -> None:
+    """oof=true: every fold's model applies the sweep's rules, and the manifest names them."""
+    case = FIXTURES / "v0_1" / "BraTS2021_00000"
+    root = tmp_path / "data"
+    for name in (case.name, "BraTS2021_00001"):  # the fixture case twice, so that each fold validates one
+        (root / name).mkdir(parents=True)
+        for file in case.glob("*.nii.gz"):
+            shutil.copy(file, root / name / file.name.replace(case.name, name))
+    sweep = make_sweep(tmp_path, FIXTURES / "v0_1" / "tiny_region.ckpt", sorted(p.name for p in root.iterdir()), root)
+    rule = {"rule": "et_to_ncr", "min_total": 10**9}  # all enhancing tumour becomes necrosis
+    (sweep / "postprocessing.json").write_text(json.dumps({"version": 1, "challenge": "brats2021", "rules": [rule],
+                                                           "metric": "dice_mean", "score_before": 0.5,
+                                                           "score_after": 0.6}))
+    out = tmp_path / "oof"
+    predict_command(compose_cli("predict", [f"ckpt_path={sweep}", "oof=true", f"input={root}", f"output={out}",
+                                            "device=cpu", "precision=fp32"]))
+    plain = np.asarray(nib.load(FIXTURES / "v0_1" / "expected" / "plain.nii.gz").dataobj)
+    assert (plain == 4).any()
+    for name in (case.name, "BraTS2021_00001"):
+        assert np.array_equal(np.asarray(nib.load(out / f"{name}.nii.gz").dataobj), np.where(plain == 4, 1, plain))
+    model = json.loads((out / "prediction.json").read_text())["model"]
+    assert model["oof"] and model["cv_postprocessing"] == [rule]

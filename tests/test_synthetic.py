@@ -422,3 +422,28 @@ def test_cli_distractor_options(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--out", str(tmp_path / "x"), "--healthy-fraction", "-0.1"])
     assert exc.value.code == 2 and "error: healthy fraction must be in [0, 1], got -0.1" in capsys.readouterr().err
+
+
+def test_nonenhancing_share_sets_the_kind_shares_and_is_part_of_the_case_identity(tmp_path, capsys):
+    assert T.kinds_with(None) == T.KINDS
+    # 0.25 non-enhancing; necrotic and solid keep their 77 : 15 ratio in the remaining 0.75
+    assert T.kinds_with(0.25) == pytest.approx({"necrotic": 0.77 / 0.92 * 0.75, "solid": 0.15 / 0.92 * 0.75,
+                                                "nonenhancing": 0.25})
+    assert sum(T.kinds_with(0.6).values()) == pytest.approx(1.0)
+    # share 1: every glioma is non-enhancing (core labelled NCR = 1, no ET = 4)
+    main(["--out", str(tmp_path / "ne"), "--cases", "2", "--shape", "32", "32", "24", "--workers", "1",
+          "--nonenhancing-share", "1", "--quiet"])
+    S.write_dataset(tmp_path / "plain", cases=2, seed=0, shape=(32, 32, 24))
+    for i in range(2):
+        name = f"BraTS2021_0000{i}"
+        seg = nib.load(tmp_path / "ne" / name / f"{name}_seg.nii.gz")
+        labels = np.asarray(seg.dataobj)
+        assert set(np.unique(labels).tolist()) == {0, 1, 2}
+        assert bytes(seg.header["descrip"]).rstrip(b"\0") == f"brats-synth v2 seed=0 case={i} nonenhancing=1".encode()
+        plain = np.asarray(nib.load(tmp_path / "plain" / name / f"{name}_seg.nii.gz").dataobj)
+        assert 4 in plain  # both seed-0 cases enhance by default
+    with pytest.raises(BratsError, match=r"not this synthetic case \(brats-synth v2 seed=0 case=0 nonenhancing=0.5"):
+        S.write_dataset(tmp_path / "ne", cases=1, seed=0, shape=(32, 32, 24), nonenhancing=0.5)
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "x"), "--nonenhancing-share", "1.2"])
+    assert exc.value.code == 2 and "error: non-enhancing share must be in [0, 1], got 1.2" in capsys.readouterr().err

@@ -2,10 +2,13 @@
 
     brats-export ckpt_path=<run>/checkpoints/best.ckpt output=<dir> [format=onnx] [zip=true] [tta=true]
     brats-predict model=<dir> input=<cases> output=<predictions> [runtime=onnx]
+A sweep dir's postprocessing.json (brats-postprocess) is carried into the package and applied by brats-predict
+model=<dir> (cv_postprocess=false, here or there, leaves it out / off).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ from omegaconf import DictConfig, ListConfig
 from brats_unet.cli.common import require, user_errors
 from brats_unet.config import CONFIG_PATH
 from brats_unet.inference.export import export_package
+from brats_unet.inference.package import MODEL_JSON
 
 
 def export(cfg: DictConfig) -> Path:
@@ -24,8 +28,12 @@ def export(cfg: DictConfig) -> Path:
     out = export_package(ckpt, cfg.output, formats=formats, tta=bool(cfg.tta), postprocess=bool(cfg.postprocess),
                          overlap=float(cfg.overlap), window_batch=int(cfg.window_batch), license=str(cfg.license),
                          measure=bool(cfg.measure), measure_input=cfg.get("measure_input"), archive=bool(cfg.zip),
-                         overwrite=bool(cfg.overwrite))
+                         overwrite=bool(cfg.overwrite), cv_postprocess=bool(cfg.get("cv_postprocess", True)))
     print(f"model package written to {out}" + (f" (and {out}.zip)" if cfg.zip else ""))
+    if "cv_postprocessing" in (meta := json.loads((out / MODEL_JSON).read_text())):
+        post = meta["cv_postprocessing"]
+        print(f"carries the sweep's post-processing: {len(post['rules'])} rules, {post['metric']} "
+              f"{post['score_before']:.4f} -> {post['score_after']:.4f} on out-of-fold cases")
     return out
 
 

@@ -4,7 +4,8 @@
     brats-predict ckpt_path='[a.ckpt,b.ckpt]' ...          an ensemble (also ckpt_path=<sweep dir>: every job's best)
     brats-predict ckpt_path=<cv sweep dir> oof=true ...    each fold's validation cases with that fold's model
     brats-predict model=<brats-export package> ... [runtime=onnx] [save_uncertainty=true]     (docs/export.md)
-A sweep dir holding a postprocessing.json (brats-postprocess) has its rules applied; cv_postprocess=false skips them.
+A sweep dir holding a postprocessing.json (brats-postprocess), or a package exported from one, has its rules applied;
+cv_postprocess=false skips them.
 """
 
 from __future__ import annotations
@@ -67,10 +68,10 @@ def predict(cfg: DictConfig) -> list[Path]:
         return predict_out_of_fold(ckpt, cfg.input, cfg.output, layout=cfg.get("layout"),
                                    probabilities=bool(cfg.save_probabilities), overwrite=bool(cfg.overwrite),
                                    resume=bool(cfg.resume), postprocessing=post, **options)
-    segmenter = Segmenter.from_checkpoint(ckpt, **options)
+    segmenter = Segmenter.from_checkpoint(ckpt, cv_postprocessing=post, **options)
     if len(segmenter.modules) > 1:
         log.info("ensemble of %d checkpoints: %s", len(segmenter.modules), ", ".join(segmenter.names))
-    return predict_cases(cfg, segmenter, post)
+    return predict_cases(cfg, segmenter)
 
 
 def predict_package(cfg: DictConfig) -> list[Path]:
@@ -86,21 +87,25 @@ def predict_package(cfg: DictConfig) -> list[Path]:
     if engine == "onnx":  # onnxruntime's CPU session: float32 in, float32 out
         options |= {"device": resolve_device("cpu"), "precision": "fp32"}
         channels_last = False
-    segmenter = Segmenter.from_package(cfg.package, runtime=engine, channels_last=channels_last, **options)
+    segmenter = Segmenter.from_package(cfg.package, runtime=engine, channels_last=channels_last,
+                                       cv_postprocess=bool(cfg.get("cv_postprocess", True)), **options)
     log.info("model package %s: %d member(s), tta=%s, postprocess=%s, runtime=%s", cfg.package,
              len(segmenter.modules), segmenter.tta, segmenter.postprocess, engine)
+    if (post := segmenter.cv_postprocessing) is not None:
+        log.info("post-processing chosen on cross-validation, carried by the package: %d rules, %s %.4f -> %.4f "
+                 "(cv_postprocess=false to skip)", len(post["rules"]), post["metric"], post["score_before"],
+                 post["score_after"])
     return predict_cases(cfg, segmenter)
 
 
-def predict_cases(cfg: DictConfig, segmenter: Segmenter, postprocessing: dict[str, Any] | None = None) -> list[Path]:
+def predict_cases(cfg: DictConfig, segmenter: Segmenter) -> list[Path]:
     only = read_split(cfg.split_file, cfg.split_subset) if cfg.get("split_file") else None
     if only == []:
         raise BratsError(f"split_file {cfg.split_file} holds no {cfg.split_subset} cases: nothing to predict (a run "
                          "with data.test_fraction=0 holds out no test set; pick split_subset=val, or another split)")
     return predict_folder(segmenter, cfg.input, cfg.output, only=only, layout=cfg.get("layout"),
                           probabilities=bool(cfg.save_probabilities), overwrite=bool(cfg.overwrite),
-                          resume=bool(cfg.resume), uncertainty=bool(cfg.get("save_uncertainty")),
-                          postprocessing=postprocessing)
+                          resume=bool(cfg.resume), uncertainty=bool(cfg.get("save_uncertainty")))
 
 
 def command_line(argv: list[str]) -> list[str]:

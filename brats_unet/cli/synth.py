@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(T1ce), periventricular caps and white-matter hyperintensities (FLAIR/T2); off by default")
     p.add_argument("--healthy-fraction", type=float, default=0.0, metavar="F",
                    help="share of heads without a tumour, in [0, 1] (default: %(default)s)")
+    p.add_argument("--nonenhancing-share", type=float, default=None, metavar="S",
+                   help="share of gliomas without enhancing tumour (core labelled NCR, no ET), in [0, 1] "
+                   "(default: 0.08; the others keep their ratio)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files in the case folders")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="parallel processes (default: %(default)s)")
@@ -46,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         folders = write_dataset(args.out, args.cases, args.seed, layout=args.layout,
                                 shape=args.shape, overwrite=args.overwrite, progress=not args.quiet,
                                 workers=args.workers, distractors=args.distractors,
-                                healthy_fraction=args.healthy_fraction)
+                                healthy_fraction=args.healthy_fraction, nonenhancing=args.nonenhancing_share)
         root = Path(args.out).resolve()
         print(f"{len(folders)} synthetic cases in {root} ({time.perf_counter() - start:.1f} s)")
 

@@ -1,6 +1,8 @@
 """MODEL_CARD.md of a model package, generated from its model.json (and a sweep's cv.md when there is one).
 
 The card is for people; the predictor never reads it, so it is not covered by the content hash (it quotes it).
+Everything it says about the model comes from model.json as written (the post-processing rules too, never the sweep's
+file again), so `model_card(read_package(dir), sweep)` regenerates the card byte for byte.
 """
 
 from __future__ import annotations
@@ -47,6 +49,33 @@ def _metrics_table(members: Sequence[Mapping[str, Any]]) -> list[str]:
                  if v else "" for v in values.values()]
         lines.append("| mean ± sd | | | " + " | ".join(means) + " |")
     return lines
+
+
+def _rule(rule: Mapping[str, Any]) -> str:
+    kind = rule["rule"]
+    what = (f"{rule['region']}: remove connected components below {rule['min_size']} voxels" if kind == "min_size"
+            else f"{rule['region']}: keep only the largest connected component" if kind == "largest"
+            else f"enhancing tumour totalling under {rule['min_total']} voxels becomes necrosis (NVIDIA's BraTS21 "
+            "rule)" if kind == "et_to_ncr" else str(dict(rule)))
+    scores = (f" ({_number(rule['score_before'])} -> {_number(rule['score_after'])})"
+              if "score_before" in rule and "score_after" in rule else "")
+    return f"- `{kind}` {what}{scores}."
+
+
+def _postprocessing(record: Mapping[str, Any] | None) -> list[str]:
+    lines = ["", "## Post-processing chosen on cross-validation"]
+    if record is None:
+        return [*lines, "- None carried: exported from a checkpoint or a list of them, or from a sweep without "
+                "postprocessing.json (`brats-postprocess run=<sweep>` chooses rules; exporting that sweep dir carries "
+                "them)."]
+    lines.append(f"Chosen by brats-postprocess on {record.get('cases')} out-of-fold cases ({record.get('challenge')}, "
+                 f"{record.get('metric')}): {_number(record.get('score_before'))} before, "
+                 f"{_number(record.get('score_after'))} after. `brats-predict model=<this folder>` and "
+                 "`Segmenter.from_package` apply these rules by default, in this order; `cv_postprocess=false` "
+                 "turns them off.")
+    rules = record.get("rules") or []
+    return [*lines, "", *(_rule(r) for r in rules)] if rules else \
+        [*lines, "- No rule raised the out-of-fold score: nothing is applied."]
 
 
 def model_card(meta: Mapping[str, Any], spec: Any = None) -> str:
@@ -101,6 +130,7 @@ def model_card(meta: Mapping[str, Any], spec: Any = None) -> str:
     cv = [p for p in cv if p.is_file()]
     if cv:  # brats-report run=<sweep> writes <sweep>/report/cv.md
         lines += ["", f"### Cross-validation ({cv[0].relative_to(Path(spec))})", "", cv[0].read_text().strip()]
+    lines += _postprocessing(meta.get("cv_postprocessing"))
     timing = meta.get("inference_time")
     lines += ["", "## Inference time"]
     if timing:

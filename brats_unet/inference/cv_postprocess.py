@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +25,20 @@ from brats_unet.evaluation.folder import (
 from brats_unet.evaluation.manifest import read_manifest
 from brats_unet.inference.ensemble import out_of_fold_jobs
 from brats_unet.inference.folder import predict_out_of_fold
-from brats_unet.inference.postprocess import DEFAULT_ET_TOTALS, DEFAULT_SIZES, choose_rules
+from brats_unet.inference.postprocess import (
+    DEFAULT_ET_TOTALS,
+    DEFAULT_SIZES,
+    RECORD_VERSION,
+    check_record,
+    choose_rules,
+)
 from brats_unet.utils import BratsError, atomic_write_json
 
 log = logging.getLogger("brats_unet.postprocess")
 
 FILE = "postprocessing.json"
 OOF_DIR = Path("postprocess") / "oof"
-VERSION = 1
+VERSION = RECORD_VERSION
 
 
 def job_data(job: Path) -> dict[str, Any]:
@@ -112,9 +118,7 @@ def read_postprocessing(path: str | Path) -> dict[str, Any]:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise BratsError(f"cannot read {path}: {e}") from e
-    if not isinstance(record, Mapping) or record.get("version") != VERSION or not isinstance(record.get("rules"), list):
-        raise BratsError(f"{path} is not a postprocessing.json written by brats-postprocess (version {VERSION})")
-    return dict(record)
+    return check_record(record, str(path))
 
 
 def sweep_postprocessing(ckpt_path: Any) -> tuple[Path, dict[str, Any]] | None:

@@ -1,5 +1,7 @@
 """brats-export: a checkpoint, a list of them or a sweep dir -> one model package (inference/package.py) with a
-generated MODEL_CARD.md (inference/card.py), optionally ONNX graphs and a zip.
+generated MODEL_CARD.md (inference/card.py), optionally ONNX graphs and a zip. A sweep dir's postprocessing.json
+(brats-postprocess) goes into model.json as `cv_postprocessing`, so the package predicts what brats-predict
+ckpt_path=<sweep> predicts.
 
 Every member is loaded exactly as brats-predict loads it (inference.loading.load_model: the checked config, strict
 weights), and its network's state_dict is written as tensors only; predicting from the package is bit-identical to
@@ -27,6 +29,8 @@ from safetensors.torch import save_file
 from brats_unet.data.discovery import list_case_dirs, resolve_layout
 from brats_unet.data.split import load_split
 from brats_unet.inference.card import model_card
+from brats_unet.inference.cv_postprocess import FILE as POSTPROCESSING_FILE
+from brats_unet.inference.cv_postprocess import sweep_postprocessing
 from brats_unet.inference.ensemble import CheckpointSpec, resolve_checkpoints
 from brats_unet.inference.loading import load_model
 from brats_unet.inference.onnx import export_onnx
@@ -48,6 +52,8 @@ log = logging.getLogger("brats_unet.export")
 FORMATS = ("safetensors", "onnx")
 # Keys of a model config that describe the run, not the network's shape.
 NOT_NETWORK = ("_target_", "channels_last")
+# Fields of a postprocessing.json that name folders on the machine it was chosen on: not carried into a package.
+LOCAL_PATHS = ("sweep", "predictions", "truth")
 
 
 def project_version() -> str:
@@ -117,6 +123,28 @@ def training_spacing(config: Mapping[str, Any], ckpt: Path, limit: int = 50) -> 
             f"training cases", "all_equal": len(values) == 1}
 
 
+def carried_postprocessing(spec: CheckpointSpec, carry: bool = True) -> dict[str, Any] | None:
+    """What a package of `spec` carries as `cv_postprocessing`: the rules brats-predict ckpt_path=<spec> applies, i.e.
+    a sweep dir's postprocessing.json (checked; without its local paths, with the file's SHA-256). None for a sweep
+    without one, with carry=False, and for a checkpoint or a list: rules chosen for a sweep's ensemble are not
+    brats-predict's for one of its checkpoints either (a note says so when the checkpoint's sweep has them)."""
+    chosen = sweep_postprocessing(spec)
+    if chosen is None:
+        for ckpt in [spec] if isinstance(spec, str | Path) else spec if isinstance(spec, Sequence) else []:
+            run = run_dir_of(Path(ckpt).expanduser())
+            if run is not None and (run.parent / POSTPROCESSING_FILE).is_file():
+                log.warning("%s is not carried: its rules were chosen for the sweep's ensemble and brats-predict "
+                            "applies them only with ckpt_path=<sweep dir>; export ckpt_path=%s to carry them",
+                            run.parent / POSTPROCESSING_FILE, run.parent)
+                break
+        return None
+    path, record = chosen
+    if not carry:
+        log.info("cv_postprocess=false: %s is not carried into the package", path)
+        return None
+    return {**{k: v for k, v in record.items() if k not in LOCAL_PATHS}, "source_sha256": file_sha256(path)}
+
+
 def measure_case(config: Mapping[str, Any], ckpt: Path, given: str | None) -> Path | None:
     """A case to time prediction on: the one given, else the run's first test (or validation) case."""
     if given:
@@ -163,9 +191,10 @@ def _cpu_name() -> str:
 def export_package(spec: CheckpointSpec, output: str | Path, *, formats: Sequence[str] = ("safetensors",),
                    tta: bool = False, postprocess: bool = False, overlap: float = 0.5, window_batch: int = 2,
                    license: str = "unspecified", measure: bool = True, measure_input: str | None = None,
-                   archive: bool = False, overwrite: bool = False) -> Path:
+                   archive: bool = False, overwrite: bool = False, cv_postprocess: bool = True) -> Path:
     """Write the package of `spec` (a checkpoint, a list, or a sweep dir) to `output`; return the folder.
-    `archive`: also `<output>.zip` (config key zip)."""
+    `archive`: also `<output>.zip` (config key zip). `cv_postprocess`: carry a sweep dir's postprocessing.json
+    (carried_postprocessing); the package's predictions then apply it unless turned off there."""
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise BratsError(f"format {unknown} is not one of {list(FORMATS)} (safetensors weights are always written)")
@@ -177,13 +206,15 @@ def export_package(spec: CheckpointSpec, output: str | Path, *, formats: Sequenc
         raise BratsError(f"{zip_path} already exists; pass overwrite=true to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = resolve_checkpoints(spec)
+    carried = carried_postprocessing(spec, cv_postprocess)  # a damaged postprocessing.json stops here, as in predict
     loaded = [load_model(p) for p in paths]
     config = loaded[0][1]
     spacing = training_spacing(config, paths[0])
     resample_to = spacing["spacing"] if spacing and spacing["source"].startswith("checkpoint") else None
+    # refuses members that cannot be averaged; predicts as the package will (timing for the card)
     segmenter = Segmenter([m for m, _ in loaded], [c for _, c in loaded], device="cpu", precision="fp32", tta=tta,
                           postprocess=postprocess, overlap=overlap, window_batch=window_batch,
-                          names=[str(p) for p in paths], spacing=resample_to)  # refuses members that cannot be averaged
+                          names=[str(p) for p in paths], spacing=resample_to, cv_postprocessing=carried)
     recipe = dict(config["preprocess"])
     check_plain(recipe, f"{paths[0]} (preprocess config)")
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as tmp:
@@ -225,6 +256,7 @@ def export_package(spec: CheckpointSpec, output: str | Path, *, formats: Sequenc
             "defaults": {"tta": bool(tta), "postprocess": bool(postprocess), "overlap": float(overlap),
                          "window_batch": int(window_batch)},
             "license": str(license),
+            **({"cv_postprocessing": carried} if carried is not None else {}),  # absent: as packages without it
             "members": members,
             "files": files,
         }

@@ -20,10 +20,9 @@ from brats_unet.data.discovery import expected_pattern, list_case_dirs, resolve_
 from brats_unet.data.labels import LAYOUTS
 from brats_unet.evaluation.folder import find_predictions
 from brats_unet.evaluation.manifest import MANIFEST, describe, differences, model_key, read_manifest, write_manifest
-from brats_unet.inference.decoding import label_image, output_header, output_schema
+from brats_unet.inference.decoding import label_image, output_header
 from brats_unet.inference.ensemble import out_of_fold_jobs
 from brats_unet.inference.inputs import is_case_folder
-from brats_unet.inference.postprocess import apply_record
 from brats_unet.inference.segmenter import Segmenter
 from brats_unet.inference.uncertainty import qc_row, read_qc, save_uncertainty, segment_with_uncertainty, write_qc
 from brats_unet.utils import BratsError, atomic_path, check_writable_output, file_sha256
@@ -82,10 +81,13 @@ def model_record(segmenter: Segmenter, layout: str, checkpoints: Sequence[str | 
                else [{"checkpoint": f, "sha256": h} for f, h in segmenter.package_files] if segmenter.package_files
                else [{"checkpoint": n, "sha256": weights_sha256(m)} for n, m in zip(segmenter.names, segmenter.modules,
                                                                                      strict=True)])
-    return {"members": members, "oof": oof, "tta": segmenter.tta, "postprocess": segmenter.postprocess,
-            "precision": segmenter.precision,
-            "channels_last": bool((segmenter.config.get("runtime") or {}).get("channels_last")),
-            "overlap": segmenter.overlap, "layout": layout}
+    record = {"members": members, "oof": oof, "tta": segmenter.tta, "postprocess": segmenter.postprocess,
+              "precision": segmenter.precision,
+              "channels_last": bool((segmenter.config.get("runtime") or {}).get("channels_last")),
+              "overlap": segmenter.overlap, "layout": layout}
+    if segmenter.cv_postprocessing is not None:  # the rules are part of the model: a resume without them is refused
+        record["cv_postprocessing"] = list(segmenter.cv_postprocessing["rules"])
+    return record
 
 
 def claim_folder(out_dir: Path, model: dict[str, Any], outputs: Sequence[Path], *, overwrite: bool, resume: bool
@@ -126,15 +128,14 @@ def claim_folder(out_dir: Path, model: dict[str, Any], outputs: Sequence[Path], 
 def predict_folder(segmenter: Segmenter, input_path: str | Path, output: str | Path, *,
                    only: Sequence[str] | None = None, layout: str | None = None,
                    probabilities: bool = False, overwrite: bool = False, resume: bool = False,
-                   model: dict[str, Any] | None = None, uncertainty: bool = False,
-                   postprocessing: Mapping[str, Any] | None = None) -> list[Path]:
+                   model: dict[str, Any] | None = None, uncertainty: bool = False) -> list[Path]:
     """Predict every case in scope into `output`; return the prediction files (including those a resume skipped).
 
     `<case>.nii.gz` is written last (atomically), so it marks a finished case for `resume`. `<output>/prediction.json`
     names the model (`model`, default: model_record of `segmenter`) and the cases it wrote; see claim_folder.
     `uncertainty`: also `<case>_uncertainty.nii.gz` and one qc.csv row per case (inference/uncertainty.py).
-    `postprocessing`: a sweep's postprocessing.json (brats-postprocess), applied to every label map before it is
-    written; its rules are part of the model the manifest names.
+    Rules chosen on cross-validation (`segmenter.cv_postprocessing`: a sweep's postprocessing.json, or a package's
+    copy) are applied by the segmenter and named in the manifest (model_record).
     """
     if overwrite and resume:
         raise BratsError("overwrite=true and resume=true contradict each other: pick one")
@@ -147,8 +148,6 @@ def predict_folder(segmenter: Segmenter, input_path: str | Path, output: str | P
             raise BratsError(f"output folder {out_dir} already holds {len(held)} files; pass overwrite=true to "
                              "replace them, or resume=true to predict only the cases not written yet")
     model = model or model_record(segmenter, preferred)
-    if postprocessing is not None:
-        model = {**model, "cv_postprocessing": list(postprocessing["rules"])}
     outputs = [out_dir / f"{d.name}.nii.gz" for d in dirs]
     kept, stale = claim_folder(out_dir, model, outputs, overwrite=overwrite, resume=resume)
     check_writable_output(out_dir, overwrite=True)
@@ -163,8 +162,6 @@ def predict_folder(segmenter: Segmenter, input_path: str | Path, output: str | P
             case, labels, probs, unc = segment_with_uncertainty(segmenter, case_dir, preferred, probabilities)
         else:
             case, labels, probs = segmenter.segment(case_dir, preferred, probabilities=probabilities)
-        if postprocessing is not None:
-            labels = apply_record(labels, postprocessing, output_schema(segmenter.schema, case.layout).name)
         if i == 0:  # the folder changes once the first case is predicted (a bad input leaves it as it was), and its
             # manifest first: a kill mid-way leaves one that names every file this run may have written.
             for path in stale:
@@ -190,18 +187,19 @@ def predict_out_of_fold(sweep: str | Path, input_path: str | Path, output: str |
                         postprocessing: Mapping[str, Any] | None = None, **options: Any) -> list[Path]:
     """Each fold's validation cases (its split.json) predicted by that fold's checkpoints/best.ckpt, all into one
     `output`: every non-test case once, by the model that did not train on it. `options` go to
-    Segmenter.from_checkpoint (device, tta, postprocess, precision, overlap, window_batch)."""
+    Segmenter.from_checkpoint (device, tta, postprocess, precision, overlap, window_batch); `postprocessing`: the
+    sweep's chosen rules (postprocessing.json), applied by every fold's segmenter."""
     jobs = out_of_fold_jobs(sweep)
     outputs: list[Path] = []
     model = None
     for i, (ckpt, cases) in enumerate(jobs):
         log.info("out-of-fold %d/%d: %d validation cases with %s", i + 1, len(jobs), len(cases), ckpt)
-        segmenter = Segmenter.from_checkpoint(ckpt, **options)
+        segmenter = Segmenter.from_checkpoint(ckpt, cv_postprocessing=postprocessing, **options)
         # One model in the manifest: the set of fold models. The first fold claims the output folder; later folds
         # add their own (disjoint) cases to it, as a resume of that model does.
         model = model or model_record(segmenter, resolve_layout(layout or segmenter.layout).name,
                                       checkpoints=[c for c, _ in jobs], oof=True)
         outputs += predict_folder(segmenter, input_path, output, only=cases, layout=layout,
                                   probabilities=probabilities, overwrite=overwrite and i == 0,
-                                  resume=resume or i > 0, model=model, postprocessing=postprocessing)
+                                  resume=resume or i > 0, model=model)
     return sorted(outputs)

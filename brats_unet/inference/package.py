@@ -9,7 +9,9 @@ runs no code from disk. `brats-export` writes it (inference/export.py); this mod
 Trust: model.json names no `_target_` (or any Hydra `_..._` key): a network is one of ARCHITECTURES by name, built
 with keyword arguments that must be plain numbers, strings and lists. Its `files` map every weight / ONNX file to its
 SHA-256, and `content_hash` is the SHA-256 of model.json's canonical JSON without that field (which includes those
-file digests): a changed byte anywhere the predictor reads is refused before anything is built.
+file digests): a changed byte anywhere the predictor reads is refused before anything is built. That includes
+`cv_postprocessing`, the rules chosen on a sweep's out-of-fold predictions (brats-postprocess) when the package was
+exported from a sweep that has them; they are checked like a postprocessing.json before anything is predicted.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from brats_unet.data.discovery import resolve_layout
 from brats_unet.data.labels import LabelSchema, resolve_schema
 from brats_unet.data.preprocess import Recipe
 from brats_unet.inference.onnx import OnnxNetwork
+from brats_unet.inference.postprocess import check_record
+from brats_unet.models.resenc import ResEncUNet
 from brats_unet.models.unet2d import UNet2D
 from brats_unet.models.unet3d import UNet3D
 from brats_unet.training.losses import CrossEntropyLoss, RegionDiceBCELoss
@@ -38,7 +42,7 @@ from brats_unet.utils import BratsError, file_sha256
 FORMAT = 1
 MODEL_JSON = "model.json"
 # The networks a package may name; a new architecture is added here (by name, never as an import path in the file).
-ARCHITECTURES: dict[str, type[nn.Module]] = {"unet3d": UNet3D, "unet2d": UNet2D}
+ARCHITECTURES: dict[str, type[nn.Module]] = {"unet3d": UNet3D, "unet2d": UNet2D, "resenc": ResEncUNet}
 # Only the head's activation matters at prediction (probabilities and decoding), not the loss that trained it.
 HEADS: dict[str, type[nn.Module]] = {"softmax": CrossEntropyLoss, "sigmoid": RegionDiceBCELoss}
 RUNTIMES = ("torch", "onnx")
@@ -119,6 +123,8 @@ def read_package(package: str | Path) -> dict[str, Any]:
         if file_sha256(file) != digest:
             raise BratsError(f"model package {package}: {relative} does not match the SHA-256 in {MODEL_JSON} (the "
                              "file was changed or damaged after export); refusing the package")
+    if "cv_postprocessing" in meta:  # absent: exported from no sweep, or from one without postprocessing.json
+        check_record(meta["cv_postprocessing"], f"{path}: cv_postprocessing")
     return meta
 
 

@@ -21,8 +21,12 @@ from scipy import ndimage
 from brats_unet.evaluation.challenges import CHALLENGES, Challenge
 from brats_unet.evaluation.lesionwise import lesionwise_metrics
 from brats_unet.evaluation.region import dice
+from brats_unet.utils import BratsError
 
 RULES = ("min_size", "largest", "et_to_ncr")
+RECORD_VERSION = 1  # of a postprocessing.json (brats-postprocess), also carried in a model package's model.json
+# Each rule's own keys, beside "rule" (and the scores postprocessing.json keeps with it).
+RULE_KEYS = {"min_size": ("region", "min_size"), "largest": ("region",), "et_to_ncr": ("min_total",)}
 DEFAULT_SIZES = (10, 25, 50, 100, 200, 500, 1000)
 DEFAULT_ET_TOTALS = (25, 50, 73, 100, 200, 500)
 # What a voxel dropped from a region becomes: the next region out's own label, by name (first present wins).
@@ -139,6 +143,27 @@ def apply_record(labels: np.ndarray, record: Mapping[str, Any], labels_schema: s
     by name, so a choice made on brats2021 files (ET 4) applies to 2023-named ones (ET 3) too."""
     challenge = CHALLENGES.get(labels_schema) or CHALLENGES[record["challenge"]]
     return apply_rules(labels, record["rules"], challenge)
+
+
+def check_record(record: Any, where: str) -> dict[str, Any]:
+    """A post-processing choice as brats-postprocess writes it (postprocessing.json, or a model package's copy),
+    checked before any label map is touched: BratsError naming `where` and what is wrong."""
+    if not isinstance(record, Mapping) or record.get("version") != RECORD_VERSION \
+            or not isinstance(record.get("rules"), list):
+        raise BratsError(f"{where} is not a post-processing choice written by brats-postprocess (version "
+                         f"{RECORD_VERSION} with a list of rules)")
+    challenge = CHALLENGES.get(str(record.get("challenge")))
+    if challenge is None:
+        raise BratsError(f"{where}: challenge {record.get('challenge')!r} is not one of {sorted(CHALLENGES)}")
+    for i, rule in enumerate(record["rules"]):
+        kind = rule.get("rule") if isinstance(rule, Mapping) else None
+        if kind not in RULE_KEYS or any(k not in rule for k in RULE_KEYS[kind]):
+            raise BratsError(f"{where}: rules[{i}] = {rule!r} is not a known rule ({list(RULES)} with "
+                             f"{RULE_KEYS.get(kind, 'its keys')})")
+        if "region" in RULE_KEYS[kind] and rule["region"] not in challenge.regions:
+            raise BratsError(f"{where}: rules[{i}] names region {rule['region']!r}, which {challenge.name} lacks "
+                             f"({list(challenge.regions)})")
+    return dict(record)
 
 
 def lesion_score(tp: float, fp: float, fn: float, mean_dice: float) -> float:

@@ -32,6 +32,7 @@ from brats_unet.inference.ensemble import CheckpointSpec, check_compatible, reso
 from brats_unet.inference.inputs import CaseInput, load_input
 from brats_unet.inference.loading import StoredModel, build_model, inference_probe, read_checkpoint
 from brats_unet.inference.package import load_members, package_options
+from brats_unet.inference.postprocess import apply_record, check_record
 from brats_unet.inference.probabilities import mean_probabilities
 from brats_unet.inference.resampling import resample, resampled_shape
 from brats_unet.runtime import (
@@ -98,10 +99,12 @@ class Segmenter:
                  *, device: str | torch.device | None = None, tta: bool | None = None,
                  postprocess: bool | None = None, precision: str | None = None, overlap: float | None = None,
                  window_batch: int | None = None, names: Sequence[str] | None = None,
-                 spacing: Sequence[float] | None = None) -> None:
+                 spacing: Sequence[float] | None = None, cv_postprocessing: Mapping[str, Any] | None = None) -> None:
         """One module and its run config, or equal-length lists of them (an ensemble; `names` for its errors).
         An option left None takes brats-predict's default (conf/predict.yaml). `spacing`: the training voxel size
-        (mm) to resample inputs to (None: predict every input at its own voxel size)."""
+        (mm) to resample inputs to (None: predict every input at its own voxel size). `cv_postprocessing`: rules
+        chosen on cross-validation (a postprocessing.json's record, cv_postprocess.read_postprocessing), applied to
+        every label map after decoding (and after `postprocess`)."""
         opts = _options(device=device, tta=tta, postprocess=postprocess, precision=precision, overlap=overlap,
                         window_batch=window_batch)
         modules = [module] if isinstance(module, BratsModule) else list(module)
@@ -123,6 +126,8 @@ class Segmenter:
         self.tta, self.postprocess = bool(opts["tta"]), bool(opts["postprocess"])
         self.overlap, self.window_batch = float(opts["overlap"]), int(opts["window_batch"])
         self.spacing = None if spacing is None else tuple(float(v) for v in spacing)
+        self.cv_postprocessing = None if cv_postprocessing is None else check_record(cv_postprocessing,
+                                                                                     "cv_postprocessing")
         self.channels_last: bool | None = None  # the memory format from_checkpoint chose (None: as the modules are)
         self.package: dict[str, Any] | None = None  # model.json, for a Segmenter.from_package
         self.package_files: list[tuple[str, str]] = []  # (file, SHA-256) of each member, for a package
@@ -131,14 +136,16 @@ class Segmenter:
     def from_checkpoint(cls, path: CheckpointSpec, device: str | torch.device | None = None, tta: bool | None = None,
                         postprocess: bool | None = None, precision: str | None = None,
                         channels_last: bool | str | None = None, trust_targets: Sequence[str] = (),
-                        **window: Any) -> Segmenter:
+                        cv_postprocessing: Mapping[str, Any] | None = None, **window: Any) -> Segmenter:
         """Rebuild the model of a brats-train checkpoint (best.ckpt / last.ckpt), or an ensemble of several: a list
         of checkpoints or a sweep dir (each job's checkpoints/best.ckpt); `window`: overlap, window_batch.
 
         Every option left None is brats-predict's default (conf/predict.yaml, runtime/default.yaml): device auto,
         precision auto, channels_last auto, ... so the API predicts what the command predicts. `auto` is resolved
         here once (brats_unet.runtime.resolve), the memory format probed with the checkpoint's own network.
-        `trust_targets`: your own `_target_`s a checkpoint may name (docs/trust.md)."""
+        `trust_targets`: your own `_target_`s a checkpoint may name (docs/trust.md). `cv_postprocessing`: a sweep's
+        chosen rules to apply (brats-predict ckpt_path=<sweep> passes its postprocessing.json; from Python:
+        `cv_postprocess.read_postprocessing(<sweep>/postprocessing.json)`); None: none."""
         opts = _options(device=device, tta=tta, postprocess=postprocess, precision=precision,
                         channels_last=channels_last, **window)
         check_precision(opts["precision"])
@@ -156,23 +163,26 @@ class Segmenter:
         opts.update(device=device, precision=choice.precision)
         del opts["channels_last"]
         segmenter = cls([m for m, _ in models], [c for _, c in models], names=[str(p) for p in paths],
-                        spacing=spacing, **opts)
+                        spacing=spacing, cv_postprocessing=cv_postprocessing, **opts)
         segmenter.channels_last = choice.channels_last
         return segmenter
 
     @classmethod
     def from_package(cls, path: str | Path, device: str | torch.device | None = None, tta: bool | None = None,
                      postprocess: bool | None = None, precision: str | None = None, channels_last: bool = False,
-                     runtime: str = "torch", overlap: float | None = None, window_batch: int | None = None
-                     ) -> Segmenter:
+                     runtime: str = "torch", overlap: float | None = None, window_batch: int | None = None,
+                     cv_postprocess: bool = True) -> Segmenter:
         """A brats-export model package (its hash and contents checked first); tta, postprocess, overlap and
         window_batch default to the package's. runtime=onnx runs its ONNX graphs with onnxruntime. Inputs are
-        resampled to the training spacing the checkpoint recorded, as from_checkpoint does."""
+        resampled to the training spacing the checkpoint recorded, as from_checkpoint does. A package exported
+        from a sweep with a postprocessing.json carries its rules: applied unless cv_postprocess=False."""
         meta, modules, configs, names = load_members(path, runtime=runtime, channels_last=bool(channels_last))
         options = package_options(meta, tta=tta, postprocess=postprocess, overlap=overlap, window_batch=window_batch)
         recorded = meta.get("training_spacing") or {}
         spacing = recorded.get("spacing") if str(recorded.get("source", "")).startswith("checkpoint") else None
-        segmenter = cls(modules, configs, device=device, precision=precision, names=names, spacing=spacing, **options)
+        carried = meta.get("cv_postprocessing") if cv_postprocess else None
+        segmenter = cls(modules, configs, device=device, precision=precision, names=names, spacing=spacing,
+                        cv_postprocessing=carried, **options)
         segmenter.package = meta
         key = "onnx" if runtime == "onnx" else "weights"  # the files this runtime reads, for prediction.json
         segmenter.package_files = [(str(Path(path).expanduser() / m[key]), meta["files"][m[key]])
@@ -239,7 +249,10 @@ class Segmenter:
             classes, et_prob = decode(full, activation, schema)
         if self.postprocess:
             classes = postprocess(classes, et_prob, schema)
-        labels = output_schema(schema, loaded.layout).from_classes(classes)
+        written = output_schema(schema, loaded.layout)
+        labels = written.from_classes(classes)
+        if self.cv_postprocessing is not None:  # rules on the written labels, regions looked up by name
+            labels = apply_record(labels, self.cv_postprocessing, written.name)
         return loaded, labels, full if probabilities else None
 
     def to_input_grid(self, volume: np.ndarray, meta: dict[str, Any]) -> np.ndarray:

@@ -34,7 +34,15 @@ from brats_unet.synth.releases import (
     layout_files,
     resolve_release,
 )
-from brats_unet.synth.tumour import BG, TISSUE_CLASS, TISSUES, draw_lesions, draw_metastases, paint_lesions
+from brats_unet.synth.tumour import (
+    BG,
+    TISSUE_CLASS,
+    TISSUES,
+    draw_lesions,
+    draw_metastases,
+    kinds_with,
+    paint_lesions,
+)
 from brats_unet.utils import BratsError, atomic_path, atomic_write_json
 
 __all__ = ["FULL_SHAPE", "TISSUES", "Options", "SynthCase", "brats_affine", "case_options", "case_rng", "generate_case",
@@ -70,12 +78,14 @@ class SynthCase:
 
 def generate_case(rng: np.random.Generator, shape: Sequence[int] = FULL_SHAPE,
                   spacing: Sequence[float] | None = None, cavity: bool = False, *, tumour: bool = True,
-                  metastases: bool = False, distractors: np.random.Generator | None = None) -> SynthCase:
+                  metastases: bool = False, distractors: np.random.Generator | None = None,
+                  nonenhancing: float | None = None) -> SynthCase:
     """One synthetic case on a `shape` grid covering the BraTS field of view (a small shape is the same head at a
     coarser resolution). `spacing` only sets the affine's voxel size (default: the physical one, 240 / shape[0]
     mm ...). `cavity` adds a resection cavity (tissue "cavity", class 0) at the main tumour's centre (a paediatric
     cyst where the release labels one). `tumour=False`: a healthy head; `metastases`: several mostly small lesions
-    instead of a glioma; `distractors`: the random stream of bright healthy structures to add (None: none)."""
+    instead of a glioma; `distractors`: the random stream of bright healthy structures to add (None: none);
+    `nonenhancing`: the share of gliomas without enhancing tumour (None: tumour.KINDS's)."""
     shape = tuple(int(n) for n in shape)
     mm = tuple(float(v) for v in FULL_MM / np.array(shape))
     tissue_for_spacing(tuple(round(v, 3) for v in mm))  # the pre-blurred atlas for this resolution (cached)
@@ -88,7 +98,8 @@ def generate_case(rng: np.random.Generator, shape: Sequence[int] = FULL_SHAPE,
     elif metastases:
         lesions = draw_metastases(rng, coarse, cprobs, cavity)
     else:
-        lesions = draw_lesions(rng, coarse, cprobs, ccoords[2] > atlas.centre[2] + atlas.brain_z_mm, cavity)
+        lesions = draw_lesions(rng, coarse, cprobs, ccoords[2] > atlas.centre[2] + atlas.brain_z_mm, cavity,
+                               kinds_with(nonenhancing))
     # Work in the brain's bounding box (plus a margin for the warp and mass effect): most of the grid is empty.
     inside = np.argwhere(cprobs.sum(0) > 0.02)
     lo_mm = np.array([coarse[i][j] for i, j in enumerate(inside.min(0))]) - COARSE_MM - 6
@@ -156,10 +167,13 @@ class Options:
 
     distractors: bool = False  # bright healthy structures, labelled background (synth/distractors.py)
     healthy_fraction: float = 0.0  # share of heads without a tumour
+    nonenhancing: float | None = None  # share of gliomas without enhancing tumour (None: tumour.KINDS's 8 %)
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.healthy_fraction) <= 1.0:
             raise BratsError(f"healthy fraction must be in [0, 1], got {self.healthy_fraction}")
+        if self.nonenhancing is not None and not 0.0 <= float(self.nonenhancing) <= 1.0:
+            raise BratsError(f"non-enhancing share must be in [0, 1], got {self.nonenhancing}")
 
     def is_healthy(self, index: int) -> bool:
         """Case `index` has no tumour: a low-discrepancy rule, so any run of cases holds about the fraction asked
@@ -170,7 +184,8 @@ class Options:
     def tag(self) -> str:
         """What the options add to a file's header tag ("" by default), so a resume with other options is refused."""
         return (" +distractors" if self.distractors else "") + \
-            (f" healthy={self.healthy_fraction:g}" if self.healthy_fraction else "")
+            (f" healthy={self.healthy_fraction:g}" if self.healthy_fraction else "") + \
+            (f" nonenhancing={self.nonenhancing:g}" if self.nonenhancing is not None else "")
 
 
 def case_options(release: Release, seed: int, index: int, options: Options) -> dict:
@@ -180,7 +195,8 @@ def case_options(release: Release, seed: int, index: int, options: Options) -> d
     names = release.label_schema.class_names
     cyst = extra.random() < CYSTS
     return {"cavity": "rc" in names or ("cc" in names and cyst), "tumour": not options.is_healthy(index),
-            "metastases": release.metastases, "distractors": extra if options.distractors else None}
+            "metastases": release.metastases, "distractors": extra if options.distractors else None,
+            "nonenhancing": options.nonenhancing}
 
 
 def _tag(release: Release, seed: int, index: int, options: Options) -> bytes:
@@ -306,14 +322,16 @@ def write_dataset(
     workers: int = 1,
     distractors: bool = False,
     healthy_fraction: float = 0.0,
+    nonenhancing: float | None = None,
 ) -> list[Path]:
     """Write `cases` synthetic cases in a BraTS layout under `out` (`workers` processes); returns the case folders.
 
     Re-running the same command skips finished cases (resumes after a kill); a folder holding anything else is
     refused unless `overwrite`. `distractors`: add bright healthy structures (labelled background);
-    `healthy_fraction`: that share of the heads has no tumour. Both off by default (the output is then unchanged).
+    `healthy_fraction`: that share of the heads has no tumour; `nonenhancing`: the share of gliomas without enhancing
+    tumour (None: the generator's 8 %). All off by default (the output is then unchanged).
     """
-    options = Options(bool(distractors), float(healthy_fraction))
+    options = Options(bool(distractors), float(healthy_fraction), None if nonenhancing is None else float(nonenhancing))
     release = resolve_release(layout)
     layout = RELEASE_ALIASES.get(layout, layout)
     shape = _check_request(cases, shape)

@@ -22,6 +22,17 @@ BG, WM, GM, CSF, ED, ET, NCR, NET, CAVITY = range(len(TISSUES))
 # Internal classes (data/labels.py): 0 background, 1 NCR (necrosis and non-enhancing tumour), 2 ED, 3 ET.
 TISSUE_CLASS = np.array([0, 0, 0, 0, 2, 3, 1, 1, 0], np.uint8)
 KINDS = {"necrotic": 0.77, "solid": 0.15, "nonenhancing": 0.08}  # share of primary tumours (BraTS: few without ET)
+
+
+def kinds_with(nonenhancing: float | None) -> dict[str, float]:
+    """KINDS with the non-enhancing share set to `nonenhancing` (None: unchanged), the others scaled to fill the
+    rest in their own ratio."""
+    if nonenhancing is None:
+        return dict(KINDS)
+    rest = 1.0 - KINDS["nonenhancing"]
+    return {k: (float(nonenhancing) if k == "nonenhancing" else v / rest * (1.0 - float(nonenhancing)))
+            for k, v in KINDS.items()}
+
 MULTIFOCAL = 0.12  # share of cases with a second, smaller lesion
 CORTICAL = 0.3  # share of lesions placed so that the core reaches the cortex
 # Brain metastases (brats-synth --layout met): several lesions, most of them small (a few mm: the lesion-wise score's
@@ -101,14 +112,16 @@ def draw_metastases(rng: np.random.Generator, axes: Sequence[np.ndarray], probs:
 
 
 def draw_lesions(rng: np.random.Generator, axes: Sequence[np.ndarray], probs: np.ndarray, supratentorial: np.ndarray,
-                 cavity: bool = False) -> list[Lesion]:
+                 cavity: bool = False, kinds: dict[str, float] | None = None) -> list[Lesion]:
     """Lesions for one head, placed on a coarse grid (`axes`, healthy `probs`): cores in white matter above the
-    tentorium, deep or (sometimes) reaching the cortex, a second one in multifocal cases."""
+    tentorium, deep or (sometimes) reaching the cortex, a second one in multifocal cases. `kinds`: the share of each
+    tumour kind (default KINDS)."""
+    kinds = KINDS if kinds is None else kinds
     step = np.array([a[1] - a[0] for a in axes])
     brain = probs.sum(0) > 0.5
     depth = ndi.distance_transform_edt(brain, sampling=step)
     white = brain & (probs[0] > 0.5) & supratentorial
-    kind = str(rng.choice(list(KINDS), p=list(KINDS.values())))
+    kind = str(rng.choice(list(kinds), p=list(kinds.values())))
     lesions: list[Lesion] = []
     for n in range(2 if rng.random() < MULTIFOCAL else 1):
         volume = _core_volume_cm3(rng, 28.0 if n == 0 else 6.0)
