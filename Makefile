@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= outputs/demo
 
-.PHONY: install demo test test-fast test-bf16 test-bf16-only bench gpu-check
+.PHONY: install demo test test-fast test-bf16 test-bf16-only bench gpu-check nnunet
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,14 @@ test-bf16-only:
 
 bench: install
 	$(BIN)/python -m benchmarks.run_all
+
+# nnU-Net v2 for the time-to-quality benchmark's `nnunet` arm (docs/speed.md): its dependencies without timm (whose
+# torchvision does not import beside torch 2.13.0 CPU), then nnunetv2 itself with --no-deps; torch stays at 2.13.0.
+NNUNET_PINS := nnunetv2==2.8.1 dynamic-network-architectures==0.4.4
+nnunet: install
+	$(BIN)/pip install -q -c benchmarks/nnunet-constraints.txt -r benchmarks/nnunet-requirements.txt
+	$(BIN)/pip install -q -c benchmarks/nnunet-constraints.txt --no-deps $(NNUNET_PINS)
+	$(BIN)/python -c "import nnunetv2.training.nnUNetTrainer.nnUNetTrainer, torch; print('nnunetv2 ok, torch', torch.__version__)"
 
 # On a CUDA machine, under ten minutes: gpu tests, the demo on the GPU, training throughput (paper U-Net, resenc) beside
 # NVIDIA's published 27.48 img/s, deterministic vs cuDNN benchmark, full-case inference with and without TTA.

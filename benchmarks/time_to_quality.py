@@ -1,6 +1,7 @@
 """Time to quality: the Dice a model reaches after a fixed budget of training time, and how soon it reaches 0.90.
 
-    python -m benchmarks.time_to_quality [--quick] [--budget 240] [--arms auto,fp32,resenc,monai,segresnet] [--out DIR]
+    python -m benchmarks.time_to_quality [--quick] [--budget 240] [--arms auto,fp32,resenc,monai,segresnet,nnunet]
+        [--out DIR]
 
 Arms: ours (the quickstart recipe) with `auto` precision and memory format, ours in fp32 contiguous, `resenc`
 (model=resenc: nnU-Net's residual encoder at the quickstart's widths 8..128, `auto`), MONAI's DynUNet at its defaults
@@ -12,6 +13,11 @@ held-out test cases (sliding window, as brats-train validates). The LR is consta
 cosine schedule would need a step count that a time budget does not know. Arms run one after the other; on a shared
 machine the budget buys fewer steps when the neighbours are busy, so each row records the steps reached and the load
 average before and after it.
+
+Arm `nnunet` is nnU-Net v2 itself, the whole pipeline on the same cases and split (benchmarks/nnunet_arm.py): its
+own planning, preprocessing, augmentation and region training, stopped at the same budget of training time, then its
+predictor on the same test cases, scored by the same evaluation; it has no validation curve (val Dice None). It needs
+`make nnunet` (docs/speed.md); without nnunetv2 its row says how to install it and the other arms run.
 """
 
 from __future__ import annotations
@@ -30,16 +36,20 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from benchmarks import nnunet_arm
 from benchmarks.common import parse_ints, parse_words, print_table, threads, write_result
 from brats_unet.config import compose
+from brats_unet.data.datamodule import GROUPED_KEYS, group_keys
+from brats_unet.data.discovery import find_cases
 from brats_unet.runtime import training_device
 from brats_unet.synth.generator import write_dataset
 from brats_unet.training.build import build_datamodule, build_module
 from brats_unet.training.fit import resolve_auto
 from brats_unet.training.module import BratsModule
 
-ARMS = ("auto", "fp32", "resenc", "monai", "segresnet")
+ARMS = ("auto", "fp32", "resenc", "monai", "segresnet", "nnunet")
 MONAI_ARMS = {"monai": "monai DynUNet (defaults)", "segresnet": "monai SegResNet (defaults)"}
+INSTALL = {"nnunet": nnunet_arm.INSTALL}  # arms whose packages are optional: how to install them (default: bench)
 TARGET_DICE = 0.90
 
 
@@ -107,7 +117,19 @@ def monai_module(cfg: Any, in_channels: int, arm: str = "monai") -> BratsModule:
                        patch_size=list(cfg.data.patch_size), **OmegaConf.to_container(cfg.module, resolve=True))
 
 
+def benchmark_split(root: Path, work: Path) -> dict[str, Any]:
+    """The split the quickstart DataModule makes of the cases under `root` (every synthetic case is valid, so the
+    cases it caches are the cases on disk): what arm nnunet trains, validates and tests on."""
+    data = OmegaConf.to_container(arm_config("auto", root, work, quick=False).data, resolve=True)
+    spec, _ = group_keys({k: v for k, v in data.items() if k in GROUPED_KEYS}, None, None)
+    return spec.make([c.case for c in find_cases(root, data["layout"])])
+
+
 def run_arm(arm: str, root: Path, work: Path, budget: float, quick: bool, val_every: int) -> dict[str, Any]:
+    if arm == "nnunet":
+        row = nnunet_arm.run(root, benchmark_split(root, work), work / arm, budget, torch.get_num_threads())
+        return {"arm": arm, **row, f"time_to_val_dice_{TARGET_DICE:.2f}_s": None,
+                f"steps_to_val_dice_{TARGET_DICE:.2f}": None}
     cfg = arm_config(arm, root, work, quick)
     L.seed_everything(cfg.seed, workers=True)
     resolve_auto(cfg)  # auto -> this machine's precision and memory format (fp32 arms: explicit, unchanged)
@@ -142,7 +164,8 @@ def run_arm(arm: str, root: Path, work: Path, budget: float, quick: bool, val_ev
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.time_to_quality", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny widths, 32^3 patches, 4 small cases, 5 s budget")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny widths, 32^3 patches (nnunet: its own plan), 4 small cases, 5 s budget")
     p.add_argument("--budget", type=float, help="training seconds per arm (default 240, quick 5)")
     p.add_argument("--arms", type=parse_words, default=list(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     p.add_argument("--val-every", type=int, default=2, help="validate every this many epochs (time to Dice 0.90)")
@@ -176,8 +199,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             try:
                 rows.append({**run_arm(arm, work / "raw", work, args.budget, args.quick, args.val_every),
                              "status": "ok"})
-            except ImportError as e:  # monai is in the `bench` extra
-                rows.append({"arm": arm, "status": f"skipped: {e} (pip install -e .[bench])"})
+            except ImportError as e:  # monai is in the `bench` extra, nnunetv2 installs apart (docs/speed.md)
+                rows.append({"arm": arm, "status": f"skipped: {e} ({INSTALL.get(arm, 'pip install -e .[bench]')})"})
         device = torch.device(training_device("auto"))  # the quickstart's trainer.accelerator is auto
         result = {"device": str(device), "settings": {k: v for k, v in vars(args).items() if k != "out"},
                   "rows": rows}
