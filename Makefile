@@ -15,10 +15,11 @@ install: $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev]"
 
 demo: install
-	$(BIN)/brats-synth --out data/synthetic --cases 20 --seed 0 --shape 120 120 78 --quiet
+	$(BIN)/brats-synth --out data/synthetic --cases 20 --seed 0 --shape 120 120 78 --nonenhancing-share 0.25 --quiet
 	$(BIN)/brats-preprocess data=synthetic preprocess=modern
 	$(BIN)/brats-train experiment=quickstart hydra.run.dir=$(RUN)/train ckpt_path=last
-	$(BIN)/brats-predict ckpt_path=$(RUN)/train/checkpoints/best.ckpt input=data/synthetic \
+	$(BIN)/brats-postprocess run=$(RUN)/train overwrite=true
+	$(BIN)/brats-predict ckpt_path=$(RUN)/train input=data/synthetic \
 	  split_file=$(RUN)/train/split.json split_subset=test output=$(RUN)/predictions overwrite=true
 	$(BIN)/brats-evaluate pred=$(RUN)/predictions truth=data/synthetic \
 	  split_file=$(RUN)/train/split.json split_subset=test output=$(RUN)/evaluation overwrite=true
