@@ -25,6 +25,7 @@ from brats_unet.inference.postprocess import (
     lesion_score,
     remove_small_components,
 )
+from brats_unet.inference.segmenter import Segmenter
 from brats_unet.utils import BratsError
 
 B21 = CHALLENGES["brats2021"]  # labels 1 ncr, 2 ed, 4 et
@@ -256,6 +257,12 @@ def test_brats_postprocess_on_one_run_chooses_on_its_validation_cases(tmp_path: 
     assert applied_model["cv_postprocessing"] == json.loads(json.dumps(record["rules"]))
     assert "cv_postprocessing" not in raw_model and "cv_postprocessing" not in file_model
     assert applied_model["members"] == raw_model["members"] == file_model["members"]
+    # From Python the run dir does what the command does (before, Segmenter.from_checkpoint ignored its rules).
+    case = root / "BraTS2021_00000"
+    for spec, options, expected in ((run, {}, applied), (run, {"cv_postprocess": False}, plain),
+                                    (run / "checkpoints" / "best.ckpt", {}, plain)):
+        seg = Segmenter.from_checkpoint(spec, device="cpu", precision="fp32", **options)
+        assert np.array_equal(seg.segment(case)[1], expected), (spec, options)
 
 
 def test_brats_postprocess_refuses_a_run_it_cannot_choose_on(tmp_path: Path) -> None:

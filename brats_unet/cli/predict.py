@@ -22,8 +22,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from brats_unet.cli.common import require, trust_targets, user_errors
 from brats_unet.config import CONFIG_PATH, PREDICT_OPTIONS
 from brats_unet.data.split import read_split
-from brats_unet.inference.cv_postprocess import chosen_on, sweep_postprocessing
+from brats_unet.inference.cv_postprocess import chosen_on
 from brats_unet.inference.folder import predict_folder, predict_out_of_fold
+from brats_unet.inference.postprocess import sweep_postprocessing
 from brats_unet.inference.segmenter import Segmenter
 from brats_unet.runtime import configure_runtime, resolve_device
 from brats_unet.utils import BratsError
@@ -69,7 +70,7 @@ def predict(cfg: DictConfig) -> list[Path]:
         return predict_out_of_fold(ckpt, cfg.input, cfg.output, layout=cfg.get("layout"),
                                    probabilities=bool(cfg.save_probabilities), overwrite=bool(cfg.overwrite),
                                    resume=bool(cfg.resume), postprocessing=post, **options)
-    segmenter = Segmenter.from_checkpoint(ckpt, cv_postprocessing=post, **options)
+    segmenter = Segmenter.from_checkpoint(ckpt, cv_postprocessing=post, cv_postprocess=post is not None, **options)
     if len(segmenter.modules) > 1:
         log.info("ensemble of %d checkpoints: %s", len(segmenter.modules), ", ".join(segmenter.names))
     return predict_cases(cfg, segmenter)

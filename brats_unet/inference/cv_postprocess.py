@@ -12,7 +12,6 @@ brats-predict. The rules and the choosing are pure (inference.postprocess); this
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +41,7 @@ from brats_unet.inference.postprocess import (
     DEFAULT_SIZES,
     ONE_RUN,
     RECORD_VERSION,
-    check_record,
+    RULES_FILE,
     choose_rules,
 )
 from brats_unet.inference.segmenter import Segmenter
@@ -51,7 +50,7 @@ from brats_unet.utils import BratsError, atomic_write_json
 
 log = logging.getLogger("brats_unet.postprocess")
 
-FILE = "postprocessing.json"
+FILE = RULES_FILE
 OOF_DIR = Path("postprocess") / "oof"
 VAL_DIR = Path("postprocess") / "val"
 VERSION = RECORD_VERSION
@@ -222,22 +221,3 @@ def choose_on(cases: Sequence[str], predictions: str | Path, truth: Path, *, wha
         lesionwise = default_lesionwise([chall])
     result = choose_rules(pairs, chall, lesionwise=lesionwise, sizes=sizes, et_totals=et_totals, spacings=spacings)
     return {"challenge": chall.name, **result}
-
-
-def read_postprocessing(path: str | Path) -> dict[str, Any]:
-    """A postprocessing.json, checked: BratsError naming the file when it is not one brats-postprocess wrote."""
-    path = Path(path)
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BratsError(f"cannot read {path}: {e}") from e
-    return check_record(record, str(path))
-
-
-def sweep_postprocessing(ckpt_path: Any) -> tuple[Path, dict[str, Any]] | None:
-    """(file, record) when ckpt_path is a sweep or run dir holding a postprocessing.json, else None (a checkpoint
-    file, a list, a folder without one)."""
-    if not isinstance(ckpt_path, str | Path):
-        return None
-    path = Path(ckpt_path).expanduser() / FILE
-    return (path, read_postprocessing(path)) if path.is_file() else None

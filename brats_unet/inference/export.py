@@ -29,8 +29,6 @@ from safetensors.torch import save_file
 from brats_unet.data.discovery import list_case_dirs, resolve_layout
 from brats_unet.data.split import load_split
 from brats_unet.inference.card import model_card
-from brats_unet.inference.cv_postprocess import FILE as POSTPROCESSING_FILE
-from brats_unet.inference.cv_postprocess import sweep_postprocessing
 from brats_unet.inference.ensemble import CheckpointSpec, is_run_dir, resolve_checkpoints
 from brats_unet.inference.loading import load_model
 from brats_unet.inference.onnx import export_onnx
@@ -42,6 +40,7 @@ from brats_unet.inference.package import (
     content_hash,
     schema_json,
 )
+from brats_unet.inference.postprocess import RULES_FILE, sweep_postprocessing
 from brats_unet.inference.segmenter import Segmenter
 from brats_unet.runs import read_metrics, read_overrides
 from brats_unet.training.checkpoint import load_checkpoint
@@ -132,14 +131,14 @@ def carried_postprocessing(spec: CheckpointSpec, carry: bool = True) -> dict[str
     if chosen is None:
         for ckpt in [spec] if isinstance(spec, str | Path) else spec if isinstance(spec, Sequence) else []:
             run = run_dir_of(Path(ckpt).expanduser())
-            if run is not None and (run / POSTPROCESSING_FILE).is_file():
+            if run is not None and (run / RULES_FILE).is_file():
                 log.warning("%s is not carried: brats-predict applies a run's rules only with ckpt_path=<run dir>; "
-                            "export ckpt_path=%s to carry them", run / POSTPROCESSING_FILE, run)
+                            "export ckpt_path=%s to carry them", run / RULES_FILE, run)
                 break
-            if run is not None and (run.parent / POSTPROCESSING_FILE).is_file():
+            if run is not None and (run.parent / RULES_FILE).is_file():
                 log.warning("%s is not carried: its rules were chosen for the sweep's ensemble and brats-predict "
                             "applies them only with ckpt_path=<sweep dir>; export ckpt_path=%s to carry them",
-                            run.parent / POSTPROCESSING_FILE, run.parent)
+                            run.parent / RULES_FILE, run.parent)
                 break
         return None
     path, record = chosen

@@ -12,7 +12,9 @@ TC -> oedema (ed/snfh), any other region -> background. `choose_rules` tries eac
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -234,3 +236,26 @@ def choose_rules(cases: Sequence[tuple[np.ndarray, np.ndarray]], challenge: Chal
     metric = "lesionwise_dice_mean" if lesionwise else "dice_mean"
     return {"metric": metric, "cases": len(cases), "score_before": before, "score_after": score, "rules": kept,
             "tried": tried}
+
+
+# ---- the rules file ------------------------------------------------------------------------------------------------
+RULES_FILE = "postprocessing.json"  # written by brats-postprocess into a sweep or run dir
+
+
+def read_postprocessing(path: str | Path) -> dict[str, Any]:
+    """A postprocessing.json, checked: BratsError naming the file when it is not one brats-postprocess wrote."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BratsError(f"cannot read {path}: {e}") from e
+    return check_record(record, str(path))
+
+
+def sweep_postprocessing(ckpt_path: Any) -> tuple[Path, dict[str, Any]] | None:
+    """(file, record) when ckpt_path is a sweep or run dir holding a postprocessing.json, else None (a checkpoint
+    file, a list, a folder without one)."""
+    if not isinstance(ckpt_path, str | Path):
+        return None
+    path = Path(ckpt_path).expanduser() / RULES_FILE
+    return (path, read_postprocessing(path)) if path.is_file() else None

@@ -32,7 +32,7 @@ from brats_unet.inference.ensemble import CheckpointSpec, check_compatible, reso
 from brats_unet.inference.inputs import CaseInput, load_input
 from brats_unet.inference.loading import StoredModel, build_model, inference_probe, read_checkpoint
 from brats_unet.inference.package import load_members, package_options
-from brats_unet.inference.postprocess import apply_record, check_record
+from brats_unet.inference.postprocess import apply_record, check_record, sweep_postprocessing
 from brats_unet.inference.probabilities import mean_probabilities
 from brats_unet.inference.resampling import resample, resampled_shape
 from brats_unet.runtime import (
@@ -103,7 +103,7 @@ class Segmenter:
         """One module and its run config, or equal-length lists of them (an ensemble; `names` for its errors).
         An option left None takes brats-predict's default (conf/predict.yaml). `spacing`: the training voxel size
         (mm) to resample inputs to (None: predict every input at its own voxel size). `cv_postprocessing`: rules
-        chosen on cross-validation (a postprocessing.json's record, cv_postprocess.read_postprocessing), applied to
+        chosen on cross-validation (a postprocessing.json's record, postprocess.read_postprocessing), applied to
         every label map after decoding (and after `postprocess`)."""
         opts = _options(device=device, tta=tta, postprocess=postprocess, precision=precision, overlap=overlap,
                         window_batch=window_batch)
@@ -136,16 +136,22 @@ class Segmenter:
     def from_checkpoint(cls, path: CheckpointSpec, device: str | torch.device | None = None, tta: bool | None = None,
                         postprocess: bool | None = None, precision: str | None = None,
                         channels_last: bool | str | None = None, trust_targets: Sequence[str] = (),
-                        cv_postprocessing: Mapping[str, Any] | None = None, **window: Any) -> Segmenter:
+                        cv_postprocessing: Mapping[str, Any] | None = None, cv_postprocess: bool = True,
+                        **window: Any) -> Segmenter:
         """Rebuild the model of a brats-train checkpoint (best.ckpt / last.ckpt), or an ensemble of several: a list
         of checkpoints or a sweep dir (each job's checkpoints/best.ckpt); `window`: overlap, window_batch.
 
         Every option left None is brats-predict's default (conf/predict.yaml, runtime/default.yaml): device auto,
         precision auto, channels_last auto, ... so the API predicts what the command predicts. `auto` is resolved
         here once (brats_unet.runtime.resolve), the memory format probed with the checkpoint's own network.
-        `trust_targets`: your own `_target_`s a checkpoint may name (docs/trust.md). `cv_postprocessing`: a sweep's
-        chosen rules to apply (brats-predict ckpt_path=<sweep> passes its postprocessing.json; from Python:
-        `cv_postprocess.read_postprocessing(<sweep>/postprocessing.json)`); None: none."""
+        `trust_targets`: your own `_target_`s a checkpoint may name (docs/trust.md). A sweep or run dir's
+        postprocessing.json (brats-postprocess) is applied as brats-predict ckpt_path=<dir> applies it, unless
+        `cv_postprocess=False`; `cv_postprocessing`: a rules record to apply instead (a checkpoint file or list has
+        none of its own)."""
+        if not cv_postprocess:
+            cv_postprocessing = None
+        elif cv_postprocessing is None and (found := sweep_postprocessing(path)) is not None:
+            cv_postprocessing = found[1]
         opts = _options(device=device, tta=tta, postprocess=postprocess, precision=precision,
                         channels_last=channels_last, **window)
         check_precision(opts["precision"])
