@@ -50,10 +50,8 @@ from brats_unet.utils import BratsError, atomic_write_json
 
 log = logging.getLogger("brats_unet.postprocess")
 
-FILE = RULES_FILE
 OOF_DIR = Path("postprocess") / "oof"
 VAL_DIR = Path("postprocess") / "val"
-VERSION = RECORD_VERSION
 FEW_CASES = 5  # below this many cases a choice is logged as noisy (one case can decide it)
 
 
@@ -105,7 +103,7 @@ def choose_for_sweep(sweep: str | Path, *, predictions: str | Path | None = None
     with the segmentations; None: the data.root the folds trained on.
     """
     sweep = Path(sweep).expanduser()
-    out = sweep / FILE
+    out = sweep / RULES_FILE
     if out.exists() and not overwrite:
         raise BratsError(f"{out} already exists; pass overwrite=true to choose again")
     jobs = out_of_fold_jobs(sweep)  # refuses anything but the complete folds of one k-fold split
@@ -118,7 +116,7 @@ def choose_for_sweep(sweep: str | Path, *, predictions: str | Path | None = None
     result = choose_on(cases, predictions, truth, what="out-of-fold",
                        raw=f"brats-predict ckpt_path={sweep} oof=true cv_postprocess=false", layout=layout,
                        challenge=challenge, lesionwise=lesionwise, sizes=sizes, et_totals=et_totals)
-    record = {"version": VERSION, "sweep": str(sweep), "chosen_on": out_of_fold(len(jobs)),
+    record = {"version": RECORD_VERSION, "sweep": str(sweep), "chosen_on": out_of_fold(len(jobs)),
               "predictions": str(Path(predictions)), "truth": str(truth), **result}
     atomic_write_json(out, record)
     return record
@@ -135,7 +133,7 @@ def choose_for_run(run: str | Path, *, predictions: str | Path | None = None, tr
     `truth`: None: the data.root the run trained on. Weaker than choosing on K folds: fewer cases, one model.
     """
     run = Path(run).expanduser()
-    out = run / FILE
+    out = run / RULES_FILE
     if out.exists() and not overwrite:
         raise BratsError(f"{out} already exists; pass overwrite=true to choose again")
     ckpt = run_checkpoint(run)
@@ -158,7 +156,7 @@ def choose_for_run(run: str | Path, *, predictions: str | Path | None = None, tr
     raw = f"brats-predict ckpt_path={ckpt} input={truth} split_file={split_path} split_subset=val"
     result = choose_on(cases, predictions, truth, what="validation", raw=raw, layout=layout, challenge=challenge,
                        lesionwise=lesionwise, sizes=sizes, et_totals=et_totals)
-    record = {"version": VERSION, "run": str(run), "chosen_on": ONE_RUN, "predictions": str(Path(predictions)),
+    record = {"version": RECORD_VERSION, "run": str(run), "chosen_on": ONE_RUN, "predictions": str(Path(predictions)),
               "truth": str(truth), **result}
     atomic_write_json(out, record)
     return record
