@@ -24,7 +24,7 @@ from brats_unet.evaluation.challenges import CHALLENGES
 from brats_unet.inference.export import export_package
 from brats_unet.inference.postprocess import apply_rules
 from brats_unet.reporting.writer import write_report
-from brats_unet.utils import BratsError
+from brats_unet.utils import BratsError, file_sha256
 
 pytestmark = pytest.mark.slow
 REGIONS = ("val/dice_wt", "val/dice_tc", "val/dice_et", "val/dice_mean", "val/hd95_wt", "val/hd95_tc", "val/hd95_et")
@@ -180,3 +180,19 @@ def test_postprocessing_chosen_on_the_folds_is_what_predict_applies(sweep: Path,
     predict_command(compose_cli("predict", [f"package={package}", f"input={synthetic_root / test_case}",
                                             f"output={tmp_path / 'from_package'}", "device=cpu", "precision=fp32"]))
     assert np.array_equal(labels(tmp_path / "from_package" / f"{test_case}.nii.gz"), outs["applied"])
+    # Fold 0 retrained after brats-postprocess: its rules are refused until chosen again, and choosing again
+    # (overwrite=true) replaces the old models' out-of-fold predictions rather than resuming into them.
+    best = cv / "0" / "checkpoints" / "best.ckpt"
+    torch.save({**torch.load(best, map_location="cpu", weights_only=True), "global_step": 7}, best)
+    with pytest.raises(BratsError, match=r"cv/postprocessing\.json: its rules were chosen for other weights than "
+                                         r"0/checkpoints/best\.ckpt now holds"):
+        predict_command(compose_cli("predict", [f"ckpt_path={cv}", f"input={synthetic_root / test_case}",
+                                                f"output={tmp_path / 'stale'}", "device=cpu", "precision=fp32"]))
+    with pytest.raises(BratsError, match=r"0/checkpoints/best\.ckpt now holds"):
+        export_package(cv, tmp_path / "stale_package", measure=False)
+    postprocess_command(compose_cli("postprocess", [f"run={cv}", "device=cpu", "precision=fp32", "sizes=[5,50]",
+                                                    "et_totals=[50]", "overwrite=true"]))
+    members = json.loads((cv / "postprocess" / "oof" / "prediction.json").read_text())["model"]["members"]
+    assert [m["sha256"] for m in members] == [file_sha256(cv / j / "checkpoints" / "best.ckpt") for j in ("0", "1")]
+    assert [c["sha256"] for c in json.loads((cv / "postprocessing.json").read_text())["checkpoints"]] == \
+        [m["sha256"] for m in members]

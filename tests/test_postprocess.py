@@ -26,7 +26,7 @@ from brats_unet.inference.postprocess import (
     remove_small_components,
 )
 from brats_unet.inference.segmenter import Segmenter
-from brats_unet.utils import BratsError
+from brats_unet.utils import BratsError, file_sha256
 
 B21 = CHALLENGES["brats2021"]  # labels 1 ncr, 2 ed, 4 et
 
@@ -112,6 +112,7 @@ def test_brats_postprocess_writes_the_choice_into_the_sweep(tmp_path: Path) -> N
     assert stored == json.loads(json.dumps(record))
     assert stored["metric"] == "dice_mean" and stored["cases"] == 2 and stored["challenge"] == "brats2021"
     assert stored["chosen_on"] == "out-of-fold predictions of 2 folds" and stored["sweep"] == str(sweep)
+    assert [c["checkpoint"] for c in stored["checkpoints"]] == [f"{i}/checkpoints/best.ckpt" for i in range(2)]
     assert [(r["rule"], r["region"]) for r in stored["rules"]] == [("min_size", "wt"), ("min_size", "et")]
     assert stored["score_after"] == pytest.approx(1.0) and stored["score_before"] < 1.0
     with pytest.raises(BratsError, match=r"postprocessing\.json already exists; pass overwrite=true"):
@@ -128,7 +129,8 @@ def test_brats_postprocess_writes_the_choice_into_the_sweep(tmp_path: Path) -> N
         postprocess_command(compose_cli("postprocess", [*args, "overwrite=true"]))
 
 
-def test_brats_predict_applies_the_sweeps_choice_unless_turned_off(tmp_path: Path) -> None:
+def test_brats_predict_applies_the_sweeps_choice_unless_turned_off(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
     old = FIXTURES / "v0_1"
     case = old / "BraTS2021_00000"
     sweep = make_sweep(tmp_path, old / "tiny_region.ckpt", [case.name, "BraTS2021_00001"], old)
@@ -145,7 +147,9 @@ def test_brats_predict_applies_the_sweeps_choice_unless_turned_off(tmp_path: Pat
 
     plain = np.asarray(nib.load(old / "expected" / "plain.nii.gz").dataobj)
     assert plain.any()
-    assert not run("applied").any()
+    with caplog.at_level("WARNING"):
+        assert not run("applied").any()
+    assert "does not name the checkpoints its rules were chosen for (written by an older" in caplog.text
     assert np.array_equal(run("off", "cv_postprocess=false"), plain)  # two copies of one model = the model
     # The rules are part of what wrote the folder: a resume without them would mix two kinds of predictions.
     manifests = {name: json.loads((tmp_path / name / "prediction.json").read_text())["model"]
@@ -263,6 +267,18 @@ def test_brats_postprocess_on_one_run_chooses_on_its_validation_cases(tmp_path: 
                                     (run / "checkpoints" / "best.ckpt", {}, plain)):
         seg = Segmenter.from_checkpoint(spec, device="cpu", precision="fp32", **options)
         assert np.array_equal(seg.segment(case)[1], expected), (spec, options)
+    # The rules name the weights they were chosen for; a retrain after brats-postprocess makes them refused, not
+    # silently applied to another model.
+    best = run / "checkpoints" / "best.ckpt"
+    assert json.loads((run / "postprocessing.json").read_text())["checkpoints"] == \
+        [{"checkpoint": "checkpoints/best.ckpt", "sha256": file_sha256(best)}]
+    torch.save({**retrained, "global_step": 5}, best)
+    stale = r"run/postprocessing\.json: its rules were chosen for other weights than checkpoints/best\.ckpt now holds"
+    with pytest.raises(BratsError, match=stale + r".*brats-postprocess run=.*run overwrite=true.*cv_postprocess=false"):
+        run_predict("stale", run)
+    with pytest.raises(BratsError, match=stale):
+        Segmenter.from_checkpoint(run, device="cpu", precision="fp32")
+    assert np.array_equal(run_predict("stale_off", run, "cv_postprocess=false")[0], plain)
 
 
 def test_brats_postprocess_refuses_a_run_it_cannot_choose_on(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from brats_unet.config import CONFIG_PATH, PREDICT_OPTIONS
 from brats_unet.data.split import read_split
 from brats_unet.inference.cv_postprocess import chosen_on
 from brats_unet.inference.folder import predict_folder, predict_out_of_fold
-from brats_unet.inference.postprocess import sweep_postprocessing
+from brats_unet.inference.rules_file import sweep_postprocessing
 from brats_unet.inference.segmenter import Segmenter
 from brats_unet.runtime import configure_runtime, resolve_device
 from brats_unet.utils import BratsError

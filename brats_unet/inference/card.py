@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from brats_unet.inference.postprocess import ONE_RUN
+from brats_unet.inference.rules_file import ONE_RUN
 
 REGIONS = ("wt", "tc", "et")
 LIMITS = (

@@ -33,17 +33,17 @@ from brats_unet.inference.ensemble import (
     check_split_is_the_checkpoints,
     is_run_dir,
     out_of_fold_jobs,
+    resolve_checkpoints,
     run_checkpoint,
 )
 from brats_unet.inference.folder import model_record, predict_folder, predict_out_of_fold
 from brats_unet.inference.postprocess import (
     DEFAULT_ET_TOTALS,
     DEFAULT_SIZES,
-    ONE_RUN,
     RECORD_VERSION,
-    RULES_FILE,
     choose_rules,
 )
+from brats_unet.inference.rules_file import ONE_RUN, RULES_FILE, checkpoints_record
 from brats_unet.inference.segmenter import Segmenter
 from brats_unet.training.checkpoint import load_checkpoint
 from brats_unet.utils import BratsError, atomic_write_json
@@ -109,14 +109,22 @@ def choose_for_sweep(sweep: str | Path, *, predictions: str | Path | None = None
     jobs = out_of_fold_jobs(sweep)  # refuses anything but the complete folds of one k-fold split
     cases = sorted(c for _, val in jobs for c in val)
     truth = Path(truth).expanduser() if truth is not None else trained_root(jobs[0][0].parent.parent, jobs[0][0])
+    checkpoints = checkpoints_record(sweep, resolve_checkpoints(sweep))
     if predictions is None:
         predictions = sweep / OOF_DIR
-        log.info("out-of-fold predictions of %d cases -> %s", len(cases), predictions)
-        predict_out_of_fold(sweep, truth, predictions, layout=layout, resume=True, **predict_options)
+        # overwrite=true after a retrain: the folds' new models replace the old ones' predictions (else: resume).
+        previous = read_manifest(predictions)
+        replace = overwrite and previous is not None and \
+            [m.get("sha256") for m in previous["model"].get("members", [])] != [c["sha256"] for c in checkpoints]
+        log.info("out-of-fold predictions of %d cases -> %s%s", len(cases), predictions,
+                 " (replacing another model's)" if replace else "")
+        predict_out_of_fold(sweep, truth, predictions, layout=layout, resume=not replace, overwrite=replace,
+                            **predict_options)
     result = choose_on(cases, predictions, truth, what="out-of-fold",
                        raw=f"brats-predict ckpt_path={sweep} oof=true cv_postprocess=false", layout=layout,
                        challenge=challenge, lesionwise=lesionwise, sizes=sizes, et_totals=et_totals)
     record = {"version": RECORD_VERSION, "sweep": str(sweep), "chosen_on": out_of_fold(len(jobs)),
+              "checkpoints": checkpoints,
               "predictions": str(Path(predictions)), "truth": str(truth), **result}
     atomic_write_json(out, record)
     return record
@@ -156,7 +164,8 @@ def choose_for_run(run: str | Path, *, predictions: str | Path | None = None, tr
     raw = f"brats-predict ckpt_path={ckpt} input={truth} split_file={split_path} split_subset=val"
     result = choose_on(cases, predictions, truth, what="validation", raw=raw, layout=layout, challenge=challenge,
                        lesionwise=lesionwise, sizes=sizes, et_totals=et_totals)
-    record = {"version": RECORD_VERSION, "run": str(run), "chosen_on": ONE_RUN, "predictions": str(Path(predictions)),
+    record = {"version": RECORD_VERSION, "run": str(run), "chosen_on": ONE_RUN,
+              "checkpoints": checkpoints_record(run, [ckpt]), "predictions": str(Path(predictions)),
               "truth": str(truth), **result}
     atomic_write_json(out, record)
     return record

@@ -40,7 +40,7 @@ from brats_unet.inference.package import (
     content_hash,
     schema_json,
 )
-from brats_unet.inference.postprocess import RULES_FILE, sweep_postprocessing
+from brats_unet.inference.rules_file import RULES_FILE, sweep_postprocessing
 from brats_unet.inference.segmenter import Segmenter
 from brats_unet.runs import read_metrics, read_overrides
 from brats_unet.training.checkpoint import load_checkpoint

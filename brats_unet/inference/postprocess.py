@@ -12,9 +12,7 @@ TC -> oedema (ed/snfh), any other region -> background. `choose_rules` tries eac
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,9 +25,6 @@ from brats_unet.utils import BratsError
 
 RULES = ("min_size", "largest", "et_to_ncr")
 RECORD_VERSION = 1  # of a postprocessing.json (brats-postprocess), also carried in a model package's model.json
-# A record's `chosen_on` when chosen on one run's validation cases; a sweep's says "out-of-fold predictions of K folds"
-# (records written before `chosen_on` existed were all out-of-fold).
-ONE_RUN = "validation cases of one run"
 # Each rule's own keys, beside "rule" (and the scores postprocessing.json keeps with it).
 RULE_KEYS = {"min_size": ("region", "min_size"), "largest": ("region",), "et_to_ncr": ("min_total",)}
 DEFAULT_SIZES = (10, 25, 50, 100, 200, 500, 1000)
@@ -236,26 +231,3 @@ def choose_rules(cases: Sequence[tuple[np.ndarray, np.ndarray]], challenge: Chal
     metric = "lesionwise_dice_mean" if lesionwise else "dice_mean"
     return {"metric": metric, "cases": len(cases), "score_before": before, "score_after": score, "rules": kept,
             "tried": tried}
-
-
-# ---- the rules file ------------------------------------------------------------------------------------------------
-RULES_FILE = "postprocessing.json"  # written by brats-postprocess into a sweep or run dir
-
-
-def read_postprocessing(path: str | Path) -> dict[str, Any]:
-    """A postprocessing.json, checked: BratsError naming the file when it is not one brats-postprocess wrote."""
-    path = Path(path)
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BratsError(f"cannot read {path}: {e}") from e
-    return check_record(record, str(path))
-
-
-def sweep_postprocessing(ckpt_path: Any) -> tuple[Path, dict[str, Any]] | None:
-    """(file, record) when ckpt_path is a sweep or run dir holding a postprocessing.json, else None (a checkpoint
-    file, a list, a folder without one)."""
-    if not isinstance(ckpt_path, str | Path):
-        return None
-    path = Path(ckpt_path).expanduser() / RULES_FILE
-    return (path, read_postprocessing(path)) if path.is_file() else None

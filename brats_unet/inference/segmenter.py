@@ -32,9 +32,10 @@ from brats_unet.inference.ensemble import CheckpointSpec, check_compatible, reso
 from brats_unet.inference.inputs import CaseInput, load_input
 from brats_unet.inference.loading import StoredModel, build_model, inference_probe, read_checkpoint
 from brats_unet.inference.package import load_members, package_options
-from brats_unet.inference.postprocess import apply_record, check_record, sweep_postprocessing
+from brats_unet.inference.postprocess import apply_record, check_record
 from brats_unet.inference.probabilities import mean_probabilities
 from brats_unet.inference.resampling import resample, resampled_shape
+from brats_unet.inference.rules_file import sweep_postprocessing
 from brats_unet.runtime import (
     auto_precision,
     autocast,
@@ -103,7 +104,7 @@ class Segmenter:
         """One module and its run config, or equal-length lists of them (an ensemble; `names` for its errors).
         An option left None takes brats-predict's default (conf/predict.yaml). `spacing`: the training voxel size
         (mm) to resample inputs to (None: predict every input at its own voxel size). `cv_postprocessing`: rules
-        chosen on cross-validation (a postprocessing.json's record, postprocess.read_postprocessing), applied to
+        chosen on cross-validation (a postprocessing.json's record, rules_file.read_postprocessing), applied to
         every label map after decoding (and after `postprocess`)."""
         opts = _options(device=device, tta=tta, postprocess=postprocess, precision=precision, overlap=overlap,
                         window_batch=window_batch)
