@@ -271,7 +271,7 @@ def test_rerun_skips_complete_cases_and_resumes(tmp_path, capsys):
 def test_refuses_foreign_or_other_seed_folders(tmp_path):
     S.write_dataset(tmp_path, cases=1, seed=0, shape=SMALL)
     with pytest.raises(BratsError, match=r"BraTS2021_00000 already holds BraTS2021_00000_flair.nii.gz, which is "
-                                         r"not this synthetic case \(brats-synth v2 seed=1 case=0"):
+                                         r"not this synthetic case \(brats-synth v3 seed=1 case=0"):
         S.write_dataset(tmp_path, cases=1, seed=1, shape=SMALL)
     with pytest.raises(BratsError, match=r"shape \[32, 32, 24\]"):  # same seed, other shape: not complete
         S.write_dataset(tmp_path, cases=1, seed=0, shape=(32, 32, 24))
@@ -280,7 +280,7 @@ def test_refuses_foreign_or_other_seed_folders(tmp_path):
         S.write_dataset(tmp_path, cases=1, seed=0, shape=SMALL)
     S.write_dataset(tmp_path, cases=1, seed=1, shape=SMALL, overwrite=True)
     header = nib.load(tmp_path / "BraTS2021_00000" / "BraTS2021_00000_seg.nii.gz").header
-    assert bytes(header["descrip"]).rstrip(b"\0") == b"brats-synth v2 seed=1 case=0"
+    assert bytes(header["descrip"]).rstrip(b"\0") == b"brats-synth v3 seed=1 case=0"
 
 
 def test_input_errors(tmp_path):
@@ -390,9 +390,9 @@ def test_healthy_fraction_gives_heads_without_tumour_and_is_part_of_the_case_ide
     tumour = [bool(np.asarray(nib.load(f / f"{f.name}_seg.nii.gz").dataobj).any()) for f in folders]
     assert tumour == [True, False, True, True, False]
     header = nib.load(folders[1] / "BraTS2021_00001_t1.nii.gz").header
-    assert bytes(header["descrip"]).rstrip(b"\0") == b"brats-synth v2 seed=0 case=1 healthy=0.4"
+    assert bytes(header["descrip"]).rstrip(b"\0") == b"brats-synth v3 seed=0 case=1 healthy=0.4"
     assert (np.asarray(nib.load(folders[1] / "BraTS2021_00001_t1.nii.gz").dataobj) > 0).sum() > 1000  # a head
-    with pytest.raises(BratsError, match=r"not this synthetic case \(brats-synth v2 seed=0 case=0 \+distractors"):
+    with pytest.raises(BratsError, match=r"not this synthetic case \(brats-synth v3 seed=0 case=0 \+distractors"):
         S.write_dataset(tmp_path, cases=1, seed=0, shape=(32, 32, 24), distractors=True)
     with pytest.raises(BratsError, match=r"healthy fraction must be in \[0, 1\], got 1.5"):
         S.write_dataset(tmp_path / "x", cases=1, seed=0, shape=(32, 32, 24), healthy_fraction=1.5)
@@ -418,7 +418,7 @@ def test_cli_distractor_options(tmp_path, capsys):
           "--distractors", "--healthy-fraction", "1"])
     seg = nib.load(tmp_path / "syn" / "BraTS2021_00000" / "BraTS2021_00000_seg.nii.gz")
     assert not np.asarray(seg.dataobj).any()
-    assert bytes(seg.header["descrip"]).rstrip(b"\0") == b"brats-synth v2 seed=0 case=0 +distractors healthy=1"
+    assert bytes(seg.header["descrip"]).rstrip(b"\0") == b"brats-synth v3 seed=0 case=0 +distractors healthy=1"
     with pytest.raises(SystemExit) as exc:
         main(["--out", str(tmp_path / "x"), "--healthy-fraction", "-0.1"])
     assert exc.value.code == 2 and "error: healthy fraction must be in [0, 1], got -0.1" in capsys.readouterr().err
@@ -439,10 +439,10 @@ def test_nonenhancing_share_sets_the_kind_shares_and_is_part_of_the_case_identit
         seg = nib.load(tmp_path / "ne" / name / f"{name}_seg.nii.gz")
         labels = np.asarray(seg.dataobj)
         assert set(np.unique(labels).tolist()) == {0, 1, 2}
-        assert bytes(seg.header["descrip"]).rstrip(b"\0") == f"brats-synth v2 seed=0 case={i} nonenhancing=1".encode()
+        assert bytes(seg.header["descrip"]).rstrip(b"\0") == f"brats-synth v3 seed=0 case={i} nonenhancing=1".encode()
         plain = np.asarray(nib.load(tmp_path / "plain" / name / f"{name}_seg.nii.gz").dataobj)
         assert 4 in plain  # both seed-0 cases enhance by default
-    with pytest.raises(BratsError, match=r"not this synthetic case \(brats-synth v2 seed=0 case=0 nonenhancing=0.5"):
+    with pytest.raises(BratsError, match=r"not this synthetic case \(brats-synth v3 seed=0 case=0 nonenhancing=0.5"):
         S.write_dataset(tmp_path / "ne", cases=1, seed=0, shape=(32, 32, 24), nonenhancing=0.5)
     with pytest.raises(SystemExit) as exc:
         main(["--out", str(tmp_path / "x"), "--nonenhancing-share", "1.2"])

@@ -17,7 +17,7 @@ from scipy import ndimage as ndi
 from brats_unet.data.labels import MODALITIES
 from brats_unet.synth.anatomy import SmoothField
 from brats_unet.synth.distractors import DISTRACTORS
-from brats_unet.synth.tumour import ED, TISSUES
+from brats_unet.synth.tumour import ED, NET, TISSUES
 
 # Mean intensity relative to white matter, columns in MODALITIES order (t1, t1ce, t2, flair); rows TISSUES[1:].
 CONTRAST = np.array(
@@ -28,7 +28,7 @@ CONTRAST = np.array(
         [0.70, 0.74, 2.30, 2.10],  # ed
         [0.62, 1.70, 2.00, 1.85],  # et
         [0.45, 0.48, 2.70, 1.30],  # ncr
-        [0.68, 0.70, 2.10, 1.70],  # net: non-enhancing (lower-grade) tumour, bright on T2/FLAIR, no enhancement
+        [0.55, 0.58, 2.10, 1.70],  # net: non-enhancing tumour, T1-hypointense against oedema, bright on T2/FLAIR
         [0.33, 0.36, 3.00, 0.60],  # cavity: fluid like CSF, a little brighter on FLAIR (protein)
     ],
     dtype=np.float32,
@@ -100,6 +100,9 @@ def render(rng: np.random.Generator, probs: np.ndarray, lesions: np.ndarray, axe
     # How completely oedema replaces the tissue it invades (its borders fade into white matter).
     ed_weight = np.clip(0.8 + 0.25 * SmoothField(rng, 6.0, laxes)(laxes), 0.35, 1.0)[in_lesion[lbox]]
     codes = lesions[in_lesion].astype(np.intp) - 1
+    # Raters tell non-enhancing core from oedema by its T1 hypointensity and its inhomogeneity on T2/FLAIR (Menze et
+    # al. 2015, the BraTS annotation protocol): that core is textured more than the other lesion tissues.
+    texture_amp = np.where(codes == NET - 1, np.float32(0.2), np.float32(0.08))
     in_distractor = distractors > 0 if distractors is not None else None
     dcodes = distractors[in_distractor].astype(np.intp) - 1 if distractors is not None else None
     images = {}
@@ -107,7 +110,7 @@ def render(rng: np.random.Generator, probs: np.ndarray, lesions: np.ndarray, axe
         c = scanner.contrast[:, m]
         img = (frac[0] * c[0] + frac[1] * c[1] + frac[2] * c[2]) * (1 + 0.03 * texture)
         healthy = img[in_lesion]
-        values = c[codes] * (1 + 0.08 * lesion_texture)
+        values = c[codes] * (1 + texture_amp * lesion_texture)
         is_ed = codes == ED - 1
         w = ed_weight[is_ed]
         values[is_ed] = healthy[is_ed] * (1 - w) + values[is_ed] * w

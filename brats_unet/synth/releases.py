@@ -11,7 +11,7 @@ from brats_unet.data.labels import MODALITIES, LabelSchema, Layout, resolve_sche
 from brats_unet.utils import BratsError
 
 # Bump when the generator changes (per release: Release.version), so old folders are not mistaken for complete cases.
-_VERSION = "v2"
+_VERSION = "v3"  # v3: non-enhancing core T1-hypointense and textured (appearance.py)
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,10 @@ RELEASES: dict[str, Release] = {
     "2021": Release("brats2021", "brats2021", "BraTS2021_{:05d}"),  # data=brats2021
     "2023": Release("brats2023", "brats2023", "BraTS-GLI-{:05d}-000"),  # data=brats2023
     "2024_gli": Release("brats2023", "brats2024_gli", "BraTS-GLI-{:05d}-100"),  # data=brats2024_gli
-    "met": Release("brats2023", "brats_met", "BraTS-MET-{:05d}-000", version="v3", metastases=True),  # data=brats_met
+    "met": Release("brats2023", "brats_met", "BraTS-MET-{:05d}-000", version="v4", metastases=True),  # data=brats_met
     "men": Release("brats2023", "brats_men", "BraTS-MEN-{:05d}-000"),  # data=brats_men
     "men_rt": Release("brats2023", "brats_men_rt", "BraTS-MEN-RT-{:04d}-1", ("t1ce",)),  # data=brats_men_rt
-    "ped": Release("brats2023", "brats_ped", "BraTS-PED-{:05d}-000", version="v3"),  # data=brats_ped: cysts (CC)
+    "ped": Release("brats2023", "brats_ped", "BraTS-PED-{:05d}-000", version="v4"),  # data=brats_ped: cysts (CC)
     "ssa": Release("brats2023", "brats2023", "BraTS-SSA-{:05d}-000"),  # data=brats_ssa
     "msd": Release("msd", "msd_brain", "BRATS_{:03d}"),  # data=msd_brain: 4D imagesTr/, labelsTr/, dataset.json
 }
