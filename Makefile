@@ -15,7 +15,8 @@ install: $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev]"
 
 demo: install
-	$(BIN)/brats-synth --out data/synthetic --cases 20 --seed 0 --shape 120 120 78 --nonenhancing-share 0.25 --quiet
+	$(BIN)/brats-synth --out data/synthetic --cases 20 --seed 0 --shape 120 120 78 --nonenhancing-share 0.25 \
+	  --distractors --healthy-fraction 0.2 --quiet
 	$(BIN)/brats-preprocess data=synthetic preprocess=modern
 	$(BIN)/brats-train experiment=quickstart hydra.run.dir=$(RUN)/train ckpt_path=last
 	$(BIN)/brats-postprocess run=$(RUN)/train overwrite=true

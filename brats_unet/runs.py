@@ -142,7 +142,7 @@ def read_metrics(run_dir: Path) -> dict[str, Any] | None:
 
 
 NEVER_VALIDATED = ("finished without validating once: validation runs every trainer.check_val_every_n_epoch epochs "
-                   "and the run stopped before the first (e.g. quickstart's 2 with max_epochs=1), so it has no val/ "
+                   "and the run stopped before the first (e.g. quickstart's 5 with max_epochs=4), so it has no val/ "
                    "metrics and no checkpoints/best.ckpt, and resuming it (ckpt_path=last) trains nothing more; "
                    "retrain with trainer.check_val_every_n_epoch=1 or more epochs, or use its checkpoints/last.ckpt "
                    "explicitly")

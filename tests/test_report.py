@@ -317,7 +317,7 @@ def test_case_figure_colours_and_names_classes_by_the_schema() -> None:
 
 
 def test_a_sweep_that_never_validated_says_so_in_cv_md_and_in_the_refusal(tmp_path: Path) -> None:
-    """quickstart's check_val_every_n_epoch=2 with max_epochs=1: every fold finishes (metrics.json) without a val/
+    """quickstart's check_val_every_n_epoch=5 with max_epochs=1: every fold finishes (metrics.json) without a val/
     metric or best.ckpt. cv.md must not call them finished folds with blank cells, and using the sweep as an
     ensemble (or for oof=true) must say why there is no best.ckpt instead of asking for a rerun that trains nothing."""
     from brats_unet.inference.ensemble import sweep_checkpoints
