@@ -9,7 +9,7 @@ from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 from brats_unet.evaluation.metrics import BratsMetrics, paper_dice
-from brats_unet.evaluation.region import HD95_EMPTY, case_metrics, dice, hd95, nsd
+from brats_unet.evaluation.region import HD95_EMPTY, class_metrics, dice, hd95, nsd
 from brats_unet.evaluation.surface import crop_pair, directed_distances, surface_distances
 from brats_unet.training.module import batch_spacing
 from brats_unet.utils import BratsError
@@ -97,7 +97,7 @@ def test_hd95_matches_brute_force_on_random_blobs():
         np.testing.assert_allclose(np.sort(tree), np.sort(edt), rtol=1e-12)
 
 
-# ---------------------------------------------------------------- case_metrics
+# ---------------------------------------------------------------- class_metrics
 def _class_maps():
     # 1 x 1 x 8 strip, classes per voxel. Truth: NCR NCR ED ED ET ET 0 0 ; pred: NCR ED ED ED ET 0 ET 0.
     truth = np.array([1, 1, 2, 2, 3, 3, 0, 0], dtype=np.uint8).reshape(1, 1, 8)
@@ -105,9 +105,9 @@ def _class_maps():
     return pred, truth
 
 
-def test_case_metrics_keys_and_values():
+def test_class_metrics_keys_and_values():
     pred, truth = _class_maps()
-    m = case_metrics(pred, truth, spacing=(2.0, 2.0, 0.5))  # voxel = 2 mm^3 = 0.002 mL
+    m = class_metrics(pred, truth, spacing=(2.0, 2.0, 0.5))  # voxel = 2 mm^3 = 0.002 mL
     assert list(m) == [
         "dice_wt", "dice_tc", "dice_et", "hd95_wt", "hd95_tc", "hd95_et", "dice_ncr", "dice_ed",
         "vol_pred_wt", "vol_pred_tc", "vol_pred_et", "vol_true_wt", "vol_true_tc", "vol_true_et",
@@ -125,14 +125,14 @@ def test_case_metrics_keys_and_values():
     # ET along z (0.5 mm voxels): each line is all surface. truth->pred: 4->4 0, 5->{4,6} 1 voxel; pred->truth:
     # 4 0, 6->5 1 voxel. Pooled [0, .5, 0, .5] -> 95th percentile 0.5 mm.
     assert m["hd95_et"] == pytest.approx(0.5)
-    assert case_metrics(truth, truth)["hd95_wt"] == 0.0
-    assert "hd95_wt" not in case_metrics(pred, truth, with_hd95=False)
+    assert class_metrics(truth, truth)["hd95_wt"] == 0.0
+    assert "hd95_wt" not in class_metrics(pred, truth, with_hd95=False)
 
 
-def test_case_metrics_missing_region():
+def test_class_metrics_missing_region():
     pred, truth = _class_maps()
     truth_no_et = np.where(truth == 3, 1, truth)
-    m = case_metrics(pred, truth_no_et)
+    m = class_metrics(pred, truth_no_et)
     assert m["dice_et"] == 0.0 and m["hd95_et"] == HD95_EMPTY
     assert m["vol_true_et"] == 0.0
 
@@ -145,7 +145,7 @@ def test_brats_metrics_is_mean_of_cases():
     metric = BratsMetrics()
     metric.update(torch.from_numpy(pred[None]), torch.from_numpy(truth[None]))
     metric.update(torch.from_numpy(np.stack([other_pred, truth])), torch.from_numpy(np.stack([truth, truth])))
-    cases = [case_metrics(p, truth) for p in (pred, other_pred, truth)]
+    cases = [class_metrics(p, truth) for p in (pred, other_pred, truth)]
     result = metric.compute()
     assert list(result) == ["dice_wt", "dice_tc", "dice_et", "dice_mean", "hd95_wt", "hd95_tc", "hd95_et"]
     for key in ["dice_wt", "dice_tc", "dice_et", "hd95_wt", "hd95_tc", "hd95_et"]:

@@ -14,7 +14,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from brats_unet.data.labels import SCHEMAS, LabelSchema
-from brats_unet.evaluation.region import case_metrics
+from brats_unet.evaluation.region import class_metrics
 
 
 class BratsMetrics(Metric):
@@ -52,7 +52,7 @@ class BratsMetrics(Metric):
         preds = pred_classes.detach().cpu().numpy()
         truths = true_classes.detach().cpu().numpy()
         rows = [
-            case_metrics(p, t, tuple(s), with_hd95=self.with_hd95, schema=self.schema)
+            class_metrics(p, t, tuple(s), with_hd95=self.with_hd95, schema=self.schema)
             for p, t, s in zip(preds, truths, spacings, strict=True)
         ]
         for key in self.case_keys:

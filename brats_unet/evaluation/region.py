@@ -139,7 +139,7 @@ def class_columns(schema: LabelSchema) -> list[str]:
     return [c for c in schema.class_names[1:] if c not in singles]
 
 
-def case_metrics(
+def class_metrics(
     pred_classes: np.ndarray,
     true_classes: np.ndarray,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
