@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import (  # noqa: E402
     cv_ensemble,
     data_loading,
+    demo,
     evaluation,
     gpu_check,
     inference,
@@ -203,3 +204,20 @@ def test_gpu_check_markdown_table_from_results() -> None:
     assert ("| training | paper 128^3 b2 bf16 channels_last, cudnn deterministic, compiled | "
             "error: OutOfMemoryError: ... |") in table
     assert "| inference | resenc 240x240x155, TTA x8 | 4.25 s/case |" in table
+
+
+def test_demo_benchmark_times_exactly_the_makefiles_demo_commands(tmp_path: Path) -> None:
+    """benchmarks.demo runs what `make demo` runs (read with make -n, not a copy that could drift), with the venv's
+    commands made absolute so they run from a scratch folder; the install step and the closing echo are not timed."""
+    venv = tmp_path / "venv" / "bin"
+    commands = demo.demo_commands(venv)
+    assert [demo.step_name(c) for c in commands] == ["brats-synth", "brats-preprocess", "brats-train",
+                                                     "brats-postprocess", "brats-predict", "brats-evaluate",
+                                                     "brats-report"]
+    assert all(c.startswith(f"{venv}/brats-") for c in commands)
+    assert "--distractors --healthy-fraction 0.2" in commands[0] and "\\" not in "".join(commands)
+    assert f"hydra.run.dir={demo.RUN}/train" in commands[2] and f"ckpt_path={demo.RUN}/train " in commands[4]
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "left").write_text("x")
+    with pytest.raises(SystemExit, match=r"--keep .*work: not empty; the demo is timed from nothing"):
+        demo.main(["--keep", str(tmp_path / "work")])
