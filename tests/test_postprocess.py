@@ -17,10 +17,12 @@ from brats_unet.cli.postprocess import postprocess as postprocess_command
 from brats_unet.cli.predict import predict as predict_command
 from brats_unet.evaluation.challenges import CHALLENGES
 from brats_unet.inference.postprocess import (
+    apply_rule,
     apply_rules,
     case_score,
     choose_rules,
     fill_label,
+    foreground_box,
     keep_largest_component,
     lesion_score,
     remove_small_components,
@@ -294,3 +296,29 @@ def test_brats_postprocess_refuses_a_run_it_cannot_choose_on(tmp_path: Path) -> 
                                                 "device=cpu"]))
     with pytest.raises(BratsError, match=r"run=.*nowhere is not a folder: pass a brats-train run dir or a cross-"):
         postprocess_command(compose_cli("postprocess", [f"run={tmp_path / 'nowhere'}"]))
+
+
+def test_rules_are_chosen_on_the_foreground_box_with_the_same_scores_as_on_the_whole_head() -> None:
+    """choose_rules cuts each pair to the box around their non-zero voxels (+1): the same rules and every tried score
+    as on the uncut maps, here the hand-made cases placed in a 4x larger empty head."""
+    pred, truth = np.zeros((16, 16, 16), np.uint8), np.zeros((16, 16, 16), np.uint8)
+    pred[3, 4, 5], truth[9, 10, 11] = 2, 4
+    box_pred, box_truth = foreground_box(pred, truth)
+    assert box_pred.shape == (9, 9, 9) and box_pred[1, 1, 1] == 2 and box_truth[7, 7, 7] == 4
+    assert foreground_box(np.zeros((5, 5, 5)), np.zeros((5, 5, 5)))[0].shape == (1, 1, 1)
+    small = hand_made_cases()
+    big = []
+    for p, t in small:
+        bp, bt = np.zeros((64, 40, 40), np.uint8), np.zeros((64, 40, 40), np.uint8)
+        bp[30:46, 10:26, 20:36], bt[30:46, 10:26, 20:36] = p, t
+        big.append((bp, bt))
+    for lesionwise in (False, True):
+        on_box = choose_rules(big, B21, lesionwise=lesionwise, sizes=[1, 5, 50])
+        expected = choose_rules(small, B21, lesionwise=lesionwise, sizes=[1, 5, 50])
+        assert on_box == expected and [r["rule"] for r in on_box["rules"]] == ["min_size", "min_size"]
+        # The first group (whole tumour) is tried on the uncut predictions: its scores, recomputed on the whole
+        # 64x40x40 maps without any cutting, are the ones recorded.
+        for tried in on_box["tried"][:4]:
+            rule = {k: v for k, v in tried.items() if k != "score"}
+            whole = np.mean([case_score(apply_rule(p, rule, B21), t, B21, lesionwise) for p, t in big])
+            assert tried["score"] == pytest.approx(whole), rule
