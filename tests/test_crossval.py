@@ -190,6 +190,8 @@ def test_postprocessing_chosen_on_the_folds_is_what_predict_applies(sweep: Path,
                                                 f"output={tmp_path / 'stale'}", "device=cpu", "precision=fp32"]))
     with pytest.raises(BratsError, match=r"0/checkpoints/best\.ckpt now holds"):
         export_package(cv, tmp_path / "stale_package", measure=False)
+    unruled = export_package(cv, tmp_path / "package_without_rules", measure=False, cv_postprocess=False)
+    assert "cv_postprocessing" not in json.loads((unruled / "model.json").read_text())
     postprocess_command(compose_cli("postprocess", [f"run={cv}", "device=cpu", "precision=fp32", "sizes=[5,50]",
                                                     "et_totals=[50]", "overwrite=true"]))
     members = json.loads((cv / "postprocess" / "oof" / "prediction.json").read_text())["model"]["members"]

@@ -127,6 +127,10 @@ def carried_postprocessing(spec: CheckpointSpec, carry: bool = True) -> dict[str
     a sweep or run dir's postprocessing.json (checked; without its local paths, with the file's SHA-256). None for a
     dir without one, with carry=False, and for a checkpoint or a list: brats-predict applies no rules to those (a note
     says so when the checkpoint's run or sweep has them; a sweep's were chosen for its ensemble)."""
+    if not carry and isinstance(spec, str | Path) and (Path(spec).expanduser() / RULES_FILE).is_file():
+        # Not read, so not checked either: rules left by an earlier model must not stop an export without them.
+        log.info("cv_postprocess=false: %s is not carried into the package", Path(spec).expanduser() / RULES_FILE)
+        return None
     chosen = sweep_postprocessing(spec)
     if chosen is None:
         for ckpt in [spec] if isinstance(spec, str | Path) else spec if isinstance(spec, Sequence) else []:
@@ -142,9 +146,6 @@ def carried_postprocessing(spec: CheckpointSpec, carry: bool = True) -> dict[str
                 break
         return None
     path, record = chosen
-    if not carry:
-        log.info("cv_postprocess=false: %s is not carried into the package", path)
-        return None
     return {**{k: v for k, v in record.items() if k not in LOCAL_PATHS}, "source_sha256": file_sha256(path)}
 
 
