@@ -28,7 +28,7 @@ from brats_unet.evaluation.folder import (
     find_truth,
     read_case_labels,
 )
-from brats_unet.evaluation.manifest import model_key, read_manifest
+from brats_unet.evaluation.manifest import read_manifest
 from brats_unet.inference.ensemble import (
     check_split_is_the_checkpoints,
     is_run_dir,
@@ -36,7 +36,7 @@ from brats_unet.inference.ensemble import (
     resolve_checkpoints,
     run_checkpoint,
 )
-from brats_unet.inference.folder import model_record, predict_folder, predict_out_of_fold
+from brats_unet.inference.folder import held_by_another_model, model_record, predict_folder, predict_out_of_fold
 from brats_unet.inference.postprocess import (
     DEFAULT_ET_TOTALS,
     DEFAULT_SIZES,
@@ -112,13 +112,9 @@ def choose_for_sweep(sweep: str | Path, *, predictions: str | Path | None = None
     checkpoints = checkpoints_record(sweep, resolve_checkpoints(sweep))
     if predictions is None:
         predictions = sweep / OOF_DIR
+        log.info("out-of-fold predictions of %d cases -> %s", len(cases), predictions)
         # overwrite=true after a retrain: the folds' new models replace the old ones' predictions (else: resume).
-        previous = read_manifest(predictions)
-        replace = overwrite and previous is not None and \
-            [m.get("sha256") for m in previous["model"].get("members", [])] != [c["sha256"] for c in checkpoints]
-        log.info("out-of-fold predictions of %d cases -> %s%s", len(cases), predictions,
-                 " (replacing another model's)" if replace else "")
-        predict_out_of_fold(sweep, truth, predictions, layout=layout, resume=not replace, overwrite=replace,
+        predict_out_of_fold(sweep, truth, predictions, layout=layout, resume=True, replace=overwrite,
                             **predict_options)
     result = choose_on(cases, predictions, truth, what="out-of-fold",
                        raw=f"brats-predict ckpt_path={sweep} oof=true cv_postprocess=false", layout=layout,
@@ -177,8 +173,7 @@ def predict_held_out(ckpt: Path, cases: Sequence[str], truth: Path, output: Path
     (brats-postprocess overwrite=true after a retrain), not refused."""
     segmenter = Segmenter.from_checkpoint(ckpt, **options)
     model = model_record(segmenter, resolve_layout(layout or segmenter.layout).name)
-    previous = read_manifest(output)
-    other = previous is not None and model_key(previous["model"]) != model_key(model)
+    other = held_by_another_model(output, model)
     if other and replace:
         log.info("overwrite=true: %s holds another model's predictions; predicting again", output)
     predict_folder(segmenter, truth, output, only=cases, layout=layout, model=model, resume=not (other and replace),

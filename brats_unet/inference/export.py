@@ -127,9 +127,8 @@ def carried_postprocessing(spec: CheckpointSpec, carry: bool = True) -> dict[str
     a sweep or run dir's postprocessing.json (checked; without its local paths, with the file's SHA-256). None for a
     dir without one, with carry=False, and for a checkpoint or a list: brats-predict applies no rules to those (a note
     says so when the checkpoint's run or sweep has them; a sweep's were chosen for its ensemble)."""
-    if not carry and isinstance(spec, str | Path) and (Path(spec).expanduser() / RULES_FILE).is_file():
-        # Not read, so not checked either: rules left by an earlier model must not stop an export without them.
-        log.info("cv_postprocess=false: %s is not carried into the package", Path(spec).expanduser() / RULES_FILE)
+    if not carry:  # not read, so not checked either: rules left by an earlier model must not stop this export
+        log.info("cv_postprocess=false: no post-processing is carried into the package")
         return None
     chosen = sweep_postprocessing(spec)
     if chosen is None:

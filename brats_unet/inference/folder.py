@@ -182,13 +182,21 @@ def predict_folder(segmenter: Segmenter, input_path: str | Path, output: str | P
     return outputs
 
 
+def held_by_another_model(output: str | Path, model: Mapping[str, Any]) -> bool:
+    """Whether `output` holds predictions (its manifest) written by a model other than `model` (model_key)."""
+    previous = read_manifest(output)
+    return previous is not None and model_key(previous["model"]) != model_key(model)
+
+
 def predict_out_of_fold(sweep: str | Path, input_path: str | Path, output: str | Path, *, layout: str | None = None,
                         probabilities: bool = False, overwrite: bool = False, resume: bool = False,
-                        postprocessing: Mapping[str, Any] | None = None, **options: Any) -> list[Path]:
+                        replace: bool = False, postprocessing: Mapping[str, Any] | None = None,
+                        **options: Any) -> list[Path]:
     """Each fold's validation cases (its split.json) predicted by that fold's checkpoints/best.ckpt, all into one
     `output`: every non-test case once, by the model that did not train on it. `options` go to
     Segmenter.from_checkpoint (device, tta, postprocess, precision, overlap, window_batch); `postprocessing`: the
-    sweep's chosen rules (postprocessing.json), applied by every fold's segmenter."""
+    sweep's chosen rules (postprocessing.json), applied by every fold's segmenter. `replace` (with `resume`):
+    predictions another model left in `output` (the folds before a retrain) are replaced, not refused."""
     jobs = out_of_fold_jobs(sweep)
     outputs: list[Path] = []
     model = None
@@ -197,8 +205,12 @@ def predict_out_of_fold(sweep: str | Path, input_path: str | Path, output: str |
         segmenter = Segmenter.from_checkpoint(ckpt, cv_postprocessing=postprocessing, **options)
         # One model in the manifest: the set of fold models. The first fold claims the output folder; later folds
         # add their own (disjoint) cases to it, as a resume of that model does.
-        model = model or model_record(segmenter, resolve_layout(layout or segmenter.layout).name,
-                                      checkpoints=[c for c, _ in jobs], oof=True)
+        if model is None:
+            model = model_record(segmenter, resolve_layout(layout or segmenter.layout).name,
+                                 checkpoints=[c for c, _ in jobs], oof=True)
+            if replace and held_by_another_model(output, model):
+                log.info("%s holds another model's out-of-fold predictions; predicting again", output)
+                overwrite, resume = True, False
         outputs += predict_folder(segmenter, input_path, output, only=cases, layout=layout,
                                   probabilities=probabilities, overwrite=overwrite and i == 0,
                                   resume=resume or i > 0, model=model)

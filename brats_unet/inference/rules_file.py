@@ -20,6 +20,7 @@ RULES_FILE = "postprocessing.json"  # written by brats-postprocess into a sweep 
 # (records written before `chosen_on` existed were all out-of-fold).
 ONE_RUN = "validation cases of one run"
 
+
 def read_postprocessing(path: str | Path) -> dict[str, Any]:
     """A postprocessing.json, checked: BratsError naming the file when it is not one brats-postprocess wrote."""
     path = Path(path)
