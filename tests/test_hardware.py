@@ -31,8 +31,8 @@ from brats_unet.runtime import (
     run_device,
     training_device,
 )
-from brats_unet.training.build import probe_model
 from brats_unet.training.fit import train
+from brats_unet.training.network import probe_model
 from brats_unet.utils import BratsError
 
 ZEN4 = Hardware("cpu", "AMD EPYC", frozenset({"avx2", "avx512f", "avx512_bf16"}))

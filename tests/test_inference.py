@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -222,3 +224,21 @@ def test_flip_tta_activation_averages_each_flips_probabilities():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     # not the same as the sigmoid of averaged logits: the order of mean and activation matters
     assert not torch.allclose(out, torch.sigmoid(flip_tta(image, conv, PATCH)), atol=1e-4)
+
+
+TRAINING_ONLY = {"lightning", "pytorch_lightning", "torchmetrics"}
+
+
+def _imported_training_packages(modules: str) -> list[str]:
+    code = (f"import sys, {modules}; "
+            f"print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(TRAINING_ONLY)!r}))))")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+
+
+def test_inference_commands_and_the_segmenter_start_without_lightning() -> None:
+    """Only brats-train needs Lightning and torchmetrics (about 1.7 s of a start on 2 cores): the commands that load a
+    checkpoint rebuild its network without them."""
+    assert _imported_training_packages("brats_unet.cli.train") == sorted(TRAINING_ONLY - {"pytorch_lightning"})
+    assert _imported_training_packages("brats_unet.cli.predict, brats_unet.cli.postprocess, brats_unet.cli.report, "
+                                       "brats_unet.cli.evaluate, brats_unet.cli.export, "
+                                       "brats_unet.inference.segmenter") == []

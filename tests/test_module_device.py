@@ -12,7 +12,7 @@ from helpers import compose_train, tiny_overrides
 
 from brats_unet.data.labels import SCHEMAS
 from brats_unet.models.unet3d import UNet3D
-from brats_unet.training.checkpoint import AtomicCheckpointIO
+from brats_unet.training.build import AtomicCheckpointIO
 from brats_unet.training.losses import RegionDiceBCELoss
 from brats_unet.training.module import BratsModule, batch_region_dice
 

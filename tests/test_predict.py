@@ -230,16 +230,23 @@ def test_installed_script_reports_bad_input_without_traceback(tmp_path) -> None:
 
 
 def test_prediction_without_tta_is_what_validation_scored(ckpts) -> None:
-    """brats-predict and whole-volume validation blend the same window logits, so their labels agree exactly."""
+    """brats-predict (the network rebuilt without Lightning) and whole-volume validation (the LightningModule) blend
+    the same window logits, so their labels agree exactly."""
     import torch
+    from omegaconf import OmegaConf
 
-    from brats_unet.inference.loading import load_model
+    from brats_unet.inference.loading import build_model, read_checkpoint
     from brats_unet.inference.probabilities import predict_probabilities
+    from brats_unet.training.build import build_module
 
-    module, config = load_model(ckpts["region"])
+    stored = read_checkpoint(ckpts["region"])
+    model, config = build_model(stored)
+    module = build_module(OmegaConf.create(config), stored.in_channels)
+    module.load_state_dict(stored.state_dict, strict=True)
+    module.eval()
     patch = config["data"]["patch_size"]
     x = np.random.default_rng(0).normal(size=(4, 45, 50, 37)).astype(np.float32)
-    probs = predict_probabilities(module, x, patch, overlap=module.hparams.val_overlap, window_batch=2, tta=False,
+    probs = predict_probabilities(model, x, patch, overlap=module.hparams.val_overlap, window_batch=2, tta=False,
                                   device=torch.device("cpu"), autocast=contextlib.nullcontext)
     with torch.inference_mode():
         logits = module.predict_logits(torch.from_numpy(x)[None])

@@ -16,8 +16,8 @@ from typing import Any
 from brats_unet.data.preprocess import Recipe
 from brats_unet.data.split import load_split
 from brats_unet.runs import NEVER_VALIDATED, find_jobs, read_metrics, validated
-from brats_unet.training.build import data_schema
 from brats_unet.training.checkpoint import load_checkpoint
+from brats_unet.training.network import data_schema
 from brats_unet.utils import BratsError
 
 BEST = Path("checkpoints") / "best.ckpt"

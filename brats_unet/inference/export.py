@@ -25,6 +25,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from brats_unet.data.discovery import list_case_dirs, resolve_layout
 from brats_unet.data.split import load_split
@@ -44,7 +45,6 @@ from brats_unet.inference.rules_file import RULES_FILE, sweep_postprocessing
 from brats_unet.inference.segmenter import Segmenter
 from brats_unet.runs import read_metrics, read_overrides
 from brats_unet.training.checkpoint import load_checkpoint
-from brats_unet.training.module import BratsModule
 from brats_unet.utils import BratsError, atomic_write_json, atomic_write_text, file_sha256
 
 log = logging.getLogger("brats_unet.export")
@@ -67,7 +67,7 @@ def run_dir_of(ckpt: Path) -> Path | None:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
 
 
-def network_spec(module: BratsModule, model: Mapping[str, Any], where: str) -> dict[str, Any]:
+def network_spec(module: nn.Module, model: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The network as data: an architecture name and plain keyword arguments (no `_target_`)."""
     args = {k: v for k, v in model.items() if k not in NOT_NETWORK}
     check_plain(args, f"{where} (model config)")

@@ -1,5 +1,6 @@
 """A brats-train checkpoint -> its network in eval mode and the run config it was trained with (the recipe: data,
-preprocessing, patch size, labels). Nothing here predicts; the Segmenter (segmenter.py) does."""
+preprocessing, patch size, labels). Nothing here predicts; the Segmenter (segmenter.py) does. Nothing here imports
+Lightning either: the network and its loss are rebuilt from the stored config (training.network), not the module."""
 
 from __future__ import annotations
 
@@ -11,16 +12,27 @@ from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from brats_unet.data.preprocess import Recipe
 from brats_unet.runtime import ProbeModel
-from brats_unet.training.build import build_module, data_schema, probe_model
 from brats_unet.training.checkpoint import load_checkpoint, upgrade_config, weight_mismatches
-from brats_unet.training.module import BratsModule
+from brats_unet.training.network import build_loss, build_network, probe_model
 from brats_unet.training.targets import check_targets
 from brats_unet.utils import BratsError
+
+
+class TrainedModel(nn.Module):
+    """A trained network and its loss, which decodes the network's outputs (activation, label schema, classes): what
+    inference needs of the LightningModule (training.module), with the same `net.` / `loss.` state dict entries."""
+
+    def __init__(self, net: nn.Module, loss: nn.Module) -> None:
+        super().__init__()
+        self.net, self.loss = net, loss
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
 
 @dataclass
@@ -57,16 +69,20 @@ def read_checkpoint(ckpt_path: str | Path, trust_targets: Sequence[str] = ()) ->
                        None if spacing is None else [float(v) for v in spacing])
 
 
-def build_model(stored: StoredModel, channels_last: bool = False) -> tuple[BratsModule, dict[str, Any]]:
-    """Rebuild the module from the checkpoint's own config, load its weights strictly: (module in eval mode, config)."""
+def build_model(stored: StoredModel, channels_last: bool = False) -> tuple[TrainedModel, dict[str, Any]]:
+    """Rebuild the network and loss from the checkpoint's own config, load their weights strictly (the module's other
+    state, e.g. its best validation score, is training's): (model in eval mode, config)."""
     cfg, path = copy.deepcopy(stored.config), stored.path
     cfg.runtime.compile = False  # a one-off inference pass does not repay compilation
     cfg.runtime.channels_last = bool(channels_last)
     try:
-        module = build_module(cfg, in_channels=stored.in_channels)
+        loss = build_loss(cfg)
+        net = build_network(cfg.model, stored.in_channels, loss.num_outputs, channels_last=bool(channels_last))
     except (InstantiationException, ValueError, TypeError) as e:
         raise BratsError(f"checkpoint {path}: cannot rebuild the model from its stored config: {e}") from e
-    state, problems = weight_mismatches(stored.state_dict, module)
+    module = TrainedModel(net, loss)
+    weights = {k: v for k, v in stored.state_dict.items() if k.startswith(("net.", "loss."))}
+    state, problems = weight_mismatches(weights, module)
     if problems:
         more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
         raise BratsError(f"checkpoint {path}: its weights do not fit the model its stored config describes (the model "
@@ -76,13 +92,13 @@ def build_model(stored: StoredModel, channels_last: bool = False) -> tuple[Brats
 
 
 def load_model(ckpt_path: str | Path, channels_last: bool = False, trust_targets: Sequence[str] = ()
-               ) -> tuple[BratsModule, dict[str, Any]]:
+               ) -> tuple[TrainedModel, dict[str, Any]]:
     """read_checkpoint + build_model: (module in eval mode, config)."""
     return build_model(read_checkpoint(ckpt_path, trust_targets), channels_last)
 
 
 def inference_probe(stored: StoredModel, window_batch: int, device: torch.device) -> ProbeModel:
     """The checkpoint's own network, at its patch size and the window batch, for the channels_last probe."""
-    loss = instantiate(stored.config.loss, schema=data_schema(stored.config.data))
+    loss = build_loss(stored.config)
     return probe_model(stored.config.model, stored.in_channels, loss.num_outputs, stored.config.data.patch_size,
                        window_batch, device)

@@ -29,13 +29,13 @@ from torch import nn
 from brats_unet.data.discovery import resolve_layout
 from brats_unet.data.labels import LabelSchema, resolve_schema
 from brats_unet.data.preprocess import Recipe
+from brats_unet.inference.loading import TrainedModel
 from brats_unet.inference.onnx import OnnxNetwork
 from brats_unet.inference.postprocess import check_record
 from brats_unet.models.resenc import ResEncUNet
 from brats_unet.models.unet2d import UNet2D
 from brats_unet.models.unet3d import UNet3D
 from brats_unet.training.losses import CrossEntropyLoss, RegionDiceBCELoss
-from brats_unet.training.module import BratsModule
 from brats_unet.training.targets import is_trusted
 from brats_unet.utils import BratsError, file_sha256
 
@@ -174,7 +174,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_members(package: str | Path, runtime: str = "torch", channels_last: bool = False
-                 ) -> tuple[dict[str, Any], list[BratsModule], list[dict[str, Any]], list[str]]:
+                 ) -> tuple[dict[str, Any], list[TrainedModel], list[dict[str, Any]], list[str]]:
     """(model.json, modules in eval mode, their configs, their names) of a checked package.
 
     runtime=onnx wraps each member's ONNX graph (onnxruntime) in the same module, so preprocessing, sliding window,
@@ -207,7 +207,7 @@ def load_members(package: str | Path, runtime: str = "torch", channels_last: boo
                 net.load_state_dict(load_weights(_inside(package, member["weights"])), strict=True)
             except RuntimeError as e:
                 raise BratsError(f"{where}: member {i}'s weights do not fit its network: {e}") from e
-        module = BratsModule(net=net, loss=head, optimizer=None, patch_size=member["patch_size"])
+        module = TrainedModel(net, head)
         modules.append(module.eval())
         configs.append(member_config(meta, member))
         names.append(f"{package.name}:{member['name']}")

@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from brats_unet.models.sliding_window import flip_tta, sliding_window
-from brats_unet.training.module import BratsModule
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
@@ -20,7 +20,7 @@ Autocast = Callable[[], contextlib.AbstractContextManager]
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
 
-def predict_probabilities(module: BratsModule, x: np.ndarray, patch_size: Sequence[int], *, overlap: float,
+def predict_probabilities(module: nn.Module, x: np.ndarray, patch_size: Sequence[int], *, overlap: float,
                           window_batch: int, tta: bool, device: torch.device, autocast: Autocast,
                           activation: Activation | None = None) -> np.ndarray:
     """(C, *S) preprocessed volume -> (K, *S) float32 probabilities (softmax classes or sigmoid regions).
@@ -43,9 +43,9 @@ def predict_probabilities(module: BratsModule, x: np.ndarray, patch_size: Sequen
     return probs[0].float().cpu().numpy()
 
 
-def mean_probabilities(modules: Sequence[BratsModule], configs: Sequence[Mapping[str, Any]], x: np.ndarray, *,
+def mean_probabilities(modules: Sequence[nn.Module], configs: Sequence[Mapping[str, Any]], x: np.ndarray, *,
                        overlap: float, window_batch: int, tta: bool, device: torch.device, autocast: Autocast,
-                       activation_for: Callable[[BratsModule], Activation] | None = None) -> np.ndarray:
+                       activation_for: Callable[[nn.Module], Activation] | None = None) -> np.ndarray:
     """The members' mean (K, *S) probabilities, each model with its own patch size. `activation_for(module)`: what
     each sample's logits become instead (see predict_probabilities)."""
     total: np.ndarray | None = None

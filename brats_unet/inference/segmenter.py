@@ -21,6 +21,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+from torch import nn
 
 from brats_unet.config import PREDICT_OPTIONS, predict_defaults
 from brats_unet.data.cases import Case
@@ -46,7 +47,6 @@ from brats_unet.runtime import (
     resolve,
     resolve_device,
 )
-from brats_unet.training.module import BratsModule
 from brats_unet.utils import BratsError
 
 log = logging.getLogger("brats_unet.predict")
@@ -96,19 +96,20 @@ class Segmenter:
     >>> ensemble = Segmenter.from_checkpoint(["fold0/best.ckpt", "fold1/best.ckpt"])  # or a sweep dir
     """
 
-    def __init__(self, module: BratsModule | Sequence[BratsModule], config: Mapping[str, Any] | Sequence[Mapping],
+    def __init__(self, module: nn.Module | Sequence[nn.Module], config: Mapping[str, Any] | Sequence[Mapping],
                  *, device: str | torch.device | None = None, tta: bool | None = None,
                  postprocess: bool | None = None, precision: str | None = None, overlap: float | None = None,
                  window_batch: int | None = None, names: Sequence[str] | None = None,
                  spacing: Sequence[float] | None = None, cv_postprocessing: Mapping[str, Any] | None = None) -> None:
-        """One module and its run config, or equal-length lists of them (an ensemble; `names` for its errors).
+        """One model and its run config, or equal-length lists of them (an ensemble; `names` for its errors). A model
+        is a trained BratsModule or an inference.loading.TrainedModel: a module whose `loss` decodes its outputs.
         An option left None takes brats-predict's default (conf/predict.yaml). `spacing`: the training voxel size
         (mm) to resample inputs to (None: predict every input at its own voxel size). `cv_postprocessing`: rules
         chosen on cross-validation (a postprocessing.json's record, rules_file.read_postprocessing), applied to
         every label map after decoding (and after `postprocess`)."""
         opts = _options(device=device, tta=tta, postprocess=postprocess, precision=precision, overlap=overlap,
                         window_batch=window_batch)
-        modules = [module] if isinstance(module, BratsModule) else list(module)
+        modules = [module] if isinstance(module, nn.Module) else list(module)
         configs = [dict(config)] if isinstance(config, Mapping) else [dict(c) for c in config]
         if not modules or len(modules) != len(configs):
             raise BratsError(f"a Segmenter needs one config per model, got {len(modules)} models, {len(configs)} "

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from brats_unet.data.cases import load_validated_case, schema_of
@@ -19,8 +18,8 @@ from brats_unet.data.discovery import find_cases, resolve_layout
 from brats_unet.data.labels import MODALITIES, LabelSchema
 from brats_unet.data.preprocess import Recipe
 from brats_unet.runs import final_value, find_jobs, format_markdown, read_metrics, read_overrides
-from brats_unet.training.build import build_network, data_schema
 from brats_unet.training.checkpoint import upgrade_config
+from brats_unet.training.network import build_loss, build_network
 from brats_unet.training.targets import UntrustedTarget, check_targets
 from brats_unet.utils import BratsError
 
@@ -105,7 +104,7 @@ def meta_network(config: Mapping[str, Any], source: str | Path = "config", trust
     needed = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("preprocess", "model", "loss")}
     needed["data"] = {k: cfg.data.get(k) for k in ("layout", "schema")}
     checked = check_targets(needed, source, trust_targets)
-    loss = instantiate(checked["loss"], schema=data_schema(checked["data"]))
+    loss = build_loss(checked)
     with torch.device("meta"):
         return build_network(checked["model"], Recipe.from_config(checked["preprocess"]).num_channels,
                              loss.num_outputs)

@@ -3,10 +3,8 @@ callbacks, loggers and the Trainer. A bad config value becomes a BratsError nami
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as L
@@ -14,14 +12,12 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.plugins import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
-from brats_unet.data.cases import schema_of
-from brats_unet.runtime import ProbeModel, probe_input_shape
-from brats_unet.training.checkpoint import AtomicCheckpointIO
 from brats_unet.training.module import BratsModule
-from brats_unet.utils import BratsError
+from brats_unet.training.network import build_loss, build_network
+from brats_unet.utils import BratsError, atomic_path
 
 
 def user_instantiate(key: str, build: Callable[[], Any]) -> Any:
@@ -40,33 +36,27 @@ def user_instantiate(key: str, build: Callable[[], Any]) -> Any:
         raise BratsError(f"config {key}: {type(e).__name__}: {e}") from e
 
 
-def data_schema(data: Mapping[str, Any]) -> str:
-    """The name of the label schema a data config declares (data.schema), or of its layout's own (configs before
-    schemas): data.cases.schema_of, the one rule. Unknown names fail naming the config key."""
-    return schema_of(data["layout"], data.get("schema") or None).name
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch.save, but into a temp file renamed over the target (a kill during a save leaves the previous
+    last.ckpt intact), and Lightning's own resume loads with the safe unpickler."""
 
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # remote filesystems (s3://...) keep Lightning's own write
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
 
-def build_network(model: Mapping[str, Any], in_channels: int, out_channels: int, channels_last: bool = False
-                  ) -> nn.Module:
-    """The network a model config describes, in the channels-last memory format if asked (runtime.channels_last)."""
-    model = OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else dict(model)
-    return instantiate(model, in_channels=in_channels, out_channels=out_channels, channels_last=channels_last)
-
-
-def probe_model(model: Mapping[str, Any], in_channels: int, out_channels: int, patch: Sequence[int], batch: int,
-                device: torch.device | str) -> ProbeModel:
-    """The run's own network as the channels_last probe times it (brats_unet.runtime), on `device`'s input size."""
-    model = OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else dict(model)
-    shape = probe_input_shape(device, batch, in_channels, patch)
-    spec = json.dumps({"model": model, "in": in_channels, "out": out_channels}, sort_keys=True, default=str)
-    name = (f"{str(model.get('_target_', 'net')).rsplit('.', 1)[-1]} {hashlib.sha1(spec.encode()).hexdigest()[:10]} "
-            f"{'x'.join(str(s) for s in shape)}")
-    return ProbeModel(lambda cl: build_network(model, in_channels, out_channels, channels_last=cl), shape, name)
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+                        ) -> dict[str, Any]:
+        # Lightning passes no map_location: torch.load would then put every tensor on the device it was saved from
+        # (rank 0's cuda:0 for every DDP rank). The CPU is always there; Lightning moves weights and optimiser
+        # state to each rank's own device as it loads them.
+        return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=True)
 
 
 def build_module(cfg: DictConfig, in_channels: int, config: dict[str, Any] | None = None) -> BratsModule:
     """Instantiate loss, network and optimiser partials from the config groups and wrap them in the module."""
-    loss = instantiate(cfg.loss, schema=data_schema(cfg.data))
+    loss = build_loss(cfg)
     runtime = cfg.get("runtime") or {}
     # `auto` is resolved for the device by train()/brats-predict before this; a bare build (a notebook, a test) that
     # still holds it keeps the standard memory format, which every device runs.

@@ -1,4 +1,5 @@
-"""Checkpoints: safe loading, resume resolution (`ckpt_path=last`), weight-fit checks, atomic writes, RNG state.
+"""Checkpoints: safe loading, resume resolution (`ckpt_path=last`), weight-fit checks, RNG state (Lightning writes
+them, atomically through build.AtomicCheckpointIO; nothing here imports Lightning, so inference reads them without it).
 
 Checkpoints travel between groups (model zoos, shared lab disks), so they are read with torch's safe unpickler
 (`weights_only=True`): tensors, numbers, strings and containers only. A file that needs anything else is refused
@@ -15,10 +16,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.plugins import TorchCheckpointIO
 from torch import nn
 
-from brats_unet.utils import BratsError, atomic_path
+from brats_unet.utils import BratsError
 
 log = logging.getLogger("brats_unet.training")
 
@@ -92,24 +92,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(checkpoint, dict):
         raise BratsError(f"checkpoint {path} is not a brats-unet checkpoint (it holds a {type(checkpoint).__name__})")
     return checkpoint
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch.save, but into a temp file renamed over the target (a kill during a save leaves the previous
-    last.ckpt intact), and Lightning's own resume loads with the safe unpickler."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if "://" in str(path):  # remote filesystems (s3://...) keep Lightning's own write
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        with atomic_path(path) as tmp:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
-
-    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
-                        ) -> dict[str, Any]:
-        # Lightning passes no map_location: torch.load would then put every tensor on the device it was saved from
-        # (rank 0's cuda:0 for every DDP rank). The CPU is always there; Lightning moves weights and optimiser
-        # state to each rank's own device as it loads them.
-        return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=True)
 
 
 def resume_candidates(output_dir: Path) -> list[Path]:

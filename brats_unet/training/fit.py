@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
-from hydra.utils import instantiate
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -19,11 +18,10 @@ from brats_unet.training.build import (
     build_datamodule,
     build_module,
     build_trainer,
-    data_schema,
-    probe_model,
     user_instantiate,
 )
 from brats_unet.training.checkpoint import check_weights_fit, flatten, resolve_ckpt_path, warn_config_changes
+from brats_unet.training.network import build_loss, probe_model
 from brats_unet.training.preflight import check_values, preflight
 from brats_unet.utils import BratsError, atomic_write_json, atomic_write_text
 
@@ -48,7 +46,7 @@ def log_hparams(trainer: L.Trainer, config: dict[str, Any], metrics: dict[str, f
 def run_probe_model(cfg: DictConfig, device: Any) -> ProbeModel:
     """This run's network, input channels, patch and batch for the channels_last probe."""
     in_channels = Recipe.from_config(cfg.preprocess).num_channels
-    loss = user_instantiate("loss", lambda: instantiate(cfg.loss, schema=data_schema(cfg.data)))
+    loss = user_instantiate("loss", lambda: build_loss(cfg))
     return probe_model(cfg.model, in_channels, loss.num_outputs, cfg.data.patch_size, cfg.data.batch_size, device)
 
 
