@@ -19,7 +19,6 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from brats_unet.data.discovery import resolve_layout
 from brats_unet.data.split import load_split
 from brats_unet.evaluation.folder import (
     challenge_for,
@@ -36,7 +35,7 @@ from brats_unet.inference.ensemble import (
     resolve_checkpoints,
     run_checkpoint,
 )
-from brats_unet.inference.folder import held_by_another_model, model_record, predict_folder, predict_out_of_fold
+from brats_unet.inference.folder import predict_folder, predict_out_of_fold
 from brats_unet.inference.postprocess import (
     DEFAULT_ET_TOTALS,
     DEFAULT_SIZES,
@@ -172,12 +171,7 @@ def predict_held_out(ckpt: Path, cases: Sequence[str], truth: Path, output: Path
     """`cases` by `ckpt` into `output`, resuming; `replace`: predictions another model left there are replaced
     (brats-postprocess overwrite=true after a retrain), not refused."""
     segmenter = Segmenter.from_checkpoint(ckpt, **options)
-    model = model_record(segmenter, resolve_layout(layout or segmenter.layout).name)
-    other = held_by_another_model(output, model)
-    if other and replace:
-        log.info("overwrite=true: %s holds another model's predictions; predicting again", output)
-    predict_folder(segmenter, truth, output, only=cases, layout=layout, model=model, resume=not (other and replace),
-                   overwrite=other and replace)
+    predict_folder(segmenter, truth, output, only=cases, layout=layout, resume=True, replace=replace)
 
 
 def choose_on(cases: Sequence[str], predictions: str | Path, truth: Path, *, what: str, raw: str,

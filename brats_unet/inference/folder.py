@@ -125,14 +125,22 @@ def claim_folder(out_dir: Path, model: dict[str, Any], outputs: Sequence[Path], 
                 for suffix in (".nii.gz", "_prob.nii.gz", "_uncertainty.nii.gz")] + [out_dir / QC_FILE]
 
 
+def held_by_another_model(output: str | Path, model: Mapping[str, Any]) -> bool:
+    """Whether `output` holds predictions (its manifest) written by a model other than `model` (model_key)."""
+    previous = read_manifest(output)
+    return previous is not None and model_key(previous["model"]) != model_key(model)
+
+
 def predict_folder(segmenter: Segmenter, input_path: str | Path, output: str | Path, *,
                    only: Sequence[str] | None = None, layout: str | None = None,
-                   probabilities: bool = False, overwrite: bool = False, resume: bool = False,
+                   probabilities: bool = False, overwrite: bool = False, resume: bool = False, replace: bool = False,
                    model: dict[str, Any] | None = None, uncertainty: bool = False) -> list[Path]:
     """Predict every case in scope into `output`; return the prediction files (including those a resume skipped).
 
     `<case>.nii.gz` is written last (atomically), so it marks a finished case for `resume`. `<output>/prediction.json`
     names the model (`model`, default: model_record of `segmenter`) and the cases it wrote; see claim_folder.
+    `replace` (with `resume`): predictions another model left in `output` (brats-postprocess overwrite=true after a
+    retrain) are replaced, as with `overwrite`, instead of refused; this model's own are resumed.
     `uncertainty`: also `<case>_uncertainty.nii.gz` and one qc.csv row per case (inference/uncertainty.py).
     Rules chosen on cross-validation (`segmenter.cv_postprocessing`: a sweep's postprocessing.json, or a package's
     copy) are applied by the segmenter and named in the manifest (model_record).
@@ -142,12 +150,15 @@ def predict_folder(segmenter: Segmenter, input_path: str | Path, output: str | P
     preferred = resolve_layout(layout or segmenter.layout).name
     dirs = find_input_cases(input_path, preferred, only)
     out_dir = Path(output).expanduser()
+    model = model or model_record(segmenter, preferred)
+    if replace and resume and held_by_another_model(out_dir, model):
+        log.info("%s holds another model's predictions; predicting again", out_dir)
+        overwrite, resume = True, False
     if not resume and out_dir.is_dir() and not overwrite:
         held = [p for p in out_dir.iterdir() if not p.name.startswith(".")]
         if held:
             raise BratsError(f"output folder {out_dir} already holds {len(held)} files; pass overwrite=true to "
                              "replace them, or resume=true to predict only the cases not written yet")
-    model = model or model_record(segmenter, preferred)
     outputs = [out_dir / f"{d.name}.nii.gz" for d in dirs]
     kept, stale = claim_folder(out_dir, model, outputs, overwrite=overwrite, resume=resume)
     check_writable_output(out_dir, overwrite=True)
@@ -182,12 +193,6 @@ def predict_folder(segmenter: Segmenter, input_path: str | Path, output: str | P
     return outputs
 
 
-def held_by_another_model(output: str | Path, model: Mapping[str, Any]) -> bool:
-    """Whether `output` holds predictions (its manifest) written by a model other than `model` (model_key)."""
-    previous = read_manifest(output)
-    return previous is not None and model_key(previous["model"]) != model_key(model)
-
-
 def predict_out_of_fold(sweep: str | Path, input_path: str | Path, output: str | Path, *, layout: str | None = None,
                         probabilities: bool = False, overwrite: bool = False, resume: bool = False,
                         replace: bool = False, postprocessing: Mapping[str, Any] | None = None,
@@ -205,13 +210,9 @@ def predict_out_of_fold(sweep: str | Path, input_path: str | Path, output: str |
         segmenter = Segmenter.from_checkpoint(ckpt, cv_postprocessing=postprocessing, **options)
         # One model in the manifest: the set of fold models. The first fold claims the output folder; later folds
         # add their own (disjoint) cases to it, as a resume of that model does.
-        if model is None:
-            model = model_record(segmenter, resolve_layout(layout or segmenter.layout).name,
-                                 checkpoints=[c for c, _ in jobs], oof=True)
-            if replace and held_by_another_model(output, model):
-                log.info("%s holds another model's out-of-fold predictions; predicting again", output)
-                overwrite, resume = True, False
+        model = model or model_record(segmenter, resolve_layout(layout or segmenter.layout).name,
+                                      checkpoints=[c for c, _ in jobs], oof=True)
         outputs += predict_folder(segmenter, input_path, output, only=cases, layout=layout,
                                   probabilities=probabilities, overwrite=overwrite and i == 0,
-                                  resume=resume or i > 0, model=model)
+                                  resume=resume or i > 0, replace=replace, model=model)
     return sorted(outputs)

@@ -29,17 +29,22 @@ def build_loss(cfg: Mapping[str, Any]) -> nn.Module:
     return instantiate(cfg["loss"], schema=data_schema(cfg["data"]))
 
 
+def plain(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A config group as a plain dict (a DictConfig resolved), for instantiation and hashing alike."""
+    return OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+
+
 def build_network(model: Mapping[str, Any], in_channels: int, out_channels: int, channels_last: bool = False
                   ) -> nn.Module:
     """The network a model config describes, in the channels-last memory format if asked (runtime.channels_last)."""
-    model = OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else dict(model)
+    model = plain(model)
     return instantiate(model, in_channels=in_channels, out_channels=out_channels, channels_last=channels_last)
 
 
 def probe_model(model: Mapping[str, Any], in_channels: int, out_channels: int, patch: Sequence[int], batch: int,
                 device: torch.device | str) -> ProbeModel:
     """The run's own network as the channels_last probe times it (brats_unet.runtime), on `device`'s input size."""
-    model = OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else dict(model)
+    model = plain(model)
     shape = probe_input_shape(device, batch, in_channels, patch)
     spec = json.dumps({"model": model, "in": in_channels, "out": out_channels}, sort_keys=True, default=str)
     name = (f"{str(model.get('_target_', 'net')).rsplit('.', 1)[-1]} {hashlib.sha1(spec.encode()).hexdigest()[:10]} "
