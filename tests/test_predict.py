@@ -17,6 +17,7 @@ from helpers import compose_cli, make_case, run_predict, save_checkpoint, script
 from brats_unet.cli.predict import predict
 from brats_unet.data.labels import LAYOUTS
 from brats_unet.inference.decoding import decode
+from brats_unet.inference.loading import TRAINING_STATE
 from brats_unet.synth.generator import write_dataset
 from brats_unet.utils import BratsError
 
@@ -175,7 +176,15 @@ def test_checkpoint_problems_are_clear(ckpts, oblique_case, tmp_path) -> None:
     with pytest.raises(BratsError, match=r"changed\.ckpt: .*model config differs.*net\.encoders\.2\.conv1\.weight: "
                                          r"checkpoint \(16, 8, 3, 3, 3\) vs model \(32, 8, 3, 3, 3\)"):
         run_predict(changed, oblique_case, tmp_path / "d")
-    assert not any((tmp_path / d).exists() for d in "abcd")  # nothing written before the model loads
+    # The module's own training buffers are all inference leaves out; anything else in the weights is reported.
+    own = torch.load(ckpts["modern"], weights_only=False)
+    assert {k for k in own["state_dict"] if not k.startswith(("net.", "loss."))} == TRAINING_STATE
+    own["state_dict"]["head2.weight"] = torch.zeros(3)
+    extra = tmp_path / "extra.ckpt"
+    torch.save(own, extra)
+    with pytest.raises(BratsError, match=r"extra\.ckpt: .*model config differs.*unexpected head2\.weight"):
+        run_predict(extra, oblique_case, tmp_path / "e")
+    assert not any((tmp_path / d).exists() for d in "abcde")  # nothing written before the model loads
 
 
 def test_input_problems_are_clear(ckpts, oblique_case, tmp_path) -> None:

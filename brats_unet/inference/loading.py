@@ -69,9 +69,13 @@ def read_checkpoint(ckpt_path: str | Path, trust_targets: Sequence[str] = ()) ->
                        None if spacing is None else [float(v) for v in spacing])
 
 
+# The LightningModule's own buffers besides the network and loss (training.module): training's, not inference's.
+TRAINING_STATE = frozenset({"best_val_dice", "skipped_batches"})
+
+
 def build_model(stored: StoredModel, channels_last: bool = False) -> tuple[TrainedModel, dict[str, Any]]:
-    """Rebuild the network and loss from the checkpoint's own config, load their weights strictly (the module's other
-    state, e.g. its best validation score, is training's): (model in eval mode, config)."""
+    """Rebuild the network and loss from the checkpoint's own config, load their weights strictly (only the module's
+    TRAINING_STATE is left out; any other entry is reported, not ignored): (model in eval mode, config)."""
     cfg, path = copy.deepcopy(stored.config), stored.path
     cfg.runtime.compile = False  # a one-off inference pass does not repay compilation
     cfg.runtime.channels_last = bool(channels_last)
@@ -81,7 +85,7 @@ def build_model(stored: StoredModel, channels_last: bool = False) -> tuple[Train
     except (InstantiationException, ValueError, TypeError) as e:
         raise BratsError(f"checkpoint {path}: cannot rebuild the model from its stored config: {e}") from e
     module = TrainedModel(net, loss)
-    weights = {k: v for k, v in stored.state_dict.items() if k.startswith(("net.", "loss."))}
+    weights = {k: v for k, v in stored.state_dict.items() if k not in TRAINING_STATE}
     state, problems = weight_mismatches(weights, module)
     if problems:
         more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
