@@ -26,6 +26,7 @@ from brats_unet.inference.postprocess import (
     keep_largest_component,
     lesion_score,
     remove_small_components,
+    tied_middle,
 )
 from brats_unet.inference.segmenter import Segmenter
 from brats_unet.utils import BratsError, file_sha256
@@ -87,6 +88,21 @@ def test_choice_keeps_the_rule_that_helps_and_not_the_ones_that_hurt() -> None:
     assert tried[("largest", "tc")] < result["rules"][0]["score_after"]
     fixed = apply_rules(pred, result["rules"], B21)
     assert (fixed == truth).all()
+
+
+def test_of_tied_sizes_the_middle_one_is_kept() -> None:
+    # Case 1's false WT blob (2 voxels) goes at every size from 5 to 30 (the true WT is 216 voxels): 4 tied sizes; its
+    # false ET (1 voxel) at every size from 2 to 20, and 30 would also take case 2's 27 voxels of true ET.
+    result = choose_rules(hand_made_cases(), B21, sizes=(2, 5, 10, 20, 30), et_totals=(50,))
+    assert [(r["region"], r["min_size"]) for r in result["rules"]] == [("wt", 10), ("et", 5)]
+    assert result["score_after"] == pytest.approx(1.0)
+    tried = [(t.get("region"), t.get("min_size"), t["score"]) for t in result["tried"]]
+    assert len({score for region, size, score in tried if region == "wt" and size in (5, 10, 20, 30)}) == 1
+    # Only thresholds of the same rule next to the best count; "largest" ties with them but is another rule.
+    group = [{"rule": "min_size"}] * 3 + [{"rule": "largest"}]
+    assert tied_middle(group, [0.5, 0.9, 0.9, 0.9]) == 1
+    assert tied_middle(group[:3], [0.9, 0.9, 0.9]) == 1 and tied_middle(group[:3], [0.9, 0.8, 0.9]) == 0
+    assert tied_middle(group[:3], [0.5, 0.9, 0.9]) == 1  # even run: the smaller of the two middle thresholds
 
 
 def test_choice_keeps_nothing_when_nothing_helps() -> None:

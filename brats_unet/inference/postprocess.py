@@ -209,11 +209,25 @@ def foreground_box(pred: np.ndarray, truth: np.ndarray, margin: int = 1) -> tupl
     return pred[box], truth[box]
 
 
+def tied_middle(group: Sequence[Mapping[str, Any]], values: Sequence[float]) -> int:
+    """Index of the rule to keep from a group: the best score, and among neighbouring thresholds of the same rule that
+    tie with it (the same outcome on every case), the middle one. On a few validation cases several sizes remove the
+    same false components and spare the same true ones; the smallest of them sits at the edge of that evidence (a
+    false component a little larger on a new case survives it), the middle keeps a margin on both sides."""
+    best = max(values)
+    first = values.index(best)
+    last = first
+    while last + 1 < len(group) and values[last + 1] == best and group[last + 1]["rule"] == group[first]["rule"]:
+        last += 1
+    return (first + last) // 2
+
+
 def choose_rules(cases: Sequence[tuple[np.ndarray, np.ndarray]], challenge: Challenge, *, lesionwise: bool = False,
                  sizes: Sequence[int] = DEFAULT_SIZES, et_totals: Sequence[int] = DEFAULT_ET_TOTALS,
                  spacings: Sequence[Sequence[float]] | None = None) -> dict[str, Any]:
     """Greedy selection on (prediction, truth) label maps: per group (a region's sizes + largest; the ET rule's
-    thresholds) the rule that scores best on top of the rules kept so far, kept only if it raises the mean score.
+    thresholds) the rule that scores best on top of the rules kept so far (of tied thresholds the middle one,
+    tied_middle), kept only if it raises the mean score.
 
     Returns {"metric", "score_before", "score_after", "rules": kept rules (with their scores), "tried": every rule
     with its mean score}."""
@@ -231,17 +245,13 @@ def choose_rules(cases: Sequence[tuple[np.ndarray, np.ndarray]], challenge: Chal
     before = score = mean_score(current)
     kept, tried = [], []
     for group in candidates(challenge, sizes, et_totals):
-        best = None
-        for rule in group:
-            preds = [apply_rule(p, rule, challenge) for p in current]
-            value = mean_score(preds)
-            tried.append({**rule, "score": value})
-            if value > score and (best is None or value > best[1]):
-                best = (rule, value, preds)
-        if best is not None:
-            rule, value, current = best
-            kept.append({**rule, "score_before": score, "score_after": value})
-            score = value
+        values = [mean_score([apply_rule(p, rule, challenge) for p in current]) for rule in group]
+        tried += [{**rule, "score": value} for rule, value in zip(group, values, strict=True)]
+        if max(values) > score:
+            rule = group[tied_middle(group, values)]
+            current = [apply_rule(p, rule, challenge) for p in current]
+            kept.append({**rule, "score_before": score, "score_after": max(values)})
+            score = max(values)
     metric = "lesionwise_dice_mean" if lesionwise else "dice_mean"
     return {"metric": metric, "cases": len(cases), "score_before": before, "score_after": score, "rules": kept,
             "tried": tried}
