@@ -93,8 +93,9 @@ def test_choice_keeps_the_rule_that_helps_and_not_the_ones_that_hurt() -> None:
 def test_of_tied_sizes_the_middle_one_is_kept() -> None:
     # Case 1's false WT blob (2 voxels) goes at every size from 5 to 30 (the true WT is 216 voxels): 4 tied sizes; its
     # false ET (1 voxel) at every size from 2 to 20, and 30 would also take case 2's 27 voxels of true ET.
-    result = choose_rules(hand_made_cases(), B21, sizes=(2, 5, 10, 20, 30), et_totals=(50,))
+    result = choose_rules(hand_made_cases(), B21, sizes=(30, 2, 10, 5, 20, 5), et_totals=(50,))  # sorted, deduplicated
     assert [(r["region"], r["min_size"]) for r in result["rules"]] == [("wt", 10), ("et", 5)]
+    assert [t["min_size"] for t in result["tried"] if t.get("region") == "wt" and "min_size" in t] == [2, 5, 10, 20, 30]
     assert result["score_after"] == pytest.approx(1.0)
     tried = [(t.get("region"), t.get("min_size"), t["score"]) for t in result["tried"]]
     assert len({score for region, size, score in tried if region == "wt" and size in (5, 10, 20, 30)}) == 1

@@ -187,12 +187,13 @@ def case_score(pred: np.ndarray, truth: np.ndarray, challenge: Challenge, lesion
 
 def candidates(challenge: Challenge, sizes: Sequence[int] = DEFAULT_SIZES,
                et_totals: Sequence[int] = DEFAULT_ET_TOTALS) -> list[list[dict[str, Any]]]:
-    """Groups of alternative rules, tried in this order; at most one rule of a group is kept."""
+    """Groups of alternative rules, tried in this order; at most one rule of a group is kept. Thresholds ascend, so
+    tied neighbours (tied_middle) are neighbouring sizes whatever order the config lists them in."""
     regions = sorted(challenge.regions, key=lambda r: -len(challenge.regions[r]))  # outermost first
-    groups = [[*({"rule": "min_size", "region": r, "min_size": int(s)} for s in sizes),
+    groups = [[*({"rule": "min_size", "region": r, "min_size": int(s)} for s in sorted(set(sizes))),
                {"rule": "largest", "region": r}] for r in regions]
     if "et" in challenge.regions and len(challenge.regions["et"]) == 1 and fill_label(challenge, "et"):
-        groups.append([{"rule": "et_to_ncr", "min_total": int(t)} for t in et_totals])
+        groups.append([{"rule": "et_to_ncr", "min_total": int(t)} for t in sorted(set(et_totals))])
     return groups
 
 
