@@ -248,11 +248,14 @@ def choose_rules(cases: Sequence[tuple[np.ndarray, np.ndarray]], challenge: Chal
     for group in candidates(challenge, sizes, et_totals):
         values = [mean_score([apply_rule(p, rule, challenge) for p in current]) for rule in group]
         tried += [{**rule, "score": value} for rule, value in zip(group, values, strict=True)]
-        if max(values) > score:
+        top = max(values)
+        if top > score:
             rule = group[tied_middle(group, values)]
+            # Applied again rather than kept from scoring: holding every candidate's maps would cost a group's worth
+            # of label maps per case, on hundreds of full-size out-of-fold cases.
             current = [apply_rule(p, rule, challenge) for p in current]
-            kept.append({**rule, "score_before": score, "score_after": max(values)})
-            score = max(values)
+            kept.append({**rule, "score_before": score, "score_after": top})
+            score = top
     metric = "lesionwise_dice_mean" if lesionwise else "dice_mean"
     return {"metric": metric, "cases": len(cases), "score_before": before, "score_after": score, "rules": kept,
             "tried": tried}
