@@ -26,7 +26,7 @@ from benchmarks import (  # noqa: E402
     time_to_quality,
     training,
 )
-from benchmarks.common import format_table  # noqa: E402
+from benchmarks.common import format_table, threads  # noqa: E402
 from brats_unet.runtime import auto_precision, cache_file, detect, probe_key  # noqa: E402
 
 # One thread: on a small shared VM, tiny ops with 2 threads can be 100x slower (thread wake-ups dominate).
@@ -186,6 +186,30 @@ def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "gpu-check: no CUDA device visible to torch" in proc.stdout and "nothing to check" in proc.stdout
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow  # every part of the GPU check at toy sizes on the CPU, about 30 s
+def test_gpu_check_dry_run_runs_every_measuring_part_on_the_cpu(tmp_path: Path) -> None:
+    with threads(2):  # full-width networks at 64^3: not the tiny tensors conftest's one thread is for
+        results = gpu_check.main(["--dry-run", "--out", str(tmp_path)])
+    assert results is not None and results["dry_run"] is True
+    assert {results[p]["status"] for p in ("throughput", "inference", "loader")} == {"ok"}
+    rows = results["throughput"]["rows"]
+    assert [(r["model"], r["cudnn"], r["patch"], r["batch"]) for r in rows] == [
+        ("paper", "benchmark", 64, 1), ("paper", "deterministic", 64, 1),
+        ("resenc", "benchmark", 64, 1), ("resenc", "deterministic", 64, 1)]
+    assert all(r["samples_per_s"] > 0 and r["vs_nvidia_published"] == r["samples_per_s"] / 27.48 for r in rows)
+    assert [(r["model"], r["tta"]) for r in results["inference"]["rows"]] == [
+        ("paper", False), ("paper", True), ("resenc", False), ("resenc", True)]
+    assert results["inference"]["volume"] == [4, 64, 64, 64]
+    loader = results["loader"]
+    assert loader["resenc_step_s"] == rows[2]["step_s"] and loader["workers_needed"] >= 1
+    written = json.loads((tmp_path / "gpu_check-cpu.json").read_text())
+    assert written["dry_run"] is True and written["settings"]["dry_run"] is True
+    assert written["throughput"]["rows"] == json.loads(json.dumps(rows))  # what was measured is what was written
+    table = gpu_check.markdown(written)
+    assert "| training | resenc 64^3 b1 fp32 channels_last, cudnn deterministic |" in table
+    assert "| inference | resenc 64x64x64, TTA x8 |" in table and "| loader | 64^3 sample, augment=modern" in table
 
 
 def test_gpu_check_markdown_table_from_results() -> None:
