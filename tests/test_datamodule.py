@@ -256,7 +256,7 @@ def test_train_batches_have_patch_shapes_and_dtypes(tiny_cache):
     assert len(batches) == 3
     b = batches[0]
     assert b["image"].shape == (2, 3, 8, 8, 8) and b["image"].dtype == torch.float32
-    assert b["label"].shape == (2, 8, 8, 8) and b["label"].dtype == torch.int64
+    assert b["label"].shape == (2, 8, 8, 8) and b["label"].dtype == torch.uint8  # widened in the module
     assert len(b["case"]) == 2 and set(b["case"]) <= set(dm.split["train"])
     assert set(torch.unique(b["label"]).tolist()) <= {0, 1, 2, 3}
 
@@ -320,7 +320,7 @@ def test_val_loader_returns_whole_volumes_with_spacing(tiny_cache):
     assert b["case"] == [case]
     assert b["image"].shape == (1, 3, *SHAPE) and b["image"].dtype == torch.float32
     assert torch.equal(b["image"][0], torch.from_numpy(x.astype(np.float32)))
-    assert torch.equal(b["label"][0], torch.from_numpy(y.astype(np.int64)))
+    assert torch.equal(b["label"][0], torch.from_numpy(y.astype(np.uint8)))
     assert b["spacing"].tolist() == [[1.0, 1.0, 2.0]]
     assert len(list(dm.test_dataloader())) == 1
 
@@ -333,7 +333,8 @@ def test_bad_arguments_name_their_config_key_as_brats_train_does(tiny_cache):
              ({"patch_size": [8, 0, 8]}, r"data\.patch_size must be positive .*\[0\] <= 0"),
              ({"batch_size": 0}, r"data\.batch_size must be a positive integer, got 0"),
              ({"foreground_fraction": 1.5}, r"data\.foreground_fraction must be a number in \[0, 1\], got 1\.5"),
-             ({"steps_per_epoch": 0}, r"data\.steps_per_epoch must be a positive integer or null, got 0")]
+             ({"steps_per_epoch": 0}, r"data\.steps_per_epoch must be a positive integer or null, got 0"),
+             ({"pin_memory": "yes"}, r"data\.pin_memory must be true, false or auto, got 'yes'")]
     for change, message in cases:
         with pytest.raises(BratsError, match=message):
             _dm(tiny_cache, **change)
@@ -342,6 +343,27 @@ def test_bad_arguments_name_their_config_key_as_brats_train_does(tiny_cache):
             check_values(compose_train([f"data.{key}={value}".replace(" ", "")]))
     with pytest.raises(BratsError, match=r"unknown data config keys: data\.batchsize"):
         _dm(tiny_cache, batchsize=2)
+
+
+def test_pin_memory_auto_pins_only_for_a_cuda_trainer(tiny_cache):
+    from lightning.pytorch import Trainer
+
+    dm = _dm(tiny_cache)  # data.pin_memory defaults to auto
+    assert dm.loader.pin_memory == "auto" and dm.pin_memory is False  # no trainer: nothing says CUDA
+    dm.trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    assert dm.pin_memory is False and dm.train_dataloader().pin_memory is False
+    assert _dm(tiny_cache, pin_memory=True).train_dataloader().pin_memory is True  # an explicit value wins
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pin_memory_auto_pins_for_a_gpu_trainer(tiny_cache):
+    from lightning.pytorch import Trainer
+
+    dm = _dm(tiny_cache)
+    dm.trainer = Trainer(accelerator="gpu", devices=1, logger=False, enable_checkpointing=False)
+    assert dm.pin_memory is True and dm.train_dataloader().pin_memory is True
+    assert _dm(tiny_cache, pin_memory=False).pin_memory is False
 
 
 def test_the_split_and_loader_come_as_one_argument_each_or_as_the_configs_flat_keys(tiny_cache):

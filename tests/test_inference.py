@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from brats_unet.inference.postprocess import postprocess_et
 from brats_unet.models.sliding_window import (
     _window_starts,
+    device_importance,
     flip_tta,
     gaussian_importance,
     sliding_window,
@@ -59,6 +60,14 @@ def test_gaussian_importance_replaces_underflow_zeros():
     assert g[0, 0, 0].item() == g[g > 0].min().item()
     with pytest.raises(ValueError, match="sigma_scale"):
         gaussian_importance(PATCH, sigma_scale=0)
+
+
+def test_the_window_weights_are_made_once_per_patch_and_device():
+    cpu = torch.device("cpu")
+    first = device_importance((6, 8, 8), cpu)
+    assert device_importance((6, 8, 8), cpu) is first  # the second case reuses it
+    assert torch.equal(first, gaussian_importance((6, 8, 8))) and first.device == cpu
+    assert device_importance((8, 8, 8), cpu).shape == (8, 8, 8)
 
 
 # ---------------------------------------------------------------- sliding window

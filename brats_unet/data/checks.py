@@ -53,8 +53,11 @@ def check_unit_interval(key: str, value: Any) -> None:
 
 
 def check_data_settings(patch_size: Any, batch_size: Any, num_workers: Any = 0, steps_per_epoch: Any = None,
-                        foreground_fraction: Any = 0.33, num_folds: Any = 1, fold: Any = 0) -> None:
+                        foreground_fraction: Any = 0.33, num_folds: Any = 1, fold: Any = 0, pin_memory: Any = "auto"
+                        ) -> None:
     """BratsError naming the data.* key whose value no DataModule could use."""
+    if pin_memory not in (True, False, "auto"):
+        raise BratsError(f"data.pin_memory must be true, false or auto, got {pin_memory!r}")
     check_positive_ints("data.patch_size", patch_size, length=3)
     check_positive_int("data.batch_size", batch_size)
     check_positive_int("data.steps_per_epoch", steps_per_epoch, allow_none=True)

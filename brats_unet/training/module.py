@@ -112,7 +112,7 @@ class BratsModule(L.LightningModule):
         return total / sum(weights)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        image, target = batch["image"], batch["label"]
+        image, target = batch["image"], batch["label"].long()  # uint8 from the loader, widened on the device
         skip = self.hparams.nonfinite_loss == "skip"
         # A NaN batch also poisons norm running statistics in the forward pass: keep a copy to put back if skipped.
         saved = [b.detach().clone() for b in self.net.buffers()] if skip else []
@@ -166,7 +166,7 @@ class BratsModule(L.LightningModule):
         )
 
     def _evaluate(self, batch: dict[str, Any], stage: str, metrics: BratsMetrics) -> Tensor:
-        image, target = batch["image"], batch["label"]
+        image, target = batch["image"], batch["label"].long()
         logits = self.predict_logits(image)
         loss = self.loss(logits, target)
         pred = self.loss.to_classes(logits)
