@@ -10,7 +10,8 @@
    (and torch.compile with --compile), beside NVIDIA's published 27.48 img/s (A100, AMP, their nnU-Net for BraTS21)
    and that number scaled by the FLOPs of their network over ours;
 4. trainer.deterministic=warn (deterministic algorithms, cuDNN autotuner off) against cudnn.benchmark=True, per model;
-5. full-case inference (a 4 x 240 x 240 x 155 volume, 128^3 windows, overlap 0.5) with and without flip TTA;
+5. full-case inference (a 4 x 240 x 240 x 155 volume, 128^3 windows, overlap 0.5) at 1 and 4 windows per pass, and
+   with flip TTA;
 6. the loader: seconds per 128^3 sample (cut + augment=modern) in one worker, and the workers the measured resenc
    step needs to stay fed.
 Writes benchmarks/results/gpu_check-<gpu>.json and prints a markdown table. Without CUDA it says so and exits 0.
@@ -36,7 +37,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import write_result
+from benchmarks.common import parse_ints, write_result
 from benchmarks.data_loading import augment_config, recipe, sample_cost
 from benchmarks.inference import time_case
 from benchmarks.training import NVIDIA_BRATS, Combo, build_net, combo_gflops, nvidia_gflops, run_combo
@@ -154,7 +155,10 @@ def throughput(device: torch.device, precision: str, compile: bool, steps: int, 
     return {"rows": rows, "nvidia_published_img_s": NVIDIA_AMP, "nvidia_gflop_fwd_per_sample": theirs}
 
 
-def inference(device: torch.device, precision: str, window_batch: int, sizes: Sizes = Sizes()) -> dict[str, Any]:
+def inference(device: torch.device, precision: str, window_batches: Sequence[int], sizes: Sizes = Sizes()
+              ) -> dict[str, Any]:
+    """Seconds per case without TTA at each window batch (module.val_window_batch is 1, nnU-Net's predictor's too),
+    and with flip TTA at the largest."""
     torch.manual_seed(0)
     image = torch.randn(1, 4, *sizes.volume, device=device)
     patch = sizes.patch
@@ -163,8 +167,9 @@ def inference(device: torch.device, precision: str, window_batch: int, sizes: Si
         net, _, in_ch = build_net(Combo("ours", model, patch, 1, norm="instance" if model == "resenc" else "none"))
         net = net.to(device).eval().to(memory_format=torch.channels_last_3d)
         x = image[:, :in_ch]
-        time_case(net, x, patch, 0.5, False, precision, window_batch)  # warm-up: kernels, allocator
-        for tta in (False, True):
+        time_case(net, x, patch, 0.5, False, precision, max(window_batches))  # warm-up: kernels, allocator
+        runs = [(False, b) for b in window_batches] + [(True, max(window_batches))]
+        for tta, window_batch in runs:
             rows.append({"model": model, "tta": tta, "precision": precision, "window_batch": window_batch,
                          "case_s": time_case(net, x, patch, 0.5, tta, precision, window_batch)})
         del net
@@ -218,7 +223,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| training | {setting} | {value} |")
     volume = "x".join(map(str, results.get("inference", {}).get("volume", [4, 240, 240, 155])[1:]))
     for row in results.get("inference", {}).get("rows", []):
-        lines.append(f"| inference | {row['model']} {volume}, {'TTA x8' if row['tta'] else 'no TTA'} | "
+        lines.append(f"| inference | {row['model']} {volume}, {'TTA x8' if row['tta'] else 'no TTA'}, "
+                     f"{row.get('window_batch', 4)} windows per pass | "
                      f"{row['case_s']:.2f} s/case |")
     load = results.get("loader", {})
     if "sample_s" in load:
@@ -237,7 +243,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-demo", action="store_true")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--window-batch", type=int, default=4)
+    p.add_argument("--window-batch", default="1,4", help="windows per forward pass at inference, comma-separated")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results; --dry-run: none)")
     p.add_argument("--dry-run", action="store_true",
                    help="parts 3-6 on the CPU at toy sizes, to check the script before GPU time is spent on it")
@@ -272,7 +278,7 @@ def measure(results: dict[str, Any], device: torch.device, precision: str, args:
             sizes: Sizes) -> None:
     """Parts 3-6: training throughput, full-case inference, the loader."""
     step("throughput", results, lambda: throughput(device, precision, args.compile, args.steps, args.warmup, sizes))
-    step("inference", results, lambda: inference(device, precision, args.window_batch, sizes))
+    step("inference", results, lambda: inference(device, precision, parse_ints(args.window_batch), sizes))
     step("loader", results, lambda: loader(work / "loader", resenc_step_s(results), sizes=sizes))
 
 

@@ -199,8 +199,9 @@ def test_gpu_check_dry_run_runs_every_measuring_part_on_the_cpu(tmp_path: Path) 
         ("paper", "benchmark", 64, 1), ("paper", "deterministic", 64, 1),
         ("resenc", "benchmark", 64, 1), ("resenc", "deterministic", 64, 1)]
     assert all(r["samples_per_s"] > 0 and r["vs_nvidia_published"] == r["samples_per_s"] / 27.48 for r in rows)
-    assert [(r["model"], r["tta"]) for r in results["inference"]["rows"]] == [
-        ("paper", False), ("paper", True), ("resenc", False), ("resenc", True)]
+    assert [(r["model"], r["tta"], r["window_batch"]) for r in results["inference"]["rows"]] == [
+        ("paper", False, 1), ("paper", False, 4), ("paper", True, 4),
+        ("resenc", False, 1), ("resenc", False, 4), ("resenc", True, 4)]
     assert results["inference"]["volume"] == [4, 64, 64, 64]
     loader = results["loader"]
     assert loader["resenc_step_s"] == rows[2]["step_s"] and loader["workers_needed"] >= 1
@@ -209,7 +210,8 @@ def test_gpu_check_dry_run_runs_every_measuring_part_on_the_cpu(tmp_path: Path) 
     assert written["throughput"]["rows"] == json.loads(json.dumps(rows))  # what was measured is what was written
     table = gpu_check.markdown(written)
     assert "| training | resenc 64^3 b1 fp32 channels_last, cudnn deterministic |" in table
-    assert "| inference | resenc 64x64x64, TTA x8 |" in table and "| loader | 64^3 sample, augment=modern" in table
+    assert "| inference | resenc 64x64x64, TTA x8, 4 windows per pass |" in table
+    assert "| loader | 64^3 sample, augment=modern" in table
 
 
 def test_gpu_check_markdown_table_from_results() -> None:
@@ -227,7 +229,7 @@ def test_gpu_check_markdown_table_from_results() -> None:
             "FLOP-scaled target 40.0) |") in table
     assert ("| training | paper 128^3 b2 bf16 channels_last, cudnn deterministic, compiled | "
             "error: OutOfMemoryError: ... |") in table
-    assert "| inference | resenc 240x240x155, TTA x8 | 4.25 s/case |" in table
+    assert "| inference | resenc 240x240x155, TTA x8, 4 windows per pass | 4.25 s/case |" in table
 
 
 def test_demo_benchmark_times_exactly_the_makefiles_demo_commands(tmp_path: Path) -> None:
