@@ -334,7 +334,9 @@ def test_bad_arguments_name_their_config_key_as_brats_train_does(tiny_cache):
              ({"batch_size": 0}, r"data\.batch_size must be a positive integer, got 0"),
              ({"foreground_fraction": 1.5}, r"data\.foreground_fraction must be a number in \[0, 1\], got 1\.5"),
              ({"steps_per_epoch": 0}, r"data\.steps_per_epoch must be a positive integer or null, got 0"),
-             ({"pin_memory": "yes"}, r"data\.pin_memory must be true, false or auto, got 'yes'")]
+             ({"pin_memory": "yes"}, r"data\.pin_memory must be true, false or auto, got 'yes'"),
+             ({"foreground_sampling": "class"},
+              r"data\.foreground_sampling must be one of voxel, region, got 'class'")]
     for change, message in cases:
         with pytest.raises(BratsError, match=message):
             _dm(tiny_cache, **change)
@@ -343,6 +345,22 @@ def test_bad_arguments_name_their_config_key_as_brats_train_does(tiny_cache):
             check_values(compose_train([f"data.{key}={value}".replace(" ", "")]))
     with pytest.raises(BratsError, match=r"unknown data config keys: data\.batchsize"):
         _dm(tiny_cache, batchsize=2)
+
+
+def test_region_sampling_changes_only_where_forced_patches_centre(tiny_cache):
+    voxel, region = _dm(tiny_cache), _dm(tiny_cache, foreground_sampling="region")
+    assert voxel.train_set.region_classes is None
+    assert region.train_set.region_classes == [(1, 2, 3), (1, 3), (3,)]  # WT, TC, ET of brats2021
+    batch = next(iter(region.train_dataloader()))
+    assert batch["image"].shape == (2, 3, 8, 8, 8) and batch["label"].dtype == torch.uint8
+    # Each case's groups are the regions of its own cached labels at its foreground coordinates.
+    case = region.split["train"][0]
+    y = np.load(tiny_cache["folder"] / f"{case}_y.npy")
+    _, _, labels, coords, _ = region.train_set.cases.get(region.train_set.cases.cases.index(case))
+    groups = region.train_set.groups(case, labels, coords)
+    assert len(groups) == 3  # the fixture's tumours hold every class
+    for group, classes in zip(groups, [(1, 2, 3), (1, 3), (3,)], strict=True):
+        assert np.isin(y[tuple(coords[group].T)], classes).all()
 
 
 def test_pin_memory_auto_pins_only_for_a_cuda_trainer(tiny_cache):

@@ -8,6 +8,7 @@ from brats_unet.data.sampling import (
     choose_patch_start,
     crop_or_pad,
     random_patch_start,
+    region_groups,
     tumour_type,
 )
 
@@ -107,6 +108,34 @@ def test_foreground_oversampling_without_tumour_falls_back_to_uniform():
         expected.random()
         assert start == random_patch_start((10, 10, 10), (4, 4, 4), expected)
         assert choose_patch_start((10, 10, 10), (4, 4, 4), np.random.default_rng(seed), None, 0.0) == start
+
+
+BRATS_REGIONS = [(1, 2, 3), (1, 3), (3,)]  # WT, TC, ET as internal classes (ncr 1, ed 2, et 3)
+
+
+def test_region_groups_index_the_coordinates_of_each_region_present():
+    classes = np.array([2, 1, 3, 2, 3], dtype=np.uint8)  # ed, ncr, et, ed, et
+    groups = region_groups(classes, BRATS_REGIONS)
+    assert [g.tolist() for g in groups] == [[0, 1, 2, 3, 4], [1, 2, 4], [2, 4]]
+    oedema_only = region_groups(np.array([2, 2], dtype=np.uint8), BRATS_REGIONS)
+    assert [g.tolist() for g in oedema_only] == [[0, 1]]  # no TC, no ET: left out, never an empty group
+
+
+def test_region_sampling_centres_a_small_enhancing_rim_as_often_as_nnunet_does():
+    # 99 oedema voxels and 1 enhancing voxel on a line; a 1^3 patch starts at its centre voxel.
+    coords = np.array([[i, 0, 0] for i in range(100)], dtype=np.int16)
+    classes = np.full(100, 2, dtype=np.uint8)
+    classes[50] = 3
+    groups = region_groups(classes, BRATS_REGIONS)  # WT: all 100; TC and ET: the enhancing voxel
+
+    def share_on_et(g):
+        starts = [choose_patch_start((100, 1, 1), (1, 1, 1), np.random.default_rng(seed), coords, 1.0, g)
+                  for seed in range(3000)]
+        return sum(st == (50, 0, 0) for st in starts) / 3000
+
+    assert share_on_et(None) < 0.02  # "voxel": 1 in 100
+    # "region": WT, TC or ET with 1/3 each, then a voxel of it: 1/3 * 1/100 + 1/3 + 1/3 = 0.673
+    assert share_on_et(groups) == pytest.approx(0.673, abs=0.03)
 
 
 def test_patch_sampler_is_a_function_of_seed_and_epoch():

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from omegaconf import ListConfig
 
+from brats_unet.data.sampling import FOREGROUND_SAMPLING
 from brats_unet.data.split import check_folds
 from brats_unet.utils import BratsError
 
@@ -53,9 +54,12 @@ def check_unit_interval(key: str, value: Any) -> None:
 
 
 def check_data_settings(patch_size: Any, batch_size: Any, num_workers: Any = 0, steps_per_epoch: Any = None,
-                        foreground_fraction: Any = 0.33, num_folds: Any = 1, fold: Any = 0, pin_memory: Any = "auto"
-                        ) -> None:
+                        foreground_fraction: Any = 0.33, num_folds: Any = 1, fold: Any = 0, pin_memory: Any = "auto",
+                        foreground_sampling: Any = "voxel") -> None:
     """BratsError naming the data.* key whose value no DataModule could use."""
+    if foreground_sampling not in FOREGROUND_SAMPLING:
+        raise BratsError(f"data.foreground_sampling must be one of {', '.join(FOREGROUND_SAMPLING)}, got "
+                         f"{foreground_sampling!r}")
     if pin_memory not in (True, False, "auto"):
         raise BratsError(f"data.pin_memory must be true, false or auto, got {pin_memory!r}")
     check_positive_ints("data.patch_size", patch_size, length=3)

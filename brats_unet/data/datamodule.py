@@ -25,7 +25,14 @@ from brats_unet.data import cache
 from brats_unet.data.cases import schema_of
 from brats_unet.data.checks import check_data_settings
 from brats_unet.data.preprocess import Recipe
-from brats_unet.data.sampling import PatchSampler, case_weights, choose_patch_start, crop_or_pad, tumour_type
+from brats_unet.data.sampling import (
+    PatchSampler,
+    case_weights,
+    choose_patch_start,
+    crop_or_pad,
+    region_groups,
+    tumour_type,
+)
 from brats_unet.data.split import SUBSETS, SplitSpec, load_split
 from brats_unet.data.transforms import Augment, build_augment
 from brats_unet.runs import run_checkpoints
@@ -82,10 +89,21 @@ class PatchDataset(Dataset):
     onto a GPU (128^3 batch 2: 4 MiB instead of 32 MiB); the module widens them on the device."""
 
     def __init__(
-        self, cases: _CachedCases, patch_size: Sequence[int], foreground_fraction: float, augment: Augment
+        self, cases: _CachedCases, patch_size: Sequence[int], foreground_fraction: float, augment: Augment,
+        region_classes: Sequence[Sequence[int]] | None = None,
     ) -> None:
         self.cases, self.patch_size = cases, tuple(patch_size)
         self.foreground_fraction, self.augment = foreground_fraction, augment
+        self.region_classes = region_classes  # None: a forced patch centres on any tumour voxel ("voxel")
+        self._groups: dict[str, list[np.ndarray]] = {}
+
+    def groups(self, case: str, y: np.ndarray, coords: np.ndarray) -> list[np.ndarray] | None:
+        """The case's foreground coordinates grouped by region (data.foreground_sampling=region), made once per case."""
+        if self.region_classes is None:
+            return None
+        if case not in self._groups:
+            self._groups[case] = region_groups(y[tuple(coords.T)], self.region_classes)
+        return self._groups[case]
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -94,7 +112,8 @@ class PatchDataset(Dataset):
         index, sample_seed = key
         case, x, y, coords, _ = self.cases.get(index)
         rng = np.random.default_rng(sample_seed)  # one stream: patch position, then augmentation
-        start = choose_patch_start(y.shape, self.patch_size, rng, coords, self.foreground_fraction)
+        start = choose_patch_start(y.shape, self.patch_size, rng, coords, self.foreground_fraction,
+                                   self.groups(case, y, coords))
         # A rotated / zoomed patch is resampled from a larger region around it (nnU-Net's initial patch size).
         spatial = self.augment.draw_spatial(rng)
         size = spatial.input_size(self.patch_size) if spatial is not None else self.patch_size
@@ -180,6 +199,7 @@ class BratsDataModule(L.LightningDataModule):
         augment: Mapping | DictConfig | None = None,
         patch_size: Sequence[int] = (128, 128, 128),
         foreground_fraction: float = 0.33,
+        foreground_sampling: str = "voxel",
         steps_per_epoch: int | None = None,
         case_balance: float = 0.0,
         skip_bad_cases: bool = False,
@@ -194,7 +214,7 @@ class BratsDataModule(L.LightningDataModule):
         self.split_spec, self.loader = group_keys(keys, split, loader)
         check_data_settings(patch_size, self.loader.batch_size, self.loader.num_workers, steps_per_epoch,
                             foreground_fraction, self.split_spec.num_folds, self.split_spec.fold,
-                            self.loader.pin_memory)
+                            self.loader.pin_memory, foreground_sampling)
         if isinstance(case_balance, bool) or not isinstance(case_balance, int | float) or not 0 <= case_balance <= 1:
             raise BratsError(f"data.case_balance must be a number in [0, 1], got {case_balance!r}")
         self.root, self.layout, self.cache_dir = Path(root), layout, Path(cache_dir)
@@ -212,6 +232,7 @@ class BratsDataModule(L.LightningDataModule):
         self.fresh_run = False
         self.split_file = Path(split_file) if split_file else None
         self.foreground_fraction, self.steps_per_epoch = foreground_fraction, steps_per_epoch
+        self.foreground_sampling = foreground_sampling
         self.case_balance = float(case_balance)
         self.skip_bad_cases = skip_bad_cases
         self.output_dir = Path(output_dir) if output_dir else None
@@ -287,7 +308,9 @@ class BratsDataModule(L.LightningDataModule):
             log.info("split: %d train, %d val, %d test cases", *(len(self.split[k]) for k in ("train", "val", "test")))
         path = self.cache_path
         self.train_set = PatchDataset(
-            _CachedCases(path, self.split["train"]), self.patch_size, self.foreground_fraction, self.augment
+            _CachedCases(path, self.split["train"]), self.patch_size, self.foreground_fraction, self.augment,
+            [self.schema.region_classes[r] for r in self.schema.region_names]
+            if self.foreground_sampling == "region" else None,
         )
         self.val_set = VolumeDataset(_CachedCases(path, self.split["val"]))
         self.test_set = VolumeDataset(_CachedCases(path, self.split["test"]))

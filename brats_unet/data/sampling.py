@@ -39,15 +39,29 @@ def random_patch_start(
     return tuple(start)
 
 
+FOREGROUND_SAMPLING = ("voxel", "region")
+
+
+def region_groups(coord_classes: np.ndarray, region_classes: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """For each region (its internal classes), the indices of the coordinates inside it; regions absent from the
+    case are left out."""
+    groups = [np.flatnonzero(np.isin(coord_classes, classes)) for classes in region_classes]
+    return [g for g in groups if len(g)]
+
+
 def choose_patch_start(
     shape: Sequence[int],
     patch_size: Sequence[int],
     rng: np.random.Generator,
     foreground_coords: np.ndarray | None,
     foreground_fraction: float,
+    groups: Sequence[np.ndarray] | None = None,
 ) -> tuple[int, ...]:
-    """nnU-Net-style oversampling: with probability `foreground_fraction` the patch contains a random tumour voxel.
+    """nnU-Net-style oversampling: with probability `foreground_fraction` the patch contains a tumour voxel.
 
+    Without `groups` ("voxel") that voxel is a random one of `foreground_coords`, so a region's share of forced patches
+    is its share of the tumour: a small enhancing rim is seldom the centre. With `groups` ("region", nnU-Net's rule
+    for region-based training) a random group (region present in the case) is chosen first, then a random voxel of it.
     nnU-Net forces the last ceil(fraction * batch) samples of every batch; here each sample decides on its own from
     its seed, so a sample does not depend on its position in a batch (the expected share is the same, the per-batch
     count varies). Cases without tumour voxels always get a uniform patch.
@@ -55,7 +69,11 @@ def choose_patch_start(
     # Always draw, so the rest of the sample's random stream does not depend on the fraction.
     forced = rng.random() < foreground_fraction
     if forced and foreground_coords is not None and len(foreground_coords) > 0:
-        center = foreground_coords[int(rng.integers(len(foreground_coords)))]
+        if groups:
+            members = groups[int(rng.integers(len(groups)))]
+            center = foreground_coords[members[int(rng.integers(len(members)))]]
+        else:
+            center = foreground_coords[int(rng.integers(len(foreground_coords)))]
         return random_patch_start(shape, patch_size, rng, center=[int(c) for c in center])
     return random_patch_start(shape, patch_size, rng)
 
