@@ -136,7 +136,8 @@ def classes_from_region_logits(logits: torch.Tensor, schema: LabelSchema = SCHEM
 class RegionDiceBCELoss(nn.Module):
     """NVIDIA nnU-Net (BraTS21) loss: channel i is the schema's region i (wt, tc, et for BraTS glioma) with a sigmoid;
     per region soft Dice (batch-summed, as eq. 1) + BCE-with-logits, SUMMED over the regions like NVIDIA's
-    `LossBraTS` (so its scale is about 3x a single-region loss; the paper's losses are means)."""
+    `LossBraTS` (so its scale is about 3x a single-region loss; the paper's losses are means). NVIDIA's Dice smoothing
+    is MONAI's 1e-5; conf/loss/region.yaml keeps the paper's 1 and says why."""
 
     activation = "sigmoid"
 
