@@ -100,6 +100,18 @@ def test_norm_variants(norm: str, norm_type: type, bias: bool) -> None:
     assert model(torch.randn(2, 2, 4, 4, 4)).shape == (2, 3, 4, 4, 4)
 
 
+def test_leaky_relu_lets_negative_features_through_and_relu_stays_the_default() -> None:
+    plain, leaky = UNet3D(2, 3, filters=[4, 8]), UNet3D(2, 3, filters=[4, 8], activation="leaky_relu")
+    assert all(type(b.act) is nn.ReLU for b in [*plain.encoders, *plain.decoders])  # the paper's
+    acts = [b.act for b in [*leaky.encoders, *leaky.decoders]]
+    assert all(type(a) is nn.LeakyReLU and a.negative_slope == 0.01 for a in acts)  # nnU-Net's
+    x = torch.tensor([-2.0, 3.0])
+    assert acts[0](x.clone()).tolist() == pytest.approx([-0.02, 3.0])
+    assert list(plain.state_dict()) == list(leaky.state_dict())  # the same weights: only the nonlinearity differs
+    with pytest.raises(ValueError, match=r"model\.activation must be one of \('relu', 'leaky_relu'\), got 'gelu'"):
+        UNet3D(1, 2, filters=[4, 8], activation="gelu")
+
+
 def test_group_count() -> None:
     assert [group_count(c) for c in (1, 4, 6, 8, 12, 32)] == [1, 4, 6, 8, 6, 8]
 
@@ -145,7 +157,7 @@ def test_model_configs_instantiate() -> None:
         small = compose(overrides=["+model=unet3d_small"]).model
         flat = compose(overrides=["+model=unet2d"]).model
     assert list(paper.filters) == PAPER_FILTERS and list(paper.dropout) == [0.1, 0.1, 0.2, 0.2, 0.2]
-    assert paper.norm == "none" and "in_channels" not in paper
+    assert paper.norm == "none" and paper.activation == "relu" and "in_channels" not in paper
     assert "compile" not in paper and "channels_last" not in paper  # speed knobs live in the runtime group
     model = instantiate(small, in_channels=3, out_channels=4)
     assert isinstance(model, UNet3D) and model.filters == [8, 16, 32, 64, 128] and model.dropout[2] == 0.2

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 NORMS = ("none", "batch", "instance", "group")
+ACTIVATIONS = ("relu", "leaky_relu")  # leaky_relu: nnU-Net's LeakyReLU(0.01)
 _LAYERS = {
     2: {"conv": nn.Conv2d, "up": nn.ConvTranspose2d, "pool": nn.MaxPool2d, "batch": nn.BatchNorm2d,
         "instance": nn.InstanceNorm2d, "memory_format": torch.channels_last},
@@ -40,7 +41,8 @@ def _norm(kind: str, dim: int, channels: int) -> nn.Module:
 class ConvBlock(nn.Module):
     """Two 3x3(x3) convs with ReLU and element-wise dropout between them (Keras `Dropout` is element-wise too)."""
 
-    def __init__(self, dim: int, in_channels: int, out_channels: int, dropout: float, norm: str) -> None:
+    def __init__(self, dim: int, in_channels: int, out_channels: int, dropout: float, norm: str,
+                 activation: str = "relu") -> None:
         super().__init__()
         conv = _LAYERS[dim]["conv"]
         bias = norm == "none"  # a norm layer right after the conv makes its bias redundant
@@ -49,7 +51,7 @@ class ConvBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = conv(out_channels, out_channels, kernel_size=3, padding=1, bias=bias)
         self.norm2 = _norm(norm, dim, out_channels)
-        self.act = nn.ReLU(inplace=True)
+        self.act = nn.ReLU(inplace=True) if activation == "relu" else nn.LeakyReLU(0.01, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(self.act(self.norm1(self.conv1(x))))
@@ -74,7 +76,7 @@ class UNetND(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, filters: Sequence[int] = (32, 64, 128, 256, 512),
                  dropout: float | Sequence[float] = 0.0, norm: str = "none", deep_supervision: bool = False,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, activation: str = "relu") -> None:
         super().__init__()
         filters = [int(f) for f in filters]
         if len(filters) < 2 or min(filters) < 1:
@@ -84,6 +86,8 @@ class UNetND(nn.Module):
             raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}")
         if norm not in NORMS:
             raise ValueError(f"model.norm must be one of {NORMS}, got {norm!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation must be one of {ACTIVATIONS}, got {activation!r}")
         rates = _per_level(dropout, len(filters))
         layers = _LAYERS[self.dim]
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -91,13 +95,13 @@ class UNetND(nn.Module):
         self.deep_supervision, self.channels_last = deep_supervision, channels_last
 
         widths_in = [in_channels, *filters[:-1]]
-        self.encoders = nn.ModuleList(ConvBlock(self.dim, c, f, d, norm)
+        self.encoders = nn.ModuleList(ConvBlock(self.dim, c, f, d, norm, activation)
                                       for c, f, d in zip(widths_in, filters, rates, strict=True))
         self.pool = layers["pool"](2)
         # ups[i] / decoders[i] produce decoder level i (same resolution as encoder level i); level i reuses dropout[i].
         self.ups = nn.ModuleList(layers["up"](filters[i + 1], filters[i], kernel_size=2, stride=2)
                                  for i in range(len(filters) - 1))
-        self.decoders = nn.ModuleList(ConvBlock(self.dim, 2 * filters[i], filters[i], rates[i], norm)
+        self.decoders = nn.ModuleList(ConvBlock(self.dim, 2 * filters[i], filters[i], rates[i], norm, activation)
                                       for i in range(len(filters) - 1))
         self.head = layers["conv"](filters[0], out_channels, kernel_size=1)
         # Deep supervision: one head per decoder level below full resolution (1/2, 1/4, ... of the input).
