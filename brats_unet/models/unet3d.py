@@ -1,6 +1,7 @@
 """The seed paper's network (section 3.1): the original U-Net of Ronneberger et al., in 3D, DigitalSreeni/Keras style.
 
-Per level: conv3 -> ReLU -> Dropout -> conv3 -> ReLU (padding 1, so sizes are kept); MaxPool(2) down,
+Per level: conv3 -> ReLU -> Dropout -> conv3 -> ReLU (padding 1, so sizes are kept; `activation="leaky_relu"` is
+nnU-Net's LeakyReLU(0.01) instead); MaxPool(2) down,
 ConvTranspose(k=2, s=2) up, concatenation [up, skip] (Keras order), and a final 1x1 conv to logits (the loss applies
 softmax or sigmoid). `filters[-1]` is the bottleneck. The layers are built by dimension so UNet2D (unet2d.py) shares
 everything here.
@@ -39,7 +40,8 @@ def _norm(kind: str, dim: int, channels: int) -> nn.Module:
 
 
 class ConvBlock(nn.Module):
-    """Two 3x3(x3) convs with ReLU and element-wise dropout between them (Keras `Dropout` is element-wise too)."""
+    """Two 3x3(x3) convs with ReLU (or LeakyReLU) and element-wise dropout between them (Keras `Dropout` is
+    element-wise too)."""
 
     def __init__(self, dim: int, in_channels: int, out_channels: int, dropout: float, norm: str,
                  activation: str = "relu") -> None:
