@@ -68,11 +68,6 @@ def cuda_missing() -> str | None:
     return None
 
 
-def empty_cache(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def step(name: str, results: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> None:
     """Run one part; a failure is recorded with its message and the check goes on."""
     print(f"[gpu_check] {name}", flush=True)
@@ -142,7 +137,7 @@ def throughput(device: torch.device, precision: str, compile: bool, steps: int, 
                         row.update(run_combo(combo, device, steps, warmup))
                 except Exception as e:  # noqa: BLE001  (OOM, compile failure: record and go on)
                     row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                    empty_cache(device)
+                    torch.cuda.empty_cache()  # a no-op while CUDA is uninitialised (--dry-run)
                     rows.append(row)
                     continue
                 per_sample = combo_gflops(combo) / combo.batch
@@ -151,7 +146,7 @@ def throughput(device: torch.device, precision: str, compile: bool, steps: int, 
                 if theirs:  # their img/s converted to our network's cost per image
                     row["nvidia_flops_scaled_img_s"] = NVIDIA_AMP * theirs / per_sample
                 rows.append({k: v for k, v in row.items() if k not in ("warmup_s", "steps_s")})
-                empty_cache(device)
+                torch.cuda.empty_cache()
     return {"rows": rows, "nvidia_published_img_s": NVIDIA_AMP, "nvidia_gflop_fwd_per_sample": theirs}
 
 
@@ -173,7 +168,7 @@ def inference(device: torch.device, precision: str, window_batches: Sequence[int
             rows.append({"model": model, "tta": tta, "precision": precision, "window_batch": window_batch,
                          "case_s": time_case(net, x, patch, 0.5, tta, precision, window_batch)})
         del net
-        empty_cache(device)
+        torch.cuda.empty_cache()
     return {"rows": rows, "volume": [4, *sizes.volume], "patch": patch, "overlap": 0.5}
 
 
