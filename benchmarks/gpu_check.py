@@ -287,7 +287,8 @@ def dry_run(args: argparse.Namespace) -> dict[str, Any]:
         measure(results, device, "fp32", toy, Path(work), DRY_RUN)
     print(markdown(results), flush=True)
     if args.out:
-        print(f"wrote {write_result('gpu_check', {'settings': vars(args), **results}, device, args.out)}", flush=True)
+        # The settings it ran with (1 step, no warm-up), not the ones it was given.
+        print(f"wrote {write_result('gpu_check', {'settings': vars(toy), **results}, device, args.out)}", flush=True)
     return results
 
 

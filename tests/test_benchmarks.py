@@ -207,6 +207,7 @@ def test_gpu_check_dry_run_runs_every_measuring_part_on_the_cpu(tmp_path: Path) 
     assert loader["resenc_step_s"] == rows[2]["step_s"] and loader["workers_needed"] >= 1
     written = json.loads((tmp_path / "gpu_check-cpu.json").read_text())
     assert written["dry_run"] is True and written["settings"]["dry_run"] is True
+    assert (written["settings"]["steps"], written["settings"]["warmup"]) == (1, 0)  # what it ran, not the defaults
     assert written["throughput"]["rows"] == json.loads(json.dumps(rows))  # what was measured is what was written
     table = gpu_check.markdown(written)
     assert "| training | resenc 64^3 b1 fp32 channels_last, cudnn deterministic |" in table
