@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     run("brats-preprocess", "data=synthetic", f"data.root={data}", "preprocess=modern")
     train_s = run("brats-train", "-m", "experiment=quickstart", f"data.root={data}", f"data.num_folds={k}",
                   "data.fold=" + ",".join(map(str, range(k))), f"hydra.sweep.dir={cv}", "ckpt_path=last",
-                  *args.overrides)
+                  "data.stratify=false", *args.overrides)  # the published folds (the quickstart stratifies since)
     test = ["split_file=" + str(cv / "0" / "split.json"), "split_subset=test"]
     models = {f"fold {i}": [f"ckpt_path={cv / str(i) / 'checkpoints' / 'best.ckpt'}", *test] for i in range(k)}
     models[f"ensemble of {k}"] = [f"ckpt_path={cv}", *test]

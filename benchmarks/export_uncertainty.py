@@ -54,7 +54,8 @@ def tiny_run(root: Path, work: Path, steps: int, epochs: int) -> Path:
                        f"paths.output_dir={run}", "data.patch_size=[32,32,32]", f"data.steps_per_epoch={steps}",
                        "data.num_workers=0", "data.persistent_workers=false", "trainer.accelerator=cpu",
                        "trainer.precision=32-true", "runtime.channels_last=false", f"trainer.max_epochs={epochs}",
-                       "module.val_hd95=false", "logger=none", "~callbacks.progress_bar"])
+                       "module.val_hd95=false", "logger=none", "~callbacks.progress_bar",
+                       "data.stratify=false"])  # the published run's split (the quickstart stratifies since)
         train(cfg)
     return run / "checkpoints" / "best.ckpt"
 

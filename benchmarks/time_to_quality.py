@@ -92,7 +92,9 @@ def arm_config(arm: str, root: Path, work: Path, quick: bool) -> Any:
                  f"paths.output_dir={work / arm}", "scheduler=constant",
                  "scheduler.total_steps=1000000", "logger=none", "module.val_hd95=false",
                  # 64^3 for every arm, as in the published table (the quickstart itself trains 48^3 since 2026-12-05)
-                 "data.patch_size=[64,64,64]"]
+                 "data.patch_size=[64,64,64]",
+                 # the published table's split (the quickstart stratifies its split since issue 20, session 7)
+                 "data.stratify=false"]
     if arm == "resenc":  # nnU-Net's blocks at the quickstart's widths: the architecture, not the size, differs
         overrides += ["model=resenc", "model.filters=[8,16,32,64,128]"]
     if quick:

@@ -79,8 +79,57 @@ def test_kfold_assignment_is_the_same_on_every_machine():
     assert all(s["test"] == _pick([6, 9]) for s in splits)
     assert splits[1] == {"train": _pick([1, 3, 4, 5, 8]), "val": _pick([0, 2, 7]), "test": _pick([6, 9]), "seed": 0,
                          "fold": 1, "num_folds": 3, "val_fraction": 0.2, "test_fraction": 0.2, "train_cases": None,
-                         "val_cases": None}
+                         "val_cases": None, "stratify": False}
     assert make_split(_names(10), seed=1, test_fraction=0.2, num_folds=3, fold=0)["val"] != splits[0]["val"]
+
+
+# The demo's 20 cases (brats-synth --seed 0 ... --nonenhancing-share 0.25 --healthy-fraction 0.2) by stratum.
+DEMO_STRATA = {**{c: "wt+tc+et" for c in _names(20)},
+               **{f"BraTS2021_{i:05d}": "none" for i in (4, 9, 12, 17)},
+               **{f"BraTS2021_{i:05d}": "wt+tc" for i in (13, 14, 19)}}
+
+
+def test_stratified_split_deals_each_stratum_by_largest_remainder():
+    # Unstratified (seed 0), the permutation is 04 19 06 02 | 13 16 03 11 | 10 08 00 12 07 05 18 17 14 09 01 15: test
+    # 02 04 06 19 and validation 03 11 13 16, so no healthy head validates. Shares of 4 of 20: wt+tc+et 13 -> 2.6,
+    # none 4 -> 0.8, wt+tc 3 -> 0.6. Floors 2 + 0 + 0; the 2 left go by remainder, none (0.8), then the tie at 0.6 to
+    # the rarer wt+tc. Each stratum gives its first cases in the permutation: test 06 02 | 04 | 19 (unchanged),
+    # validation 16 03 | 12 | 13 (the healthy 12 takes the place of 11).
+    names = _names(20)
+    plain = make_split(names, seed=0, val_fraction=0.2, test_fraction=0.2)
+    split = make_split(names, seed=0, val_fraction=0.2, test_fraction=0.2, stratify=True, strata=DEMO_STRATA)
+    assert split["test"] == plain["test"] == [f"BraTS2021_{i:05d}" for i in (2, 4, 6, 19)]
+    assert plain["val"] == [f"BraTS2021_{i:05d}" for i in (3, 11, 13, 16)]
+    assert split["val"] == [f"BraTS2021_{i:05d}" for i in (3, 12, 13, 16)]
+    assert sorted(split["train"]) == sorted(set(names) - set(split["val"]) - set(split["test"]))
+    assert split["stratify"] is True and SplitSpec(test_fraction=0.2, stratify=True).deciding()["stratify"] is True
+
+
+def test_stratified_split_by_counts_and_folds():
+    names = _names(20)
+    split = make_split(names, seed=0, train_cases=10, val_cases=5, stratify=True, strata=DEMO_STRATA)
+    # 5 of 20: 13 -> 3.25, 4 -> 1, 3 -> 0.75: 3 + 1 + 0, the one left to wt+tc (0.75 > 0.25); 10 of 20 for training:
+    # 6.5, 2, 1.5 -> 6 + 2 + 1, the one left to the rarer wt+tc's 0.5 (tied with wt+tc+et's), which has 1 left.
+    assert [sum(DEMO_STRATA[c] == s for c in split["val"]) for s in ("wt+tc+et", "none", "wt+tc")] == [3, 1, 1]
+    assert [sum(DEMO_STRATA[c] == s for c in split["train"]) for s in ("wt+tc+et", "none", "wt+tc")] == [6, 2, 2]
+    folds = [make_split(names, seed=0, test_fraction=0.2, num_folds=3, fold=k, stratify=True, strata=DEMO_STRATA)
+             for k in range(3)]
+    test = folds[0]["test"]
+    assert all(f["test"] == test for f in folds) and [DEMO_STRATA[c] for c in test].count("none") == 1
+    # 15 healthy-or-tumour cases left over 3 folds, rarest stratum first: wt+tc (2 left) in folds 0, 1; none (3) in
+    # 2, 0, 1; wt+tc+et (11) from fold 2 on: sizes 5 / 5 / 6 - 1 ... each fold holds a healthy head.
+    vals = [f["val"] for f in folds]
+    assert sorted(c for v in vals for c in v) == sorted(set(names) - set(test))
+    assert [len(v) for v in vals] == [6, 5, 5]
+    assert all([DEMO_STRATA[c] for c in v].count("none") == 1 for v in vals)
+    assert [[DEMO_STRATA[c] for c in v].count("wt+tc") for v in vals] == [1, 1, 0]
+
+
+def test_stratify_needs_every_cases_stratum_and_a_boolean():
+    with pytest.raises(BratsError, match="data.stratify needs each case's stratum"):
+        make_split(_names(5), seed=0, stratify=True, strata={"BraTS2021_00000": "none"})
+    with pytest.raises(BratsError, match="data.stratify must be true or false, got 'yes'"):
+        BratsDataModule("x", "brats2021", "c", PRE, patch_size=(8, 8, 8), stratify="yes")
 
 
 @pytest.mark.parametrize(("n", "k", "test_fraction", "seed"), [(6, 2, 0.2, 0), (20, 3, 0.2, 0), (23, 5, 0.0, 4),
@@ -175,6 +224,23 @@ def test_split_json_is_written_and_reused_on_resume(tiny_cache):
     assert resumed.split == written
 
 
+def test_a_stratified_split_reads_each_cases_regions_from_the_cache(tiny_cache):
+    with pytest.raises(BratsError, match=r"BraTS2021_00000\.json: no class_voxels to stratify the split by"):
+        _dm(tiny_cache, stratify=True)
+    for i, case in enumerate(_names(6)):  # 00000-00002 heads without tumour, 00003-00005 tumours with every class
+        path = tiny_cache["folder"] / f"{case}.json"
+        counts = {"background": 100, "ncr": 0, "ed": 0, "et": 0} if i < 3 else {"background": 90, "ncr": 3, "ed": 4,
+                                                                                 "et": 3}
+        path.write_text(json.dumps({**json.loads(path.read_text()), "class_voxels": counts}))
+    dm = _dm(tiny_cache, stratify=True)
+    # 1 test and 1 validation case of 6: each stratum's share is 0.5, a tie of equal strata, which goes to "none"
+    # (ordered by name), so both held-out cases are healthy and training keeps one healthy head.
+    healthy = set(_names(3))
+    assert set(dm.split["test"]) <= healthy and set(dm.split["val"]) <= healthy
+    assert len(set(dm.split["train"]) & healthy) == 1 and dm.split["stratify"] is True
+    assert json.loads((tiny_cache["out"] / "split.json").read_text()) == dm.split
+
+
 def _checkpoint_in(run):
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.ckpt").write_bytes(b"trained on the split beside it")
@@ -185,6 +251,7 @@ def _checkpoint_in(run):
     ("num_folds", 2, r"data\.num_folds: split\.json has 3, the config asks 2"),
     ("split_seed", 9, r"data\.split_seed: split\.json has 0, the config asks 9"),
     ("test_fraction", 0.4, r"data\.test_fraction: split\.json has 0\.2, the config asks 0\.4"),
+    ("stratify", True, r"data\.stratify: split\.json has False, the config asks True"),
 ])
 def test_a_run_dirs_split_for_other_settings_is_refused_when_a_checkpoint_depends_on_it(tiny_cache, key, value,
                                                                                          message):

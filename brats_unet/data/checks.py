@@ -55,8 +55,10 @@ def check_unit_interval(key: str, value: Any) -> None:
 
 def check_data_settings(patch_size: Any, batch_size: Any, num_workers: Any = 0, steps_per_epoch: Any = None,
                         foreground_fraction: Any = 0.33, num_folds: Any = 1, fold: Any = 0, pin_memory: Any = "auto",
-                        foreground_sampling: Any = "voxel") -> None:
+                        foreground_sampling: Any = "voxel", stratify: Any = False) -> None:
     """BratsError naming the data.* key whose value no DataModule could use."""
+    if not isinstance(stratify, bool):
+        raise BratsError(f"data.stratify must be true or false, got {stratify!r}")
     if foreground_sampling not in FOREGROUND_SAMPLING:
         raise BratsError(f"data.foreground_sampling must be one of {', '.join(FOREGROUND_SAMPLING)}, got "
                          f"{foreground_sampling!r}")

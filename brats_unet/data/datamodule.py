@@ -33,7 +33,7 @@ from brats_unet.data.sampling import (
     region_groups,
     tumour_type,
 )
-from brats_unet.data.split import SUBSETS, SplitSpec, load_split
+from brats_unet.data.split import SUBSETS, SplitSpec, load_split, stratum
 from brats_unet.data.transforms import Augment, build_augment
 from brats_unet.runs import run_checkpoints
 from brats_unet.utils import BratsError, atomic_write_json
@@ -214,7 +214,7 @@ class BratsDataModule(L.LightningDataModule):
         self.split_spec, self.loader = group_keys(keys, split, loader)
         check_data_settings(patch_size, self.loader.batch_size, self.loader.num_workers, steps_per_epoch,
                             foreground_fraction, self.split_spec.num_folds, self.split_spec.fold,
-                            self.loader.pin_memory, foreground_sampling)
+                            self.loader.pin_memory, foreground_sampling, self.split_spec.stratify)
         if isinstance(case_balance, bool) or not isinstance(case_balance, int | float) or not 0 <= case_balance <= 1:
             raise BratsError(f"data.case_balance must be a number in [0, 1], got {case_balance!r}")
         self.root, self.layout, self.cache_dir = Path(root), layout, Path(cache_dir)
@@ -297,10 +297,23 @@ class BratsDataModule(L.LightningDataModule):
         if self.split_file:
             split = load_split(self.split_file, cached=cached, cache_path=self.cache_path)
         else:
-            split = self.split_spec.make(cached)
+            split = self.split_spec.make(cached, self._strata(cached) if self.split_spec.stratify else None)
         if own is not None:
             atomic_write_json(own, split)
         return split
+
+    def _strata(self, cases: list[str]) -> dict[str, str]:
+        """Each case's stratum for data.stratify: the regions its cached label map holds (`stratum`)."""
+        strata = {}
+        for case in cases:
+            counts = cache.load_cached(self.cache_path, case, mmap=True)[2].get("class_voxels")
+            if counts is None:
+                raise BratsError(f"{self.cache_path / (case + '.json')}: no class_voxels to stratify the split by "
+                                 f"(the cache predates it: remove {self.cache_path} and run brats-preprocess)")
+            strata[case] = stratum(counts, self.schema.regions)
+        log.info("split strata (data.stratify): %s",
+                 ", ".join(f"{s} {list(strata.values()).count(s)}" for s in sorted(set(strata.values()))))
+        return strata
 
     def setup(self, stage: str | None = None) -> None:
         if self.split is None:

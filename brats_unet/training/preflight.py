@@ -30,7 +30,8 @@ def check_values(cfg: DictConfig) -> None:
     data, model, loss = cfg.data, cfg.model, cfg.get("loss") or {}
     check_data_settings(data.get("patch_size"), data.get("batch_size"), data.get("num_workers", 0),
                         data.get("steps_per_epoch"), data.get("foreground_fraction", 0.33), data.get("num_folds", 1),
-                        data.get("fold", 0), data.get("pin_memory", "auto"), data.get("foreground_sampling", "voxel"))
+                        data.get("fold", 0), data.get("pin_memory", "auto"), data.get("foreground_sampling", "voxel"),
+                        data.get("stratify", False))
     check_positive_ints("model.filters", model.get("filters"), min_length=2)
     if "alpha" in loss:
         check_unit_interval("loss.alpha", loss.alpha)
