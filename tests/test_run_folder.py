@@ -54,14 +54,14 @@ def test_runs_launched_in_the_same_second_get_different_folders(mode: str) -> No
     assert hydra["sweep"]["subdir"] == "${hydra.job.num}"  # sweeps keep their numbered job folders
 
 
-def _job(sweep: Path, job: int, split_fold: int, ckpt_fold: int) -> None:
+def _job(sweep: Path, job: int, split_fold: int, ckpt_fold: int, ckpt_stratify: bool = False) -> None:
     folder = sweep / str(job)
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "overrides.yaml").write_text(f"- data.fold={ckpt_fold}\n")
     (folder / "checkpoints").mkdir()
     cases = [f"BraTS2021_{i:05d}" for i in range(6)]
     (folder / "split.json").write_text(json.dumps(make_split(cases, seed=0, num_folds=2, fold=split_fold)))
-    config = {"data": {"fold": ckpt_fold, "num_folds": 2, "split_seed": 0}}
+    config = {"data": {"fold": ckpt_fold, "num_folds": 2, "split_seed": 0, "stratify": ckpt_stratify}}
     torch.save({"state_dict": {}, "brats_config": config}, folder / "checkpoints" / "best.ckpt")
 
 
@@ -78,6 +78,11 @@ def test_out_of_fold_checks_each_split_against_its_checkpoints_fold(tmp_path: Pa
     with pytest.raises(BratsError, match=r"0/split\.json is not the split .*0/checkpoints/best\.ckpt was trained on "
                                          r"\(data\.fold: checkpoint 0, split\.json 1\)"):
         out_of_fold_jobs(bad)
+    # A stratified model's folder holding an unstratified split: the same fold number, other cases.
+    mixed = tmp_path / "mixed"
+    _job(mixed, 0, 0, 0, ckpt_stratify=True)
+    with pytest.raises(BratsError, match=r"\(data\.stratify: checkpoint True, split\.json False\)"):
+        out_of_fold_jobs(mixed)
 
 
 def test_the_refusal_comes_before_hydra_rewrites_the_other_runs_config(tmp_path: Path) -> None:

@@ -115,11 +115,13 @@ def check_compatible(names: Sequence[str], configs: Sequence[Mapping[str, Any]],
 
 def check_split_is_the_checkpoints(path: Path, split: Mapping[str, Any], ckpt: Path) -> None:
     """BratsError when a job's split.json is not the split its checkpoint was trained on (data.fold, data.num_folds,
-    data.split_seed of the checkpoint's own config): e.g. a fold-2 run started in a folder holding fold 0's split."""
+    data.split_seed, data.stratify of the checkpoint's own config): e.g. a fold-2 run started in a folder holding fold
+    0's split. A value either side does not record (older files) is not compared."""
     data = (load_checkpoint(ckpt).get("brats_config") or {}).get("data") or {}
     pairs = (("data.fold", data.get("fold"), split["fold"]), ("data.num_folds", data.get("num_folds"),
                                                                split["num_folds"]),
-             ("data.split_seed", data.get("split_seed"), split["seed"]))
+             ("data.split_seed", data.get("split_seed"), split["seed"]),
+             ("data.stratify", data.get("stratify"), split.get("stratify")))
     differ = [f"{key}: checkpoint {mine!r}, split.json {theirs!r}" for key, mine, theirs in pairs
               if mine is not None and theirs is not None and mine != theirs]
     if differ:
