@@ -183,14 +183,19 @@ def _stratified(order: list[str], strata: Mapping[str, Hashable], n_test: int, v
     return _finish(train, val, test, spec, n)
 
 
+def _by_stratum(cases: Sequence[str], strata: Mapping[str, Hashable]) -> dict[Hashable, list[str]]:
+    groups: dict[Hashable, list[str]] = {}
+    for c in cases:
+        groups.setdefault(strata[c], []).append(c)
+    return groups
+
+
 def _deal(cases: list[str], strata: Mapping[str, Hashable], k: int, n: int, population: Sequence[str] | None = None
           ) -> tuple[list[str], list[str]]:
     """(taken, left): k of `cases`, each stratum giving its share of k by largest remainder, the stratum's
     first cases in `cases`' order. Shares are of the whole population (all n cases), so the test and validation
     sets take the same share of a stratum; ties go to the rarer stratum, which would otherwise go unseen."""
-    groups: dict[Hashable, list[str]] = {}
-    for c in cases:
-        groups.setdefault(strata[c], []).append(c)
+    groups = _by_stratum(cases, strata)
     total = {s: 0 for s in groups}
     for c in population or cases:
         if strata[c] in total:
@@ -210,9 +215,7 @@ def _deal(cases: list[str], strata: Mapping[str, Hashable], k: int, n: int, popu
 def _deal_folds(cases: list[str], strata: Mapping[str, Hashable], num_folds: int) -> dict[str, int]:
     """Validation fold of each case, stratified: the strata one after another (rarest first), each in `cases`'
     order, dealt round-robin with one counter, so fold sizes differ by at most one and so do a stratum's shares."""
-    groups: dict[Hashable, list[str]] = {}
-    for c in cases:
-        groups.setdefault(strata[c], []).append(c)
+    groups = _by_stratum(cases, strata)
     ranked = [c for cs in sorted(groups.values(), key=lambda cs: (len(cs), str(strata[cs[0]]))) for c in cs]
     return {c: i % num_folds for i, c in enumerate(ranked)}
 
