@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -311,8 +312,8 @@ class BratsDataModule(L.LightningDataModule):
                 raise BratsError(f"{self.cache_path / (case + '.json')}: no class_voxels to stratify the split by "
                                  f"(the cache predates it: remove {self.cache_path} and run brats-preprocess)")
             strata[case] = stratum(counts, self.schema.regions)
-        log.info("split strata (data.stratify): %s",
-                 ", ".join(f"{s} {list(strata.values()).count(s)}" for s in sorted(set(strata.values()))))
+        sizes = Counter(strata.values())
+        log.info("split strata (data.stratify): %s", ", ".join(f"{s} {sizes[s]}" for s in sorted(sizes)))
         return strata
 
     def setup(self, stage: str | None = None) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -128,7 +129,7 @@ def make_split(
         order = hash_order(cases, seed)
         n_test = _count(test_fraction, len(order))
         # the same test cases for every fold
-        test, rest = _deal(order, strata, n_test, len(order)) if stratify else (order[:n_test], order[n_test:])
+        test, rest = _deal(order, strata, n_test) if stratify else (order[:n_test], order[n_test:])
         if len(rest) < num_folds:
             raise BratsError(f"data.num_folds={num_folds} needs at least {num_folds} non-test cases, have {len(rest)}")
         folds = _deal_folds(rest, strata, num_folds) if stratify else fold_of(rest, seed, num_folds)
@@ -172,14 +173,14 @@ def _stratified(order: list[str], strata: Mapping[str, Hashable], n_test: int, v
     """The single split with every subset taking its share of each stratum: test first, then validation, then
     training (train_cases: that many of the rest, dealt the same way)."""
     n = len(order)
-    test, rest = _deal(order, strata, n_test, n)
+    test, rest = _deal(order, strata, n_test)
     if train_cases is not None or val_cases is not None:
         n_val, n_train = _sizes(n, val_fraction, train_cases, val_cases, len(rest), len(test))
     else:
         n_val = min(_count(val_fraction, n), len(rest))
         n_train = len(rest) - n_val
-    val, rest = _deal(rest, strata, n_val, n, order)
-    train, _ = _deal(rest, strata, n_train, n, order)
+    val, rest = _deal(rest, strata, n_val, order)
+    train, _ = _deal(rest, strata, n_train, order)
     return _finish(train, val, test, spec, n)
 
 
@@ -190,16 +191,13 @@ def _by_stratum(cases: Sequence[str], strata: Mapping[str, Hashable]) -> dict[Ha
     return groups
 
 
-def _deal(cases: list[str], strata: Mapping[str, Hashable], k: int, n: int, population: Sequence[str] | None = None
+def _deal(cases: list[str], strata: Mapping[str, Hashable], k: int, population: Sequence[str] | None = None
           ) -> tuple[list[str], list[str]]:
     """(taken, left): k of `cases`, each stratum giving its share of k by largest remainder, the stratum's
-    first cases in `cases`' order. Shares are of the whole population (all n cases), so the test and validation
-    sets take the same share of a stratum; ties go to the rarer stratum, which would otherwise go unseen."""
-    groups = _by_stratum(cases, strata)
-    total = {s: 0 for s in groups}
-    for c in population or cases:
-        if strata[c] in total:
-            total[strata[c]] += 1
+    first cases in `cases`' order. Shares are of the whole population (all cases; default `cases`), so the test and
+    validation sets take the same share of a stratum; ties go to the rarer stratum, which would otherwise go unseen."""
+    population = population or cases
+    groups, total, n = _by_stratum(cases, strata), Counter(strata[c] for c in population), len(population)
     take = {s: min(k * total[s] // n, len(groups[s])) for s in groups}  # integers: exact ties
     for s in sorted(groups, key=lambda s: (-(k * total[s] % n), total[s], str(s))):
         if sum(take.values()) >= k:
